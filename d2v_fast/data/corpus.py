@@ -1,0 +1,164 @@
+"""The prepared corpus on disk: token shards, document boundaries and ``meta.json``.
+
+Layout of a corpus directory::
+
+    meta.json               sizes, dtype, special ids, checksums (written last)
+    tokenizer/              tokenizer.json, vocab.json, merges.txt, tokenizer_config.json
+    tokens-00000.bin        raw little-endian uint16/uint32 token ids; every document
+                            is followed by </s>, so a shard is a ready-to-pack stream
+    docs-00000.npy          int64 document start offsets into the shard, plus the end
+
+Kept free of torch so corpus-preparation workers start fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+FORMAT = "d2v_fast.corpus"
+FORMAT_VERSION = 1
+META = "meta.json"
+PREPARE_HINT = "prepare one with `python -m d2v_fast.data.prepare --input ... --out DIR`"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends tokenized documents to numbered shards in a staging directory."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, eos_id: int, shard_tokens: int):
+        self.directory, self.dtype, self.eos_id = Path(directory), np.dtype(dtype), eos_id
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+
+    def _open(self):
+        i = len(self.shards)
+        self._name = f"tokens-{i:05d}.bin"
+        self._file = open(self.directory / self._name, "wb")
+        self._hash = hashlib.sha256()
+        self._offsets = [0]
+
+    def _close(self):
+        if self._file is None:
+            return
+        self._file.close()
+        docs = f"docs-{len(self.shards):05d}.npy"
+        np.save(self.directory / docs, np.asarray(self._offsets, dtype=np.int64))
+        self.shards.append({"tokens": self._name, "docs": docs, "num_tokens": int(self._offsets[-1]),
+                            "num_documents": len(self._offsets) - 1, "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as one concatenated array (each already ends in </s>)."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        start = 0
+        for n in lengths.tolist():
+            if self._file is not None and self._offsets[-1] + n > self.shard_tokens and len(self._offsets) > 1:
+                self._close()
+            if self._file is None:
+                self._open()
+            chunk = tokens[start:start + n]
+            data = chunk.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._offsets.append(self._offsets[-1] + n)
+            start += n
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+@dataclass
+class Corpus:
+    """A prepared corpus, opened read-only with memory-mapped shards."""
+
+    path: Path
+    meta: dict
+    tokens: list[np.ndarray]
+    doc_offsets: list[np.ndarray]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.meta["special_ids"].items()}
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / self.meta["tokenizer"]["dir"]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.meta["num_documents"])
+
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_dir, flag=f"corpus {self.path}: tokenizer")
+
+
+def read_meta(path: Path, *, flag: str = "--data") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{flag} {path}: no such directory; {PREPARE_HINT}")
+    if not path.is_dir():
+        raise UsageError(f"{flag} {path}: not a directory; {PREPARE_HINT}")
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise UsageError(f"{flag} {path}: not a prepared corpus (no {META}); {PREPARE_HINT}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{meta_path}: unreadable ({err}); re-run the preparation") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UsageError(f"{meta_path}: not a d2v_fast corpus description; {PREPARE_HINT}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise UsageError(f"{meta_path}: corpus format version {meta.get('version')}, this d2v_fast "
+                         f"reads version {FORMAT_VERSION}; re-run the preparation")
+    return meta
+
+
+def open_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Corpus:
+    """Open a prepared corpus, checking every shard's size against ``meta.json``."""
+    path = Path(path)
+    meta = read_meta(path, flag=flag)
+    dtype = np.dtype(meta["dtype"])
+    fix = "the corpus is truncated or altered; re-run `python -m d2v_fast.data.prepare`"
+    tokens, offsets = [], []
+    for shard in meta["shards"]:
+        tpath, dpath = path / shard["tokens"], path / shard["docs"]
+        for p in (tpath, dpath):
+            if not p.is_file():
+                raise UsageError(f"{p}: missing; {fix}")
+        want = shard["num_tokens"] * dtype.itemsize
+        have = tpath.stat().st_size
+        if have != want:
+            raise UsageError(f"{tpath}: {have} bytes, expected {want} ({shard['num_tokens']} "
+                             f"{dtype.name} tokens per {META}); {fix}")
+        try:
+            docs = np.load(dpath)
+        except (ValueError, OSError, EOFError) as err:
+            raise UsageError(f"{dpath}: unreadable ({err}); {fix}") from None
+        if (docs.ndim != 1 or len(docs) != shard["num_documents"] + 1 or docs[0] != 0
+                or docs[-1] != shard["num_tokens"] or np.any(np.diff(docs) <= 0)):
+            raise UsageError(f"{dpath}: document offsets do not match {META}; {fix}")
+        tokens.append(np.memmap(tpath, dtype=dtype, mode="r") if want else np.zeros(0, dtype))
+        offsets.append(docs)
+    return Corpus(path=path, meta=meta, tokens=tokens, doc_offsets=offsets)

@@ -1,0 +1,24 @@
+import os
+
+# Triton kernels run in the interpreter on CPU; this must be set before any kernel module
+# is imported (SPEC §5).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """A private cache directory holding the built-in corpus, built once per session."""
+    cache = tmp_path_factory.mktemp("d2v_cache")
+    old = os.environ.get("D2V_FAST_CACHE")
+    os.environ["D2V_FAST_CACHE"] = str(cache)
+    from d2v_fast.data.builtin import builtin_corpus
+
+    path = builtin_corpus(progress=False)
+    yield path
+    if old is None:
+        os.environ.pop("D2V_FAST_CACHE", None)
+    else:
+        os.environ["D2V_FAST_CACHE"] = old
