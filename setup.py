@@ -31,7 +31,7 @@ with_cuda = (
     and os.environ.get("D2V_FAST_CPU_ONLY", "0") != "1"
 )
 
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
 define_macros = []
 if with_cuda:
     define_macros.append(("D2V_WITH_CUDA", None))
