@@ -1,3 +1,13 @@
 """d2v_fast: fast data2vec pretraining."""
 
 __version__ = "0.1.0"
+
+
+def load_pretrained(path, map_location="cpu"):
+    """The pretrained student encoder (an ``nn.Module`` in eval mode) from a run directory
+    (its ``encoder.pt``, else its newest complete checkpoint), a checkpoint directory, or an
+    ``encoder.pt`` file. ``forward(input_ids, attention_mask=None)`` returns the last hidden
+    state ``[B, T, C]``."""
+    from .export import load_pretrained as _load
+
+    return _load(path, map_location=map_location)

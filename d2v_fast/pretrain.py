@@ -1,98 +1,113 @@
-"""Pretraining entry point: ``torchrun --standalone --nproc_per_node=N -m d2v_fast.pretrain``.
+"""Pretrain a data2vec text encoder.
 
-The trainer itself lands with the model (next milestone). Until then this entry point
-runs the whole data path the trainer will use: it prepares the corpus (the built-in one
-by default), builds this rank's DataLoader and prints a few masked batches with their
-statistics and throughput.
+    torchrun --standalone --nproc_per_node=N -m d2v_fast.pretrain [--config tiny|base|large]
+        [--data DIR] [--out DIR] [--max-steps N] [--batch-size SEQS] [--seq-len T] [--seed S]
+        [--resume] [--section.field VALUE ...]
+
+Plain ``python -m d2v_fast.pretrain`` runs a single process. With no --data the built-in
+corpus (Python standard-library docstrings) is prepared and used. Every config field can
+be set as --section.field; --help lists them with the chosen preset's defaults.
 """
 from __future__ import annotations
 
-import argparse
+import datetime
+import json
 import os
 import sys
-import time
+from pathlib import Path
 
 from .errors import UsageError, cli_entry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchrun -m d2v_fast.pretrain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", metavar="DIR", help="prepared corpus (default: the built-in corpus)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample, <s> and </s> included")
-    p.add_argument("--batch-size", type=int, default=16, help="global sequences per optimizer step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batches", type=int, default=3, help="how many batches to show")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
-    p.add_argument("--block-mode", choices=("pack", "document"), default="pack")
-    p.add_argument("--mask-prob", type=float, default=0.35)
-    p.add_argument("--mask-span", type=int, default=4)
-    return p
+def _dist_env() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _positive(flag: str, value: int) -> None:
-    if value < 1:
-        raise UsageError(f"{flag} {value}: must be at least 1")
+def run(argv=None) -> int:
+    from .config import parse_args
 
+    cfg, args = parse_args(argv, description=__doc__)
+    rank, world, local_rank = _dist_env()
+    if cfg.train.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.train.batch_size}: not divisible by the world size {world}; "
+                         f"use a multiple of {world}")
+    local = cfg.train.batch_size // world
+    if cfg.train.micro_batch_size and local % cfg.train.micro_batch_size:
+        raise UsageError(f"--train.micro_batch_size {cfg.train.micro_batch_size}: must divide the per-rank "
+                         f"batch {local} (--batch-size {cfg.train.batch_size} over {world} rank(s))")
+    if args.resume and not cfg.train.out:
+        raise UsageError("--resume needs --out RUN_DIR: the run directory to continue")
 
-@cli_entry
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for flag in ("seq_len", "batch_size", "batches"):
-        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    if args.workers < 0:
-        raise UsageError(f"--workers {args.workers}: must be 0 or more")
-    if not 0.0 <= args.mask_prob <= 1.0:
-        raise UsageError(f"--mask-prob {args.mask_prob}: must be within [0, 1]")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork later
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
     import torch
+    import torch.distributed as dist
 
+    from . import checkpoint as ckpt
     from .data.builtin import builtin_corpus
     from .data.corpus import open_corpus
-    from .data.dataset import MaskingConfig, build_dataloader
+    from .trainer import CollapseError, Trainer
 
-    data = args.data if args.data else builtin_corpus(progress=rank == 0)
-    corpus = open_corpus(data)
-    tok = corpus.tokenizer()
-    masking = MaskingConfig("span", args.mask_prob, args.mask_span)
-    loader = build_dataloader(corpus, seq_len=args.seq_len, micro_batch_size=args.batch_size // world,
-                              global_batch_size=args.batch_size, masking=masking, seed=args.seed,
-                              rank=rank, world_size=world, num_workers=args.workers,
-                              block_mode=args.block_mode)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"corpus {corpus.path}: {corpus.num_documents:,} documents, {corpus.num_tokens:,} tokens, "
-        f"vocabulary {corpus.vocab_size:,}; {len(loader.dataset):,} blocks of {args.seq_len} tokens "
-        f"({args.block_mode}), {loader.sampler.steps_per_epoch:,} steps of {args.batch_size} per epoch; "
-        f"rank {rank} of {world}")
-    t0, tokens = time.perf_counter(), 0
-    for i, batch in enumerate(loader):
-        if i == args.batches:
-            break
-        mask, pad = batch["mask"], batch["padding_mask"]
-        real = (~pad).sum().item()
-        tokens += batch["input_ids"].numel()
-        say(f"batch {i}: input {tuple(batch['input_ids'].shape)}, masked {mask.sum().item():,} of "
-            f"{real:,} real tokens ({mask.sum().item() / max(real, 1):.3f}), padding "
-            f"{pad.float().mean().item():.3f}, samples {batch['indices'][:4].tolist()}...")
-        if i == 0:
-            ids = batch["masked_input_ids"][0][~pad[0]].tolist()
-            say("  sample 0 as the student sees it:\n  " + tok.decode(ids, skip_special_tokens=False)[:600]
-                .replace("\n", "\n  "))
-    dt = time.perf_counter() - t0
-    say(f"data path: {tokens / dt:,.0f} tokens/s on rank {rank} (masking via "
-        f"{'d2v_fast._C' if _extension_loaded() else 'the pure-Python fallback'}); the trainer comes "
-        f"with the next milestone")
-    del torch
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--train.device cuda: no CUDA device is available; use --train.device cpu")
+    device = torch.device("cuda", local_rank) if want == "cuda" or (want == "auto" and torch.cuda.is_available()) \
+        else torch.device("cpu")
+
+    corpus = open_corpus(cfg.data.path) if cfg.data.path else open_corpus(builtin_corpus(progress=rank == 0))
+    out = Path(cfg.train.out) if cfg.train.out else None
+    if out is not None and not args.resume and ckpt.complete_checkpoints(out):
+        raise UsageError(f"--out {out}: already holds checkpoints; pass --resume to continue that run, "
+                         f"or choose another --out")
+
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        if out is None:  # one timestamp for all ranks
+            stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+            if world > 1:
+                dist.broadcast_object_list(stamp, src=0)
+            out = Path("runs") / stamp[0]
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            resolved = cfg.to_dict()
+            resolved["model"]["vocab_size"] = corpus.vocab_size
+            resolved.update(world_size=world, data_dir=str(corpus.path), device=str(device))
+            (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        trainer = Trainer(cfg, corpus, out, rank=rank, world_size=world, device=device)
+        say = print if rank == 0 else (lambda *a, **k: None)
+        if args.resume:
+            latest = ckpt.latest_checkpoint(out)
+            if latest is None:
+                say(f"--resume: no complete checkpoint in {out}; starting from scratch", file=sys.stderr)
+            else:
+                trainer.load(latest)
+                say(f"resumed from {latest} (step {trainer.step})", file=sys.stderr)
+        trainer.truncate_metrics()
+        n = trainer.model.student.encoder.num_params()
+        say(f"d2v_fast: recipe {cfg.recipe.name}, preset {cfg.preset}, {n / 1e6:.2f}M non-embedding "
+            f"parameters, vocabulary {corpus.vocab_size:,}; {world} process(es) on {device.type}; global batch "
+            f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens ({trainer.accum} micro-batch(es) of "
+            f"{trainer.micro_batch_size} per rank); corpus {corpus.path}; run dir {out}", file=sys.stderr)
+        try:
+            history = trainer.fit()
+        except CollapseError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if history and rank == 0:
+            first, last = history[0], history[-1]
+            say(f"done: step {trainer.step}, loss {first['loss']:.4f} (step {first['step']}) -> "
+                f"{last['loss']:.4f} (step {last['step']}), {last['tokens_per_s']:,.0f} tokens/s; "
+                f"encoder saved to {out / 'encoder.pt'}", file=sys.stderr)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
-def _extension_loaded() -> bool:
-    from .data import masking
-
-    return getattr(masking, "_C", None) is not None
-
+main = cli_entry(run)
 
 if __name__ == "__main__":
     sys.exit(main())

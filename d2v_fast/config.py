@@ -1,0 +1,238 @@
+"""Typed configuration: sections of dataclasses, presets, and ``--section.field value``
+command-line overrides.
+
+Presets: ``tiny`` (the CPU default: the default job finishes in a few minutes on 2 cores),
+``base`` (RoBERTa-base with every hyperparameter of the data2vec paper, SPEC §1a) and
+``large`` (RoBERTa-large sizes, base recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .models.encoder import ENCODER_PRESETS, EncoderConfig
+from .recipes.data2vec import RecipeConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    warmup_steps: int = 10_000
+    total_steps: int = 1_000_000  # cosine reaches 0 here; 0 = train.max_steps
+    clip_norm: float = 5.0  # 0 = no clipping
+    fused: bool = True  # fused AdamW where the device supports it
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # prepared corpus directory; "" = the built-in corpus
+    seq_len: int = 512
+    block_mode: str = "pack"  # pack | document
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # global sequences per optimizer update
+    micro_batch_size: int = 0  # sequences per forward/backward on one rank; 0 = the rank's whole share
+    max_steps: int = 1_000_000
+    seed: int = 0
+    out: str = ""  # run directory; "" = runs/<timestamp>
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bfloat16 | float32
+    device: str = "auto"  # auto | cpu | cuda
+    collapse_warmup: int = 1000  # steps before the collapse guard acts
+    min_target_var: float = 0.1
+    min_pred_var: float = 0.01
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "base"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        for section in SECTIONS:
+            sub = getattr(cfg, section)
+            for k, v in d.get(section, {}).items():
+                if hasattr(sub, k):
+                    setattr(sub, k, tuple(v) if isinstance(getattr(sub, k), tuple) else v)
+        cfg.preset = d.get("preset", cfg.preset)
+        return cfg
+
+
+SECTIONS = ("model", "recipe", "optim", "data", "train")
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise UsageError(f"--config {name!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+    cfg = Config(preset=name)
+    for k, v in ENCODER_PRESETS[name].items():
+        setattr(cfg.model, k, v)
+    for section, values in PRESETS[name].items():
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
+    return cfg
+
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # SPEC §1a as the dataclass defaults
+    "base": {},
+    "large": {"optim": {"lr": 1e-4}},
+    # Small enough for two CPU cores; a short, quickly annealed EMA so the loss moves in
+    # a few hundred steps.
+    "tiny": {
+        "model": {"max_seq_len": 128, "dropout": 0.1, "attention_dropout": 0.1},
+        "recipe": {"top_k": 3, "ema_decay": 0.998, "ema_end_decay": 0.9995, "ema_anneal_end_step": 300},
+        "optim": {"lr": 1e-3, "warmup_steps": 30, "total_steps": 0, "clip_norm": 5.0},
+        "data": {"seq_len": 128, "num_workers": 2},
+        "train": {"batch_size": 16, "max_steps": 300, "log_every": 10, "ckpt_every": 100,
+                  "collapse_warmup": 100},
+    },
+}
+
+# Top-level flags that name a config field.
+SHORT_FLAGS = {
+    "--data": "data.path", "--out": "train.out", "--max-steps": "train.max_steps",
+    "--batch-size": "train.batch_size", "--seq-len": "data.seq_len", "--seed": "train.seed",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of usage + message
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_value(flag: str, typ, text: str):
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(typ) is tuple:
+            parts = [float(x) for x in text.replace(" ", "").split(",")]
+            if len(parts) != len(typing.get_args(typ)):
+                raise ValueError
+            return tuple(parts)
+        return typ(text)
+    except ValueError:
+        want = {int: "an integer", float: "a number", bool: "true or false"}.get(typ, str(typ))
+        if typing.get_origin(typ) is tuple:
+            want = f"{len(typing.get_args(typ))} comma-separated numbers"
+        raise UsageError(f"{flag} {text!r}: expected {want}") from None
+
+
+def _fields():
+    cfg = Config()
+    for section in SECTIONS:
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            yield section, f.name, hints[f.name]
+
+
+def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentParser:
+    p = _Parser(prog="torchrun -m d2v_fast.pretrain", description=description,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=defaults.preset, metavar="PRESET",
+                   help=f"preset: {' | '.join(PRESETS)} (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --out (a fresh start if none)")
+    for flag, dotted in SHORT_FLAGS.items():
+        section, name = dotted.split(".")
+        p.add_argument(flag, dest=dotted, metavar="V",
+                       help=f"= --{dotted} (default: {getattr(getattr(defaults, section), name)!r})")
+    for section, name, typ in _fields():
+        value = getattr(getattr(defaults, section), name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        p.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar="V",
+                       help=f"default: {shown!r}")
+    return p
+
+
+def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Namespace]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = _Parser(add_help=False)
+    pre.add_argument("--config", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    cfg = preset(known.config)
+    args = build_parser(cfg, description).parse_args(argv)
+    hints = {f"{s}.{n}": t for s, n, t in _fields()}
+    for dotted, text in vars(args).items():
+        if "." not in dotted or text is None:
+            continue
+        section, name = dotted.split(".")
+        flag = next((f for f, d in SHORT_FLAGS.items() if d == dotted), f"--{dotted}")
+        setattr(getattr(cfg, section), name, _parse_value(flag, hints[dotted], text))
+    validate(cfg)
+    return cfg, args
+
+
+def validate(cfg: Config) -> None:
+    """Start-up checks that need no corpus and no process group."""
+    m, r, o, d, t = cfg.model, cfg.recipe, cfg.optim, cfg.data, cfg.train
+
+    def need(ok: bool, flag: str, value, fix: str):
+        if not ok:
+            raise UsageError(f"{flag} {value!r}: {fix}")
+
+    need(o.lr > 0, "--optim.lr", o.lr, "must be > 0")
+    need(all(0 <= b < 1 for b in o.betas), "--optim.betas", o.betas, "each must be in [0, 1)")
+    need(o.eps > 0, "--optim.eps", o.eps, "must be > 0")
+    need(o.weight_decay >= 0, "--optim.weight_decay", o.weight_decay, "must be >= 0")
+    need(o.warmup_steps >= 0, "--optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    need(o.total_steps >= 0, "--optim.total_steps", o.total_steps, "must be >= 0 (0 = --max-steps)")
+    need(o.clip_norm >= 0, "--optim.clip_norm", o.clip_norm, "must be >= 0 (0 = off)")
+    need(m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0, "--model.hidden_size",
+         m.hidden_size, f"must be a positive multiple of --model.num_heads ({m.num_heads})")
+    need(m.num_layers >= 1, "--model.num_layers", m.num_layers, "must be >= 1")
+    need(m.ffn_size >= 1, "--model.ffn_size", m.ffn_size, "must be >= 1")
+    need(0 <= m.dropout < 1, "--model.dropout", m.dropout, "must be in [0, 1)")
+    need(0 <= m.attention_dropout < 1, "--model.attention_dropout", m.attention_dropout, "must be in [0, 1)")
+    need(3 <= d.seq_len, "--seq-len", d.seq_len, "must be at least 3")
+    need(d.seq_len <= m.max_seq_len, "--seq-len", d.seq_len,
+         f"longer than the position table (--model.max_seq_len {m.max_seq_len}); lower --seq-len "
+         f"or raise --model.max_seq_len")
+    need(d.block_mode in ("pack", "document"), "--data.block_mode", d.block_mode, "expected pack or document")
+    need(d.num_workers >= 0, "--data.num_workers", d.num_workers, "must be >= 0")
+    need(1 <= r.top_k <= m.num_layers, "--recipe.top_k", r.top_k, f"must be in [1, {m.num_layers}] (the layer count)")
+    for flag, v in (("--recipe.layer_norm", r.layer_norm), ("--recipe.final_norm", r.final_norm)):
+        need(v in ("instance", "layer", "none"), flag, v, "expected instance, layer or none")
+    need(r.loss_beta >= 0, "--recipe.loss_beta", r.loss_beta, "must be >= 0 (0 = MSE)")
+    need(r.loss_scale >= 0, "--recipe.loss_scale", r.loss_scale, "must be >= 0 (0 = 1/sqrt(dim))")
+    for flag, v in (("--recipe.ema_decay", r.ema_decay), ("--recipe.ema_end_decay", r.ema_end_decay)):
+        need(0 <= v <= 1, flag, v, "must be in [0, 1]")
+    need(0 <= r.mask_prob <= 1, "--recipe.mask_prob", r.mask_prob, "must be in [0, 1]")
+    need(r.mask_span >= 1, "--recipe.mask_span", r.mask_span, "must be >= 1")
+    need(t.batch_size >= 1, "--batch-size", t.batch_size, "must be >= 1")
+    need(t.micro_batch_size >= 0, "--train.micro_batch_size", t.micro_batch_size, "must be >= 0")
+    need(t.max_steps >= 1, "--max-steps", t.max_steps, "must be >= 1")
+    need(t.log_every >= 1, "--train.log_every", t.log_every, "must be >= 1")
+    need(t.ckpt_every >= 0, "--train.ckpt_every", t.ckpt_every, "must be >= 0 (0 = only at the end)")
+    need(t.keep_last >= 1, "--train.keep_last", t.keep_last, "must be >= 1")
+    need(t.dtype in ("auto", "bfloat16", "float32"), "--train.dtype", t.dtype, "expected auto, bfloat16 or float32")
+    need(t.device in ("auto", "cpu", "cuda"), "--train.device", t.device, "expected auto, cpu or cuda")

@@ -1,0 +1,203 @@
+"""The RoBERTa-style post-LN text encoder, with Hugging Face ``Data2VecTextModel``
+parameter names and semantics (SPEC §2), so that export is a save, not a translation.
+
+Attention goes through ``F.scaled_dot_product_attention``: unpadded batches pass no mask,
+so PyTorch can pick its flash backend on GPU. ``flash_attn``'s varlen kernel is used for
+padded CUDA batches when that package is importable.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional extra: pip install -e ".[flash]"
+    from flash_attn import flash_attn_varlen_func  # type: ignore
+except Exception:  # ImportError, or a binary built for another torch
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class EncoderConfig:
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_size: int = 3072
+    max_seq_len: int = 512  # the position table has max_seq_len + pad_id + 1 rows (514)
+    pad_id: int = 1
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_std: float = 0.02
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_seq_len + self.pad_id + 1
+
+
+ENCODER_PRESETS = {
+    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, ffn_size=512),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, ffn_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, ffn_size=4096),
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.pad_id = cfg.pad_id
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_id)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, padding_idx=cfg.pad_id)
+        self.token_type_embeddings = nn.Embedding(1, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings before dropout (the teacher uses them without dropout)."""
+        not_pad = input_ids.ne(self.pad_id).long()
+        # RoBERTa positions: real tokens count from pad_id + 1, padding sits at pad_id
+        positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
+        h = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        h = h + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(h)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.self = SelfAttention(cfg)
+        self.output = AttentionOutput(cfg)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.ffn_size)
+
+
+class Output(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class Layer(nn.Module):
+    """Post-LN block: h = LN(h + attn(h)); ffn = fc2(gelu(fc1(h))); h = LN(h + dropout(ffn))."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.num_heads, self.dropout, self.attention_dropout = cfg.num_heads, cfg.dropout, cfg.attention_dropout
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = Output(cfg)
+
+    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (the layer's output, its FFN output before dropout, residual and LayerNorm)."""
+        B, T, C = h.shape
+        sa = self.attention.self
+        q, k, v = (lin(h).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+                   for lin in (sa.query, sa.key, sa.value))
+        p = self.attention_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        a = a.transpose(1, 2).reshape(B, T, C)
+        ao = self.attention.output
+        h = ao.LayerNorm(h + F.dropout(ao.dense(a), self.dropout, self.training))
+        ffn = self.output.dense(F.gelu(self.intermediate.dense(h)))
+        h = self.output.LayerNorm(h + F.dropout(ffn, self.dropout, self.training))
+        return h, ffn
+
+
+def attention_mask(padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """SDPA boolean mask ``[B, 1, 1, T]`` (True = attend), or None for unpadded batches."""
+    if padding_mask is None:
+        return None
+    return (~padding_mask)[:, None, None, :]
+
+
+def run_layers(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tensor | None,
+               collect_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    mask = attention_mask(padding_mask)
+    ffn_outputs = []
+    for layer in layers:
+        h, ffn = layer(h, mask)
+        if collect_ffn:
+            ffn_outputs.append(ffn)
+    return h, ffn_outputs
+
+
+class LayerStack(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+
+
+class Encoder(nn.Module):
+    """``forward(input_ids, attention_mask=None) -> last_hidden_state [B, T, C]``.
+
+    ``attention_mask`` follows Hugging Face (1 = token, 0 = padding); when it is None,
+    padding is read off ``input_ids == pad_id``.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = LayerStack(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def padding_from(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor | None:
+        pad = input_ids.eq(pad_id)
+        return pad if bool(pad.any()) else None
+
+    def encode(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+               collect_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = F.dropout(self.embeddings(input_ids), self.config.dropout, self.training)
+        return run_layers(self.encoder.layer, h, padding_mask, collect_ffn)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            padding = self.padding_from(input_ids, self.config.pad_id)
+        else:
+            padding = attention_mask.eq(0)
+            padding = padding if bool(padding.any()) else None
+        return self.encode(input_ids, padding)[0]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.embeddings.parameters())
+        return n

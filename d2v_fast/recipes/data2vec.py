@@ -1,0 +1,103 @@
+"""Recipe ``data2vec`` (v1, text; SPEC §1, §1a).
+
+The student encodes the span-masked input (``<mask>`` tokens) and a regression head maps
+its last layer at the masked positions to the targets. The teacher is an EMA of the
+student's transformer layers only; it shares the student's embeddings, runs in eval mode
+on the full unmasked input, and its targets are the mean of its top-K FFN outputs, each
+instance-normalised over time.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.encoder import Encoder, EncoderConfig, run_layers
+from ..ops import build_targets, ema_update_, regression_loss, representation_std
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "data2vec"
+    top_k: int = 10  # average the last K layers' FFN outputs
+    layer_norm: str = "instance"  # per-layer target norm: instance | layer | none
+    final_norm: str = "none"  # norm of the average: none | instance | layer
+    head_hidden_mult: int = 2  # head: Linear(C, mult*C) -> GELU -> Linear(mult*C, C); 0 = one Linear
+    loss_beta: float = 4.0  # smooth L1 beta; 0 = MSE
+    loss_scale: float = 1.0  # 0 = 1/sqrt(C)
+    ema_decay: float = 0.999
+    ema_end_decay: float = 0.9999
+    ema_anneal_end_step: int = 300_000
+    mask_prob: float = 0.35
+    mask_span: int = 4
+
+    def norm(self, value: str) -> str | None:
+        return None if value == "none" else value
+
+    def decay_at(self, step: int) -> float:
+        """EMA decay for the update after ``step`` optimizer updates: linear, then held."""
+        if step >= self.ema_anneal_end_step or self.ema_anneal_end_step <= 0:
+            return self.ema_end_decay
+        frac = step / self.ema_anneal_end_step
+        return self.ema_decay + (self.ema_end_decay - self.ema_decay) * frac
+
+
+def regression_head(dim: int, mult: int) -> nn.Module:
+    if mult <= 0:
+        return nn.Linear(dim, dim)
+    return nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
+
+
+class Student(nn.Module):
+    """What the optimizer trains (and DDP wraps): the encoder and the regression head."""
+
+    def __init__(self, enc: EncoderConfig, cfg: RecipeConfig):
+        super().__init__()
+        self.encoder = Encoder(enc)
+        self.head = regression_head(enc.hidden_size, cfg.head_hidden_mult)
+        for m in self.head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=enc.init_std)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        h, _ = self.encoder.encode(input_ids, padding_mask)
+        return self.head(h[mask])
+
+
+class Data2Vec(nn.Module):
+    def __init__(self, enc: EncoderConfig, cfg: RecipeConfig):
+        super().__init__()
+        self.cfg, self.enc_cfg = cfg, enc
+        self.student = Student(enc, cfg)
+        self.teacher = copy.deepcopy(self.student.encoder.encoder.layer)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout
+        return self
+
+    @torch.no_grad()
+    def targets(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """Teacher pass on the unmasked input; fp32 targets ``[N, C]`` at the masked rows."""
+        h = self.student.encoder.embeddings(input_ids)  # shared embeddings, no dropout
+        _, ffn = run_layers(self.teacher, h, padding_mask, collect_ffn=True)
+        return build_targets(ffn[-self.cfg.top_k:], padding_mask=padding_mask, mask=mask,
+                             layer_norm=self.cfg.norm(self.cfg.layer_norm),
+                             final_norm=self.cfg.norm(self.cfg.final_norm))
+
+    def loss_sum(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        scale = self.cfg.loss_scale if self.cfg.loss_scale > 0 else None
+        return regression_loss(pred, target, beta=self.cfg.loss_beta, scale=scale)
+
+    @torch.no_grad()
+    def ema_step(self, decay: float) -> None:
+        ema_update_(self.teacher.parameters(), self.student.encoder.encoder.layer.parameters(), decay)
+
+    @staticmethod
+    def stats(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return representation_std(target), representation_std(pred.detach())
