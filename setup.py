@@ -32,6 +32,9 @@ with_cuda = (
 )
 
 cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
+# Find libc10/libtorch next to the torch we build against, so `import d2v_fast._C` works
+# even before `import torch` has loaded them.
+link_flags = [f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
 define_macros = []
 if with_cuda:
     define_macros.append(("D2V_WITH_CUDA", None))
@@ -39,10 +42,12 @@ if with_cuda:
         "d2v_fast._C",
         cpp_sources + cuda_sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=link_flags,
         define_macros=define_macros,
     )
 else:
-    ext = CppExtension("d2v_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("d2v_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=link_flags)
 
 setup(
     ext_modules=[ext],

@@ -229,7 +229,13 @@ class Trainer:
         """After a resume, drop records of steps that will be run again."""
         path = self.run_dir / "metrics.jsonl"
         if self.rank == 0 and path.is_file():
-            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by a crash
             path.write_text("".join(l + "\n" for l in keep))
 
     def fit(self) -> list[dict]:

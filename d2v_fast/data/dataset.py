@@ -187,6 +187,9 @@ def build_dataloader(corpus: Corpus, *, seq_len: int, micro_batch_size: int, glo
     collate = MaskCollator(corpus.special_ids, masking or MaskingConfig(), seed)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    # Its own generator: starting an iterator must not draw from the global RNG, or a resumed
+    # run's dropout would differ from the uninterrupted run's.
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False, generator=generator,
                       persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)

@@ -56,7 +56,7 @@ class ReferenceData2Vec(nn.Module):
         out = torch.zeros_like(x)
         for b in range(x.shape[0]):
             keep = torch.ones(x.shape[1], dtype=torch.bool) if padding_mask is None else ~padding_mask[b]
-            if keep.any():
+            if keep.sum() > 1:  # a single position normalises to 0 (left as zeros)
                 out[b, keep] = F.instance_norm(x[b, keep].t().unsqueeze(0)).squeeze(0).t()
         return out
 
