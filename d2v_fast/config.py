@@ -119,9 +119,8 @@ SHORT_FLAGS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, instead of usage + message
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message):  # one line and exit 2 (through cli_entry), not usage + message
+        raise UsageError(f"{message} (see --help)")
 
 
 def _parse_value(flag: str, typ, text: str):
@@ -146,13 +145,18 @@ def _parse_value(flag: str, typ, text: str):
         raise UsageError(f"{flag} {text!r}: expected {want}") from None
 
 
+# Taken from the corpus, never from flags.
+_FROM_CORPUS = {("model", "vocab_size"), ("model", "pad_id")}
+
+
 def _fields():
     cfg = Config()
     for section in SECTIONS:
         sub = getattr(cfg, section)
         hints = typing.get_type_hints(type(sub))
         for f in dataclasses.fields(sub):
-            yield section, f.name, hints[f.name]
+            if (section, f.name) not in _FROM_CORPUS:
+                yield section, f.name, hints[f.name]
 
 
 def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentParser:
@@ -200,6 +204,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UsageError(f"{flag} {value!r}: {fix}")
 
+    need(r.name == "data2vec", "--recipe.name", r.name, "the available recipe is data2vec")
     need(o.lr > 0, "--optim.lr", o.lr, "must be > 0")
     need(all(0 <= b < 1 for b in o.betas), "--optim.betas", o.betas, "each must be in [0, 1)")
     need(o.eps > 0, "--optim.eps", o.eps, "must be > 0")

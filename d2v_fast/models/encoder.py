@@ -110,15 +110,23 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
 
-    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (the layer's output, its FFN output before dropout, residual and LayerNorm)."""
+    def forward(self, h: torch.Tensor, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (the layer's output, its FFN output before dropout, residual and LayerNorm).
+
+        ``attn_mask`` is None (no padding), an SDPA boolean mask ``[B, 1, 1, T]``, or a
+        ``Varlen`` description of the real tokens for flash-attn's varlen kernel.
+        """
         B, T, C = h.shape
+        H = self.num_heads
         sa = self.attention.self
-        q, k, v = (lin(h).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-                   for lin in (sa.query, sa.key, sa.value))
+        q, k, v = (lin(h).view(B, T, H, C // H) for lin in (sa.query, sa.key, sa.value))
         p = self.attention_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        a = a.transpose(1, 2).reshape(B, T, C)
+        if isinstance(attn_mask, Varlen):
+            a = attn_mask.attend(q, k, v, p).reshape(B, T, C)
+        else:
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=attn_mask, dropout_p=p)
+            a = a.transpose(1, 2).reshape(B, T, C)
         ao = self.attention.output
         h = ao.LayerNorm(h + F.dropout(ao.dense(a), self.dropout, self.training))
         ffn = self.output.dense(F.gelu(self.intermediate.dense(h)))
@@ -126,16 +134,41 @@ class Layer(nn.Module):
         return h, ffn
 
 
-def attention_mask(padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """SDPA boolean mask ``[B, 1, 1, T]`` (True = attend), or None for unpadded batches."""
+class Varlen:
+    """Real-token layout of a padded batch for ``flash_attn_varlen_func``: attention runs
+    on the packed real tokens only, padded rows of the output are zero."""
+
+    def __init__(self, padding_mask: torch.Tensor):
+        keep = (~padding_mask).reshape(-1)
+        self.index = keep.nonzero().squeeze(1)
+        lengths = (~padding_mask).sum(1, dtype=torch.int32)
+        self.cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        self.max_len = int(lengths.max())
+
+    def attend(self, q, k, v, dropout_p: float) -> torch.Tensor:
+        B, T, H, D = q.shape
+        pack = lambda x: x.reshape(B * T, H, D).index_select(0, self.index)
+        o = flash_attn_varlen_func(pack(q), pack(k), pack(v), self.cu_seqlens, self.cu_seqlens,
+                                   self.max_len, self.max_len, dropout_p=dropout_p)
+        out = o.new_zeros(B * T, H, D).index_copy_(0, self.index, o)
+        return out.view(B, T, H, D)
+
+
+def attention_mask(padding_mask: torch.Tensor | None, like: torch.Tensor | None = None):
+    """What the layers get for attention: None for unpadded batches (so SDPA may pick its
+    flash backend), a ``Varlen`` for padded half-precision CUDA batches when flash-attn is
+    installed, else the SDPA boolean mask ``[B, 1, 1, T]`` (True = attend)."""
     if padding_mask is None:
         return None
+    if (flash_attn_varlen_func is not None and like is not None and like.is_cuda
+            and (like.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda"))):
+        return Varlen(padding_mask)
     return (~padding_mask)[:, None, None, :]
 
 
 def run_layers(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tensor | None,
                collect_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    mask = attention_mask(padding_mask)
+    mask = attention_mask(padding_mask, h)
     ffn_outputs = []
     for layer in layers:
         h, ffn = layer(h, mask)

@@ -74,7 +74,7 @@ class ReferenceData2Vec(nn.Module):
         with torch.no_grad():
             self.ema.eval()
             h = self.encoder.embeddings(target_tokens)
-            am = attention_mask(padding_mask)
+            am = attention_mask(padding_mask, h)
             layer_results = []
             for layer in self.ema:
                 h, ffn = layer(h, am)
