@@ -166,6 +166,8 @@ def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentPa
                    help=f"preset: {' | '.join(PRESETS)} (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in --out (a fresh start if none)")
+    p.add_argument("--init-from", metavar="HF_DIR",
+                   help="start from a local Hugging Face Data2VecTextModel or RobertaModel directory")
     for flag, dotted in SHORT_FLAGS.items():
         section, name = dotted.split(".")
         p.add_argument(flag, dest=dotted, metavar="V",
@@ -235,7 +237,7 @@ def validate(cfg: Config) -> None:
     need(r.mask_span >= 1, "--recipe.mask_span", r.mask_span, "must be >= 1")
     need(t.batch_size >= 1, "--batch-size", t.batch_size, "must be >= 1")
     need(t.micro_batch_size >= 0, "--train.micro_batch_size", t.micro_batch_size, "must be >= 0")
-    need(t.max_steps >= 1, "--max-steps", t.max_steps, "must be >= 1")
+    need(t.max_steps >= 0, "--max-steps", t.max_steps, "must be >= 0 (0 = only initialise and save)")
     need(t.log_every >= 1, "--train.log_every", t.log_every, "must be >= 1")
     need(t.ckpt_every >= 0, "--train.ckpt_every", t.ckpt_every, "must be >= 0 (0 = only at the end)")
     need(t.keep_last >= 1, "--train.keep_last", t.keep_last, "must be >= 1")

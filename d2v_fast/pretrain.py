@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=N -m d2v_fast.pretrain [--config tiny|base|large]
         [--data DIR] [--out DIR] [--max-steps N] [--batch-size SEQS] [--seq-len T] [--seed S]
-        [--resume] [--section.field VALUE ...]
+        [--resume] [--init-from HF_DIR] [--section.field VALUE ...]
 
 Plain ``python -m d2v_fast.pretrain`` runs a single process. With no --data the built-in
 corpus (Python standard-library docstrings) is prepared and used. Every config field can
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def run(argv=None) -> int:
             resolved["model"]["vocab_size"] = corpus.vocab_size
             resolved.update(world_size=world, data_dir=str(corpus.path), device=str(device))
             (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            tok = out / "tokenizer"  # beside the checkpoints, so export needs no corpus
+            if not tok.is_dir():
+                shutil.copytree(corpus.tokenizer_dir, tok)
         trainer = Trainer(cfg, corpus, out, rank=rank, world_size=world, device=device)
         say = print if rank == 0 else (lambda *a, **k: None)
         if args.resume:
@@ -85,6 +89,9 @@ def run(argv=None) -> int:
             else:
                 trainer.load(latest)
                 say(f"resumed from {latest} (step {trainer.step})", file=sys.stderr)
+        if args.init_from and trainer.resumed_from is None:
+            trainer.init_from(args.init_from)
+            say(f"initialised student and teacher from {args.init_from}", file=sys.stderr)
         trainer.truncate_metrics()
         n = trainer.model.student.encoder.num_params()
         say(f"d2v_fast: recipe {cfg.recipe.name}, preset {cfg.preset}, {n / 1e6:.2f}M non-embedding "

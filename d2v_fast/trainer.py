@@ -91,6 +91,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         self.step, self.epoch, self.position = 0, 0, 0
+        self.resumed_from = None
         n = self.model.student.encoder.num_params()
         T, C, L = cfg.data.seq_len, self.enc_cfg.hidden_size, self.enc_cfg.num_layers
         # student fwd+bwd 6N, teacher fwd 2N, attention 12·L·T·C (student) + 4·L·T·C (teacher)
@@ -196,11 +197,31 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.resumed_from = path
         rng = ckpt.load_rng(path, self.rank) if state.get("world_size") == self.world_size else None
         if rng is not None:
             ckpt.set_rng_state(rng)
         else:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + 1 + self.step)
+
+    def init_from(self, path) -> None:
+        """Warm start: a local Hugging Face Data2VecTextModel/RobertaModel into student and teacher."""
+        from .errors import UsageError
+        from .export import check_hf_fits, read_hf_model
+
+        config, weights = read_hf_model(path)
+        check_hf_fits(config, self.enc_cfg, path)
+        encoder = self.model.student.encoder
+        missing = sorted(set(encoder.state_dict()) - set(weights))
+        if missing:
+            raise UsageError(f"--init-from {path}: lacks {len(missing)} encoder weight(s), e.g. {missing[0]}")
+        try:
+            encoder.load_state_dict(weights, strict=True)
+        except RuntimeError as err:
+            raise UsageError(f"--init-from {path}: weights do not fit ({str(err).splitlines()[-1].strip()})") from None
+        with torch.no_grad():
+            for t, s in zip(self.model.teacher.parameters(), encoder.encoder.layer.parameters()):
+                t.copy_(s)
 
     def export_encoder(self) -> Path:
         """Single-file export of the student encoder for ``d2v_fast.load_pretrained``."""
@@ -249,7 +270,7 @@ class Trainer:
         history = []
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         window_t0, window_steps = time.perf_counter(), 0
-        last_saved = self.step
+        last_saved = self.step if self.resumed_from is not None else None
         stream = self.batches()
         try:
             while self.step < t.max_steps:

@@ -1,0 +1,92 @@
+"""Fused Triton kernels for the data2vec hot path (SPEC §3), one file per op:
+
+- ``gather.py``  masked_gather / masked_scatter (rows of ``[B, T, C]`` at a mask, and back)
+- ``targets.py`` build_targets (per-layer norm, mean over K, final norm, masked rows only)
+- ``ema.py``     ema_update_ (one launch over all teacher parameters) and flatten_params_
+- ``loss.py``    regression_loss (smooth L1 / MSE and its gradient in one pass)
+
+Each file holds the ``@triton.jit`` kernels, a plain-Python launcher and the
+``torch.library`` custom op (with its autograd formula where gradients flow). Callers go
+through ``d2v_fast.ops``, which picks this side or the eager twin (``d2v_fast.reference.ops``).
+
+Triton is optional: without it these modules still import (the kernels become stubs that
+raise when launched), so ``d2v_fast.ops`` keeps working on the torch side.
+
+Whether a kernel runs compiled (GPU) or in Triton's interpreter (NumPy on the CPU) is fixed
+when its ``@triton.jit`` runs, i.e. when these modules are imported: ``TRITON_INTERPRET=1``
+must be set before that (``tests/conftest.py`` does it; SPEC §5).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    AVAILABLE = True
+    IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # torch-only install: d2v_fast.ops falls back to the eager twins
+    AVAILABLE = False
+    IMPORT_ERROR = exc
+
+    class _Unavailable:
+        """Stands in for a ``@triton.jit`` kernel when triton is missing."""
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            raise RuntimeError(f"triton is not installed ({IMPORT_ERROR}), so the fused kernel "
+                               f"{self.fn.__name__} cannot run: `pip install triton`, or use the torch path "
+                               f"(D2V_KERNELS=torch or d2v_fast.ops.set_kernels('torch'))")
+
+    class _StubTriton:
+        @staticmethod
+        def jit(fn=None, **_):
+            return _Unavailable(fn) if fn is not None else _Unavailable
+
+        @staticmethod
+        def cdiv(a, b):
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n):
+            return 1 << max(int(n) - 1, 0).bit_length()
+
+    class _StubLanguage:
+        def __getattr__(self, name):  # tl.constexpr etc. in annotations
+            return object
+
+    triton, tl = _StubTriton(), _StubLanguage()
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on the CPU)."""
+    if not AVAILABLE:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_device(kernel, *tensors: torch.Tensor) -> None:
+    """Raise a clear error when a kernel cannot run on the tensors' device."""
+    if not AVAILABLE:
+        raise RuntimeError(f"triton is not installed ({IMPORT_ERROR}): `pip install triton`, or use the torch "
+                           f"path (D2V_KERNELS=torch or d2v_fast.ops.set_kernels('torch'))")
+    if is_interpreted(kernel):
+        return
+    for t in tensors:
+        if t is not None and t.device.type == "cpu":
+            raise RuntimeError(
+                "the Triton kernels in d2v_fast/kernels were compiled for the GPU (TRITON_INTERPRET was not 1 "
+                "when they were imported), so they cannot take CPU tensors: set TRITON_INTERPRET=1 before "
+                "importing d2v_fast to run them in Triton's interpreter (tests/conftest.py does), move the "
+                "inputs to CUDA, or use the torch path (D2V_KERNELS=torch or d2v_fast.ops.set_kernels('torch'))")
+
+
+def num_warps_for(elements: int) -> int:
+    """Warps for a program that holds ``elements`` values of one tile in registers: about 16
+    fp32 values per thread per live tile (the kernels keep two or three tiles alive)."""
+    return max(1, min(16, triton.next_power_of_2(max(elements // 512, 1))))
