@@ -6,6 +6,7 @@ final name is complete by construction, whatever moment a crash hits.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,6 +92,10 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, *, rank: int, barrier
     atomic_torch_save(rng_state(), staging / f"rng-rank{rank}.pt")
     if rank == 0:
         atomic_torch_save(state, staging / "state.pt")
+        # small, so a resume can compare configs without loading the weights
+        meta = {"step": step, "config": state.get("config"), "corpus": state.get("corpus"),
+                "world_size": state.get("world_size")}
+        (staging / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     barrier()
     if rank == 0:
         fsync_dir(staging)
@@ -113,3 +118,35 @@ def load_state(path: Path, device="cpu") -> dict:
 def load_rng(path: Path, rank: int) -> dict | None:
     f = Path(path) / f"rng-rank{rank}.pt"
     return torch.load(f, weights_only=False) if f.is_file() else None
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    f = Path(path) / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = {
+    "train": {"max_steps", "log_every", "ckpt_every", "keep_last", "progress", "out", "max_skipped_steps",
+              "collapse_warmup", "min_target_var", "min_pred_var", "device", "micro_batch_size",
+              "parallel", "max_skipped_steps"},
+    "data": {"path", "num_workers", "verify"},
+}
+
+
+def config_difference(saved: dict, current: dict) -> str | None:
+    """First field (``section.field: saved -> current``) that forbids resuming, else None."""
+    for section, fields in current.items():
+        if not isinstance(fields, dict):
+            continue
+        for name, value in fields.items():
+            if name in RESUMABLE_CHANGES.get(section, ()):
+                continue
+            old = saved.get(section, {}).get(name, value)
+            if isinstance(old, list):
+                old = tuple(old)
+            if isinstance(value, list):
+                value = tuple(value)
+            if old != value:
+                return f"{section}.{name}: {old!r} there, {value!r} now"
+    return None

@@ -36,6 +36,7 @@ class DataConfig:
     seq_len: int = 512
     block_mode: str = "pack"  # pack | document
     num_workers: int = 2
+    verify: str = "background"  # full shard check (sha256, token ids): background | start | off
 
 
 @dataclass
@@ -50,9 +51,11 @@ class TrainConfig:
     keep_last: int = 3
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bfloat16 | float32
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per encoder block), with several processes
     collapse_warmup: int = 1000  # steps before the collapse guard acts
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
+    max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
     progress: bool = True
 
 
@@ -115,6 +118,7 @@ PRESETS: dict[str, dict[str, dict]] = {
 SHORT_FLAGS = {
     "--data": "data.path", "--out": "train.out", "--max-steps": "train.max_steps",
     "--batch-size": "train.batch_size", "--seq-len": "data.seq_len", "--seed": "train.seed",
+    "--parallel": "train.parallel",
 }
 
 
@@ -164,8 +168,11 @@ def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentPa
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=defaults.preset, metavar="PRESET",
                    help=f"preset: {' | '.join(PRESETS)} (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in --out (a fresh start if none)")
+    p.add_argument("--resume", nargs="?", const="auto", default="auto", choices=("auto", "no"),
+                   help="auto (default): continue from the newest complete checkpoint in --out when its "
+                        "config matches (a different config there is an error); no: refuse a --out with checkpoints")
+    p.add_argument("--verify-data", action="store_const", const="start", dest="data.verify",
+                   help="check every shard's checksum and token ids before training (= --data.verify start)")
     p.add_argument("--init-from", metavar="HF_DIR",
                    help="start from a local Hugging Face Data2VecTextModel or RobertaModel directory")
     for flag, dotted in SHORT_FLAGS.items():
@@ -226,6 +233,7 @@ def validate(cfg: Config) -> None:
          f"or raise --model.max_seq_len")
     need(d.block_mode in ("pack", "document"), "--data.block_mode", d.block_mode, "expected pack or document")
     need(d.num_workers >= 0, "--data.num_workers", d.num_workers, "must be >= 0")
+    need(d.verify in ("background", "start", "off"), "--data.verify", d.verify, "expected background, start or off")
     need(1 <= r.top_k <= m.num_layers, "--recipe.top_k", r.top_k, f"must be in [1, {m.num_layers}] (the layer count)")
     for flag, v in (("--recipe.layer_norm", r.layer_norm), ("--recipe.final_norm", r.final_norm)):
         need(v in ("instance", "layer", "none"), flag, v, "expected instance, layer or none")
@@ -241,5 +249,7 @@ def validate(cfg: Config) -> None:
     need(t.log_every >= 1, "--train.log_every", t.log_every, "must be >= 1")
     need(t.ckpt_every >= 0, "--train.ckpt_every", t.ckpt_every, "must be >= 0 (0 = only at the end)")
     need(t.keep_last >= 1, "--train.keep_last", t.keep_last, "must be >= 1")
+    need(t.max_skipped_steps >= 1, "--train.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
     need(t.dtype in ("auto", "bfloat16", "float32"), "--train.dtype", t.dtype, "expected auto, bfloat16 or float32")
     need(t.device in ("auto", "cpu", "cuda"), "--train.device", t.device, "expected auto, cpu or cuda")
+    need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=N -m d2v_fast.pretrain [--config tiny|base|large]
         [--data DIR] [--out DIR] [--max-steps N] [--batch-size SEQS] [--seq-len T] [--seed S]
-        [--resume] [--init-from HF_DIR] [--section.field VALUE ...]
+        [--resume auto|no] [--verify-data] [--init-from HF_DIR] [--section.field VALUE ...]
 
 Plain ``python -m d2v_fast.pretrain`` runs a single process. With no --data the built-in
 corpus (Python standard-library docstrings) is prepared and used. Every config field can
@@ -25,6 +25,26 @@ def _dist_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _default_out(rank: int, world: int) -> Path:
+    """runs/<timestamp>, the same on every rank and across torchrun's elastic restarts."""
+    import torch.distributed as dist
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    marker = Path("runs") / ".torchrun" / run_id if run_id else None
+    name = [None]
+    if rank == 0:
+        if marker is not None and marker.is_file():
+            name[0] = marker.read_text().strip()
+        else:
+            name[0] = str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            if marker is not None:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(name[0] + "\n")
+    if world > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
 def run(argv=None) -> int:
     from .config import parse_args
 
@@ -37,8 +57,6 @@ def run(argv=None) -> int:
     if cfg.train.micro_batch_size and local % cfg.train.micro_batch_size:
         raise UsageError(f"--train.micro_batch_size {cfg.train.micro_batch_size}: must divide the per-rank "
                          f"batch {local} (--batch-size {cfg.train.batch_size} over {world} rank(s))")
-    if args.resume and not cfg.train.out:
-        raise UsageError("--resume needs --out RUN_DIR: the run directory to continue")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
     import torch
@@ -46,8 +64,8 @@ def run(argv=None) -> int:
 
     from . import checkpoint as ckpt
     from .data.builtin import builtin_corpus
-    from .data.corpus import open_corpus
-    from .trainer import CollapseError, Trainer
+    from .data.corpus import open_corpus, verify_corpus
+    from .trainer import CollapseError, NonFiniteError, Trainer, corpus_fingerprint
 
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
@@ -56,21 +74,28 @@ def run(argv=None) -> int:
         else torch.device("cpu")
 
     corpus = open_corpus(cfg.data.path) if cfg.data.path else open_corpus(builtin_corpus(progress=rank == 0))
-    out = Path(cfg.train.out) if cfg.train.out else None
-    if out is not None and not args.resume and ckpt.complete_checkpoints(out):
-        raise UsageError(f"--out {out}: already holds checkpoints; pass --resume to continue that run, "
-                         f"or choose another --out")
+    if cfg.data.verify == "start" and rank == 0:
+        verify_corpus(corpus)
 
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        if out is None:  # one timestamp for all ranks
-            stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
-            if world > 1:
-                dist.broadcast_object_list(stamp, src=0)
-            out = Path("runs") / stamp[0]
+        out = Path(cfg.train.out) if cfg.train.out else _default_out(rank, world)
+        latest = ckpt.latest_checkpoint(out)
+        if latest is not None:
+            if args.resume == "no":
+                raise UsageError(f"--out {out}: already holds checkpoints and --resume is no; choose another --out")
+            saved = ckpt.read_checkpoint_meta(latest)
+            diff = ckpt.config_difference(saved.get("config") or {}, cfg.to_dict())
+            if diff:
+                raise UsageError(f"--out {out}: holds a run with a different config ({diff}); use the same "
+                                 f"settings to resume it, or choose another --out")
+            theirs = (saved.get("corpus") or {}).get("fingerprint")
+            if theirs and theirs != corpus_fingerprint(corpus):
+                raise UsageError(f"--out {out}: was trained on another corpus ({saved['corpus'].get('path')}); "
+                                 f"give that corpus with --data, or choose another --out")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             resolved = cfg.to_dict()
@@ -82,17 +107,15 @@ def run(argv=None) -> int:
                 shutil.copytree(corpus.tokenizer_dir, tok)
         trainer = Trainer(cfg, corpus, out, rank=rank, world_size=world, device=device)
         say = print if rank == 0 else (lambda *a, **k: None)
-        if args.resume:
-            latest = ckpt.latest_checkpoint(out)
-            if latest is None:
-                say(f"--resume: no complete checkpoint in {out}; starting from scratch", file=sys.stderr)
-            else:
-                trainer.load(latest)
-                say(f"resumed from {latest} (step {trainer.step})", file=sys.stderr)
-        if args.init_from and trainer.resumed_from is None:
+        if latest is not None:
+            trainer.load(latest)
+            say(f"resumed from {latest} (step {trainer.step})", file=sys.stderr)
+        elif args.init_from:
             trainer.init_from(args.init_from)
             say(f"initialised student and teacher from {args.init_from}", file=sys.stderr)
         trainer.truncate_metrics()
+        if cfg.data.verify == "background" and rank == 0:
+            trainer.verify_in_background()
         n = trainer.model.student.encoder.num_params()
         say(f"d2v_fast: recipe {cfg.recipe.name}, preset {cfg.preset}, {n / 1e6:.2f}M non-embedding "
             f"parameters, vocabulary {corpus.vocab_size:,}; {world} process(es) on {device.type}; global batch "
@@ -100,14 +123,18 @@ def run(argv=None) -> int:
             f"{trainer.micro_batch_size} per rank); corpus {corpus.path}; run dir {out}", file=sys.stderr)
         try:
             history = trainer.fit()
-        except CollapseError as err:
+        except (CollapseError, NonFiniteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        if trainer.stopped_early:
+            say(f"stopped on request at step {trainer.step}; checkpoint written, run the same command to "
+                f"continue", file=sys.stderr)
+            return 0
         if history and rank == 0:
             first, last = history[0], history[-1]
             say(f"done: step {trainer.step}, loss {first['loss']:.4f} (step {first['step']}) -> "
                 f"{last['loss']:.4f} (step {last['step']}), {last['tokens_per_s']:,.0f} tokens/s; "
-                f"encoder saved to {out / 'encoder.pt'}", file=sys.stderr)
+                f"{trainer.skipped} update(s) skipped; encoder saved to {out / 'encoder.pt'}", file=sys.stderr)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

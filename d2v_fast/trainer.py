@@ -7,12 +7,18 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
@@ -27,6 +33,16 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 class CollapseError(RuntimeError):
     pass
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _inject_nan_attempts() -> set[int]:
+    """Testing hook: D2V_FAST_INJECT_NAN=3,4 makes update attempts 3 and 4 produce a NaN loss."""
+    raw = os.environ.get("D2V_FAST_INJECT_NAN", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -50,6 +66,11 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
         except (RuntimeError, TypeError):
             pass  # this device or dtype has no fused AdamW
     return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def corpus_fingerprint(corpus) -> str:
+    """What identifies a corpus's content: its preparation fingerprint and tokenizer checksum."""
+    return f"{corpus.meta.get('source', {}).get('fingerprint', '')}:{corpus.meta['tokenizer']['sha256']}"
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -77,8 +98,12 @@ class Trainer:
                                            pad_id=corpus.special_ids["pad"])
         self.model = Data2Vec(self.enc_cfg, cfg.recipe).to(self.device)
         self.model.train()
+        use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.fsdp = self.distributed and t.parallel == "fsdp"
         self.student = self.model.student
-        if self.distributed:
+        if self.fsdp:
+            self._shard(use_bf16)
+        elif self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.student = DDP(self.model.student, device_ids=ids)
         self.optimizer = build_optimizer(self.model.student, cfg.optim, self.device)
@@ -87,17 +112,38 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total))
         torch.manual_seed(t.seed + 1000 * rank + 1)  # dropout differs between ranks
 
-        use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         self.step, self.epoch, self.position = 0, 0, 0
+        self.attempts, self.skipped, self.consecutive_skips = 0, 0, 0
         self.resumed_from = None
+        self.stop_requested = False
+        self.data_problem: str | None = None  # set by the background corpus check
+        self._inject_nan = _inject_nan_attempts()
+        self._control = None
         n = self.model.student.encoder.num_params()
         T, C, L = cfg.data.seq_len, self.enc_cfg.hidden_size, self.enc_cfg.num_layers
         # student fwd+bwd 6N, teacher fwd 2N, attention 12·L·T·C (student) + 4·L·T·C (teacher)
         self.flops_per_token = 8 * n + 16 * L * T * C
         self.peak = peak_flops(self.device)
         self._tb = None
+
+    def _shard(self, use_bf16: bool) -> None:
+        """FSDP2: every encoder block is its own unit (student and teacher alike), the
+        embeddings one more (the teacher calls them outside the student's forward), and the
+        student the root. Checkpoints gather full state dicts, so they are the same files as
+        with DDP and resume at any world size and either --parallel."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
+            else MixedPrecisionPolicy()
+        student = self.model.student
+        for layer in student.encoder.encoder.layer:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(student.encoder.embeddings, mp_policy=mp)
+        fully_shard(student, mp_policy=mp)
+        for layer in self.model.teacher:
+            fully_shard(layer, mp_policy=mp)
 
     # ------------------------------------------------------------------ data
     def loader(self):
@@ -139,11 +185,17 @@ class Trainer:
             mb = self._to_device(mb)
             pad = mb["padding_mask"] if pad is not None else None
             last = i == len(micro_batches) - 1
-            sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
+            if self.fsdp:
+                self.student.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
             with sync, self.autocast:
                 target = self.model.targets(mb["input_ids"], pad, mb["mask"])
                 pred = self.student(mb["masked_input_ids"], pad, mb["mask"])
                 loss = self.model.loss_sum(pred, target)
+                if self.attempts + 1 in self._inject_nan:
+                    loss = loss * float("nan")
             # DDP averages gradients over ranks; the loss is already normalised globally
             (loss * (self.world_size / denom)).backward()
             tv, pv = self.model.stats(pred, target)
@@ -154,49 +206,72 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), self.cfg.optim.clip_norm)
         else:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.model.student.parameters() if p.grad is not None])
+        if hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP
+            gnorm = gnorm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         decay = self.cfg.recipe.decay_at(self.step)
-        self.model.ema_step(decay)  # exactly one EMA step per optimizer update
-        self.step += 1
+        self.attempts += 1
         self.position += self.cfg.train.batch_size
+        # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
+        finite = bool(torch.isfinite(gnorm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.model.ema_step(decay)  # exactly one EMA step per optimizer update
+            self.step += 1
+            self.consecutive_skips = 0
+        else:  # skip the update: weights, optimizer, schedule and teacher stay as they were
+            self.skipped += 1
+            self.consecutive_skips += 1
+        self.optimizer.zero_grad(set_to_none=True)
         stats = torch.stack([loss_sum, tvar / len(micro_batches), pvar / len(micro_batches)])
         if self.distributed:
             stats = torch.cat([stats[:1], stats[1:] / self.world_size])
             dist.all_reduce(stats)
         return {"loss": stats[0] / denom[0], "target_var": stats[1], "pred_var": stats[2],
-                "grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0]}
+                "grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0],
+                "skipped_steps": self.skipped, "finite": finite}
 
     # ------------------------------------------------------------------ checkpoints
     def _barrier(self):
         if self.distributed:
             dist.barrier()
 
+    _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Full (unsharded) training state; collective under FSDP, complete on rank 0."""
+        return {"model": get_model_state_dict(self.model, options=self._FULL),
+                "optimizer": get_optimizer_state_dict(self.model.student, self.optimizer, options=self._FULL),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "position": self.position, "world_size": self.world_size, "config": self.cfg.to_dict(),
+                "position": self.position, "attempts": self.attempts, "skipped": self.skipped,
+                "world_size": self.world_size, "parallel": self.cfg.train.parallel, "config": self.cfg.to_dict(),
+                "corpus": {"path": str(self.corpus.path), "fingerprint": corpus_fingerprint(self.corpus)},
                 "encoder_config": dataclasses.asdict(self.enc_cfg)}
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.state() if self.rank == 0 else None,
+        state = self.state()  # every rank takes part in gathering it
+        return ckpt.save_checkpoint(self.run_dir, self.step, state if self.rank == 0 else None,
                                     rank=self.rank, barrier=self._barrier, keep_last=self.cfg.train.keep_last)
 
-    def load(self, path: Path) -> None:
-        state = ckpt.load_state(path, self.device)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            from .errors import UsageError
+    def _set_model_state(self, full: dict, where) -> None:
+        from .errors import UsageError
 
-            first = str(err).strip().splitlines()[1] if len(str(err).splitlines()) > 1 else str(err)
-            raise UsageError(f"{path}: the checkpoint's model does not fit this config ({first.strip()}); "
-                             f"resume with the config it was saved with ({path.parent.parent}/config.json)") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, KeyError, ValueError) as err:
+            lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
+            raise UsageError(f"{where}: the weights do not fit this model ({lines[-1] if lines else err}); "
+                             f"use the config they were trained with") from None
+
+    def load(self, path: Path) -> None:
+        state = ckpt.load_state(path, "cpu")
+        self._set_model_state(state["model"], path)
+        set_optimizer_state_dict(self.model.student, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.attempts, self.skipped = state.get("attempts", self.step), state.get("skipped", 0)
         self.resumed_from = path
         rng = ckpt.load_rng(path, self.rank) if state.get("world_size") == self.world_size else None
         if rng is not None:
@@ -211,23 +286,26 @@ class Trainer:
 
         config, weights = read_hf_model(path)
         check_hf_fits(config, self.enc_cfg, path)
-        encoder = self.model.student.encoder
-        missing = sorted(set(encoder.state_dict()) - set(weights))
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        mine = [k for k in full if k.startswith("student.encoder.")]
+        missing = sorted(k[len("student.encoder."):] for k in mine if k[len("student.encoder."):] not in weights)
         if missing:
             raise UsageError(f"--init-from {path}: lacks {len(missing)} encoder weight(s), e.g. {missing[0]}")
-        try:
-            encoder.load_state_dict(weights, strict=True)
-        except RuntimeError as err:
-            raise UsageError(f"--init-from {path}: weights do not fit ({str(err).splitlines()[-1].strip()})") from None
-        with torch.no_grad():
-            for t, s in zip(self.model.teacher.parameters(), encoder.encoder.layer.parameters()):
-                t.copy_(s)
+        for k in mine:
+            full[k] = weights[k[len("student.encoder."):]]
+        for k in [k for k in full if k.startswith("teacher.")]:
+            full[k] = weights["encoder.layer." + k[len("teacher."):]]
+        self._set_model_state(full, f"--init-from {path}")
 
     def export_encoder(self) -> Path:
         """Single-file export of the student encoder for ``d2v_fast.load_pretrained``."""
         path = self.run_dir / "encoder.pt"
+        full = get_model_state_dict(self.model, options=self._FULL)
+        if self.rank != 0:
+            return path
+        enc = {k[len("student.encoder."):]: v for k, v in full.items() if k.startswith("student.encoder.")}
         ckpt.atomic_torch_save({"format": "d2v_fast.encoder", "encoder_config": dataclasses.asdict(self.enc_cfg),
-                                "state_dict": self.model.student.encoder.state_dict(), "step": self.step}, path)
+                                "state_dict": enc, "step": self.step}, path)
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -259,7 +337,56 @@ class Trainer:
                     pass  # a line cut short by a crash
             path.write_text("".join(l + "\n" for l in keep))
 
+    # ------------------------------------------------------------------ control
+    def _signal(self, signum, frame) -> None:
+        if self.stop_requested:  # a second signal: leave now
+            os._exit(128 + signum)
+        self.stop_requested = True
+        if self.rank == 0:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, writing a checkpoint and stopping "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def verify_in_background(self) -> threading.Thread:
+        """Full corpus check while training runs; a problem stops every rank at the next step."""
+        from .data.corpus import verify_corpus
+        from .errors import UsageError
+
+        def work():
+            try:
+                verify_corpus(self.corpus)
+            except UsageError as err:
+                self.data_problem = str(err)
+
+        th = threading.Thread(target=work, name="d2v-verify-data", daemon=True)
+        th.start()
+        return th
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _agree(self) -> tuple[bool, str | None]:
+        """All ranks agree on (stop requested anywhere, a data problem found anywhere) once
+        per step, over a CPU (gloo) group so the GPU stream is not synchronised."""
+        if not self.distributed:
+            return self.stop_requested, self.data_problem
+        if self._control is None:
+            self._control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        flags = torch.tensor([float(self.stop_requested), float(self.data_problem is not None)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control)
+        problem = None
+        if flags[1] > 0:
+            msg = [self.data_problem]
+            dist.broadcast_object_list(msg, src=0, group=self._control)
+            problem = msg[0] or "a corpus check failed on another rank"
+        return bool(flags[0]), problem
+
+    # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict]:
+        """Train until ``max_steps``; on SIGTERM/SIGINT finish the step, checkpoint, return."""
+        from .errors import UsageError
+
         t = self.cfg.train
         bar = None
         if self.rank == 0 and t.progress:
@@ -272,16 +399,32 @@ class Trainer:
         window_t0, window_steps = time.perf_counter(), 0
         last_saved = self.step if self.resumed_from is not None else None
         stream = self.batches()
+        previous = self._install_signals()
+        self.stopped_early = False
         try:
             while self.step < t.max_steps:
                 metrics = self.train_step(next(stream))
+                stop, problem = self._agree()
+                if problem:
+                    raise UsageError(problem)
+                if not metrics["finite"]:
+                    if self.rank == 0 and bar is not None:
+                        bar.write(f"attempt {self.attempts}: non-finite loss or gradients, update skipped "
+                                  f"({self.consecutive_skips} in a row)")
+                    if self.consecutive_skips >= t.max_skipped_steps:
+                        self.save()  # the weights are still those of the last good update
+                        raise NonFiniteError(
+                            f"{self.consecutive_skips} updates in a row had non-finite loss or gradients "
+                            f"(--train.max_skipped_steps {t.max_skipped_steps}); the weights of step {self.step}, "
+                            f"before the problem, are saved in {self.run_dir / 'checkpoints'}; lower --optim.lr "
+                            f"or check the data, then resume")
                 window_steps += 1
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                if metrics["finite"] and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - window_t0
                     tps = tokens_per_step * window_steps / dt
-                    rec = {"step": self.step, **{k: float(v) for k, v in metrics.items()},
+                    rec = {"step": self.step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
                            "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size,
                            "epoch": self.epoch}
                     if self.peak:
@@ -293,16 +436,21 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
                     self._guard(rec)
                     window_t0, window_steps = time.perf_counter(), 0
-                if bar is not None:
+                if bar is not None and metrics["finite"]:
                     bar.update(1)
-                if t.ckpt_every and self.step % t.ckpt_every == 0:
+                if stop:
+                    self.save()
+                    self.stopped_early = True
+                    return history
+                if metrics["finite"] and t.ckpt_every and self.step % t.ckpt_every == 0 and last_saved != self.step:
                     self.save()
                     last_saved = self.step
             if last_saved != self.step:
                 self.save()
-            if self.rank == 0:
-                self.export_encoder()
+            self.export_encoder()  # collective under FSDP
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.close()
             if self._tb:

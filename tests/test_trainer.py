@@ -209,11 +209,17 @@ def test_stop_and_resume_is_bitwise_identical(builtin_cache, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_existing_run_without_resume_is_refused(builtin_cache, tmp_path, capsys):
+def test_rerun_resumes_automatically_and_a_different_config_is_refused(builtin_cache, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(SMALL + ["--out", str(out), "--max-steps", "2"], capsys)[0] == 0
     rc, err = run_cli(SMALL + ["--out", str(out), "--max-steps", "4"], capsys)
-    assert rc == 2 and "already holds checkpoints" in err and "--resume" in err
+    assert rc == 0 and "resumed from" in err and "(step 2)" in err
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    rc, err = run_cli(SMALL + ["--out", str(out), "--max-steps", "6", "--optim.lr", "0.5"], capsys)
+    assert rc == 2 and "holds a run with a different config (optim.lr: 0.001 there, 0.5 now)" in err
+    rc, err = run_cli(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", "no"], capsys)
+    assert rc == 2 and "already holds checkpoints" in err
+    assert sorted(losses(out)) == [1, 2, 3, 4]  # nothing was overwritten
 
 
 def _env(cache):
@@ -273,7 +279,7 @@ def test_sigkill_at_a_random_moment_then_resume(builtin_cache, tmp_path):
     (["--config", "huge"], "--config 'huge': unknown preset"),
     (["--recipe.top_k", "9"], "--recipe.top_k 9: must be in [1, 4]"),
     (["--train.dtype", "fp8"], "--train.dtype 'fp8'"),
-    (["--resume"], "--resume needs --out"),
+    (["--resume", "maybe"], "argument --resume: invalid choice: 'maybe'"),
 ])
 def test_bad_flags_stop_with_one_line_and_exit_2(argv, needle, capsys):
     rc, err = run_cli(argv, capsys)

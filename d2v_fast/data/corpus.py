@@ -161,4 +161,29 @@ def open_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Corpus:
             raise UsageError(f"{dpath}: document offsets do not match {META}; {fix}")
         tokens.append(np.memmap(tpath, dtype=dtype, mode="r") if want else np.zeros(0, dtype))
         offsets.append(docs)
+    tok = path / meta["tokenizer"]["dir"] / "tokenizer.json"
+    if not tok.is_file():
+        raise UsageError(f"{tok}: missing; {fix}")
+    if hashlib.sha256(tok.read_bytes()).hexdigest() != meta["tokenizer"]["sha256"]:
+        raise UsageError(f"{tok}: does not match the tokenizer checksum in {META} (the tokenizer changed after "
+                         f"the corpus was tokenized); restore it or re-run `python -m d2v_fast.data.prepare`")
     return Corpus(path=path, meta=meta, tokens=tokens, doc_offsets=offsets)
+
+
+def verify_corpus(corpus: Corpus, chunk_tokens: int = 1 << 24) -> None:
+    """Full check of every shard against ``meta.json``: sha256 and token ids below the
+    vocabulary size. Raises UsageError naming the shard."""
+    vocab = corpus.vocab_size
+    fix = "the shard was altered after preparation; re-run `python -m d2v_fast.data.prepare`"
+    for shard, tokens in zip(corpus.meta["shards"], corpus.tokens):
+        path = corpus.path / shard["tokens"]
+        h = hashlib.sha256()
+        for start in range(0, len(tokens), chunk_tokens):
+            block = np.asarray(tokens[start:start + chunk_tokens])
+            h.update(block.tobytes())
+            top = int(block.max()) if block.size else 0
+            if top >= vocab:
+                raise UsageError(f"{path}: token id {top} at or after position {start} is outside the vocabulary "
+                                 f"({vocab} ids); {fix}")
+        if h.hexdigest() != shard["sha256"]:
+            raise UsageError(f"{path}: sha256 differs from {META}; {fix}")

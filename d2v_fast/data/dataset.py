@@ -172,6 +172,15 @@ class MaskCollator:
         return batch
 
 
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group: workers leave the stop to the trainer (which
+    # finishes its step and checkpoints) and exit with it, instead of dying mid-batch.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_dataloader(corpus: Corpus, *, seq_len: int, micro_batch_size: int, global_batch_size: int,
                      masking: MaskingConfig | None = None, block_mode: str = "pack", seed: int = 0,
                      epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1,
@@ -192,4 +201,5 @@ def build_dataloader(corpus: Corpus, *, seq_len: int, micro_batch_size: int, glo
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=False, generator=generator,
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
                       persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)

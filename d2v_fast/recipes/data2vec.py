@@ -96,7 +96,9 @@ class Data2Vec(nn.Module):
 
     @torch.no_grad()
     def ema_step(self, decay: float) -> None:
-        ema_update_(self.teacher.parameters(), self.student.encoder.encoder.layer.parameters(), decay)
+        # Under FSDP teacher and student blocks are sharded alike: update the local shards.
+        local = lambda ps: [p.to_local() if hasattr(p, "to_local") else p for p in ps]
+        ema_update_(local(self.teacher.parameters()), local(self.student.encoder.encoder.layer.parameters()), decay)
 
     @staticmethod
     def stats(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
