@@ -39,6 +39,13 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def _crash_at_step() -> int | None:
+    """Testing hook: D2V_FAST_CRASH_AT_STEP=N makes the first process to reach step N die
+    (as a lost node would); its restart carries on."""
+    raw = os.environ.get("D2V_FAST_CRASH_AT_STEP")
+    return int(raw) if raw else None
+
+
 def _inject_nan_attempts() -> set[int]:
     """Testing hook: D2V_FAST_INJECT_NAN=3,4 makes update attempts 3 and 4 produce a NaN loss."""
     raw = os.environ.get("D2V_FAST_INJECT_NAN", "")
@@ -129,9 +136,9 @@ class Trainer:
         self._tb = None
 
     def _shard(self, use_bf16: bool) -> None:
-        """FSDP2: every encoder block is its own unit (student and teacher alike), the
-        embeddings one more (the teacher calls them outside the student's forward), and the
-        student the root. Checkpoints gather full state dicts, so they are the same files as
+        """FSDP2: every encoder block is its own unit (student and teacher alike) and the
+        student the root, whose parameters (embeddings, head) stay gathered from its forward
+        to its backward, which is when the teacher borrows the embeddings. Checkpoints gather full state dicts, so they are the same files as
         with DDP and resume at any world size and either --parallel."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -140,7 +147,6 @@ class Trainer:
         student = self.model.student
         for layer in student.encoder.encoder.layer:
             fully_shard(layer, mp_policy=mp)
-        fully_shard(student.encoder.embeddings, mp_policy=mp)
         fully_shard(student, mp_policy=mp)
         for layer in self.model.teacher:
             fully_shard(layer, mp_policy=mp)
@@ -191,8 +197,12 @@ class Trainer:
             else:
                 sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
             with sync, self.autocast:
-                target = self.model.targets(mb["input_ids"], pad, mb["mask"])
+                # student first: under FSDP its root forward unshards the embeddings the teacher shares
                 pred = self.student(mb["masked_input_ids"], pad, mb["mask"])
+                target = self.model.targets(mb["input_ids"], pad, mb["mask"])
+                if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
+                    for layer in self.model.teacher:
+                        layer.reshard()
                 loss = self.model.loss_sum(pred, target)
                 if self.attempts + 1 in self._inject_nan:
                     loss = loss * float("nan")
@@ -419,6 +429,12 @@ class Trainer:
                             f"before the problem, are saved in {self.run_dir / 'checkpoints'}; lower --optim.lr "
                             f"or check the data, then resume")
                 window_steps += 1
+                crash = _crash_at_step()
+                if crash is not None and self.step == crash:
+                    marker = self.run_dir / f".crashed-at-{crash}"
+                    if not marker.exists():
+                        marker.write_text("")
+                        os._exit(17)
                 if metrics["finite"] and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
