@@ -87,6 +87,7 @@ def check_device(kernel, *tensors: torch.Tensor) -> None:
 
 
 def num_warps_for(elements: int) -> int:
-    """Warps for a program that holds ``elements`` values of one tile in registers: about 16
-    fp32 values per thread per live tile (the kernels keep two or three tiles alive)."""
-    return max(1, min(16, triton.next_power_of_2(max(elements // 512, 1))))
+    """Warps for a program that holds ``elements`` values of one tile in registers: about 32
+    fp32 values per thread per live tile (the kernels keep two or three tiles alive, well
+    under the 255-register limit). A first guess, not tuned on a GPU yet."""
+    return max(1, min(16, triton.next_power_of_2(max(elements // 1024, 1))))

@@ -1,9 +1,129 @@
-"""The data2vec hot-path operations, as one functional API.
+"""The data2vec hot-path operations, one functional API over two implementations:
 
-These are vectorised PyTorch implementations (whole batch, all K layers at once). Fused
-Triton versions with the same signatures are the next milestone; the plain eager twins
-that define the semantics live in ``d2v_fast.reference``.
+- ``triton``: the fused kernels in ``d2v_fast/kernels`` (``torch.library`` custom ops, so
+  they compose with ``torch.compile``);
+- ``torch``: the eager twins in ``d2v_fast/reference/ops.py`` (same signatures).
+
+Which side runs is decided at every call, from the tensors and one switch:
+``set_kernels("auto" | "triton" | "torch")`` (the trainer's config field), else the
+``D2V_KERNELS`` environment variable, else "auto". "auto" takes the Triton side for CUDA
+tensors when the kernels were compiled for the GPU, the twin otherwise (CPU tensors, triton
+missing, or kernels imported under ``TRITON_INTERPRET=1``). Forcing "triton" with CPU
+tensors runs the kernels in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
+before ``d2v_fast`` is imported; otherwise the call raises and says so.
 """
-from .core import build_targets, ema_update_, regression_loss, representation_std
+from __future__ import annotations
 
-__all__ = ["build_targets", "ema_update_", "regression_loss", "representation_std"]
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .. import kernels as _k
+from ..kernels import ema as _ema
+from ..kernels import gather as _gather
+from ..kernels import loss as _loss
+from ..kernels import targets as _targets
+from ..kernels.ema import flatten_params_
+from ..reference import ops as _twin
+
+__all__ = ["build_targets", "ema_update_", "flatten_params_", "kernels_backend", "masked_gather", "masked_scatter",
+           "regression_loss", "representation_std", "set_kernels"]
+
+CHOICES = ("auto", "triton", "torch")
+_choice = "auto"
+
+
+def set_kernels(choice: str) -> None:
+    """Pick the side for every later call: "auto" (defer to ``D2V_KERNELS``, default auto),
+    "triton" or "torch"."""
+    global _choice
+    if choice not in CHOICES:
+        raise ValueError(f"set_kernels({choice!r}): expected one of {CHOICES}")
+    _choice = choice
+
+
+def _requested() -> str:
+    if _choice != "auto":
+        return _choice
+    env = os.environ.get("D2V_KERNELS", "auto").strip().lower() or "auto"
+    if env not in CHOICES:
+        raise ValueError(f"D2V_KERNELS={env!r}: expected one of {CHOICES} (unset means auto)")
+    return env
+
+
+def kernels_backend(tensor: torch.Tensor) -> str:
+    """"triton" or "torch": the side a call on ``tensor`` would run."""
+    requested = _requested()
+    if requested != "auto":
+        return requested
+    compiled = _k.AVAILABLE and not _k.is_interpreted(_gather._move_rows_kernel)
+    return "triton" if tensor.is_cuda and compiled else "torch"
+
+
+def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, in row-major order: ``[N, C]``.
+    Backward scatters the gradient back (zeros elsewhere). Needs ``N`` on the host (one sync)."""
+    if kernels_backend(x) == "triton":
+        return _gather.masked_gather(x, mask)
+    return _twin.masked_gather(x, mask)
+
+
+def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse of masked_gather: ``rows[N, C]`` at the true positions of ``mask[B, T]``, ``fill``
+    (``[C]`` or ``[B, T, C]``; None = zeros) elsewhere. Backward gathers the gradient to
+    ``rows``, and to ``fill`` its values at the false positions (summed over them for ``[C]``)."""
+    if kernels_backend(rows) == "triton":
+        return _gather.masked_scatter(rows, mask, fill)
+    return _twin.masked_scatter(rows, mask, fill)
+
+
+def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
+                  mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
+                  final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
+    """data2vec targets (SPEC §1 step 3): per-layer norm ("instance" over time per sample and
+    channel, padding excluded; "layer" per token; None) of each of the K layer outputs
+    (``[K, B, T, C]`` or K ``[B, T, C]``), their mean, an optional final norm; fp32 ``[B, T, C]``
+    or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0. No gradient."""
+    layers = layers if isinstance(layers, torch.Tensor) else list(layers)
+    if not len(layers):
+        raise ValueError("build_targets: got no layers (expected K >= 1 tensors [B, T, C] or one [K, B, T, C])")
+    first = layers if isinstance(layers, torch.Tensor) else layers[0]
+    side = kernels_backend(first)
+    time_axis = "instance" in (layer_norm, final_norm)
+    if side == "triton" and not (_requested() == "auto" and time_axis and first.shape[-2] > _targets.MAX_T):
+        return _targets.build_targets(layers, padding_mask=padding_mask, mask=mask, layer_norm=layer_norm,
+                                      final_norm=final_norm, eps=eps)
+    return _twin.build_targets(layers, padding_mask=padding_mask, mask=mask, layer_norm=layer_norm,
+                               final_norm=final_norm, eps=eps)
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, scale: Optional[float] = None,
+                    reduction: str = "sum") -> torch.Tensor:
+    """Smooth L1 with ``beta`` (MSE ``d^2`` when ``beta == 0``) summed over features, times
+    ``scale`` (``1/sqrt(C)`` when None); ``reduction`` "sum" (scalar) or "none" (per row).
+    fp32; gradient to ``pred`` only."""
+    if kernels_backend(pred) == "triton":
+        return _loss.regression_loss(pred, target, beta=beta, scale=scale, reduction=reduction)
+    return _twin.regression_loss(pred, target, beta=beta, scale=scale, reduction=reduction)
+
+
+def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.Tensor | Iterable[torch.Tensor],
+                decay: float | torch.Tensor) -> None:
+    """``teacher = decay * teacher + (1 - decay) * student`` in place, over two flat buffers
+    (see ``flatten_params_``) or two parameter lists; ``decay`` a float or a 0-dim tensor
+    on the parameters' device (read on the device: no host sync)."""
+    teacher = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher)
+    student = [student] if isinstance(student, torch.Tensor) else list(student)
+    if teacher and kernels_backend(teacher[0]) == "triton":
+        return _ema.ema_update_(teacher, student, decay)
+    return _twin.ema_update_(teacher, student, decay)
+
+
+def representation_std(x: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the standard deviation over rows: the collapse statistic
+    logged as target_var / pred_var (data2vec's own definition)."""
+    x = x.float().reshape(-1, x.shape[-1])
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    return torch.sqrt(x.var(dim=0) + 1e-6).mean()

@@ -1,0 +1,327 @@
+"""build_targets: data2vec targets from the teacher's top-K layer outputs (SPEC §1 step 3, §3).
+
+Per layer a norm ("instance": per sample and channel over time, padding left out of the
+statistics; "layer": per token over C, no affine; or none), the mean over the K layers, an
+optional final norm of the mean, fp32 output at every position or only at the masked rows.
+Padded positions hold 0 in the output (they carry no target).
+
+Two kernels, chosen by the axis the norms reduce over:
+
+- ``_targets_time_kernel`` (instance norms): one program per (sample b, block of
+  ``BLOCK_C`` channels) holds the whole time axis of that block, ``[T, BLOCK_C]``, in
+  registers. For each of the K layers it loads the tile once, takes the exact mean and
+  variance over the real positions (two passes over registers, not over memory), normalises
+  and accumulates; then the optional final instance norm, then stores only the masked rows.
+  HBM traffic: each input element is read exactly once (``K*B*T*C*e`` bytes), ``N*C*4``
+  bytes written, plus the padding mask and ``pos`` (5 bytes a token, read once per channel
+  block: 16 MB, 1.6% of the input at C=768 and BLOCK_C=16, nearly all L2 hits). For data2vec base (K=10, B*T=65,536,
+  C=768, bf16, 31% masked) that is 1.007 GB read + 0.062 GB written; the floor of SPEC §3.
+  Constraint: ``next_pow2(T) * BLOCK_C`` values live in registers, so ``BLOCK_C`` shrinks as
+  T grows (16 channels = 32 bytes of a bf16 row at T=512; neighbouring programs take the
+  neighbouring channel blocks, so the rest of each 64/128-byte line is an L2 hit).
+  T > MAX_T is not supported here (d2v_fast.ops falls back to the torch path in auto mode).
+- ``_targets_token_kernel`` (layer norms or no norm): one program per block of output rows
+  holds whole rows ``[BLOCK_R, C]``; for each layer it loads the row, normalises over C and
+  accumulates, then the optional final layer norm. With a mask it visits only the masked
+  rows: reads ``K*N*C*e`` bytes (31% of the input), writes ``N*C*4``.
+
+Mixed norms run both kernels with an fp32 ``[B, T, C]`` intermediate (written once, read
+once: ``8*B*T*C`` extra bytes, 40% more than the floor at K=10 bf16):
+("instance", "layer") = time kernel (instance, none) -> token kernel (K=1, -, layer);
+("layer", "instance") = token kernel (layer, none) -> time kernel (K=1, instance, -).
+
+Layers may come as a list (up to MAX_LIST_LAYERS pointers are passed as kernel arguments,
+so nothing is copied) or stacked ``[K, B, T, C]`` (one base pointer and a layer stride).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import check_device, num_warps_for, tl, triton
+
+MAX_LIST_LAYERS = 16  # pointer arguments of the kernels; longer lists are stacked (one copy)
+TILE = 8192  # values of one [T, BLOCK_C] tile held in registers by a time-kernel program
+MAX_T = 8192  # beyond this BLOCK_C would be < 1: not supported by the time kernel
+NORMS = (None, "instance", "layer")
+
+
+@triton.jit
+def _layer_base(k: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                stride_k, STACKED: tl.constexpr):
+    """Base pointer of layer ``k`` (unrolled: ``k`` is a compile-time constant)."""
+    if STACKED:  # step k times: each step fits in int32, the sum may not
+        p = x0
+        for _ in tl.static_range(k):
+            p += stride_k
+    elif k == 0:
+        p = x0
+    elif k == 1:
+        p = x1
+    elif k == 2:
+        p = x2
+    elif k == 3:
+        p = x3
+    elif k == 4:
+        p = x4
+    elif k == 5:
+        p = x5
+    elif k == 6:
+        p = x6
+    elif k == 7:
+        p = x7
+    elif k == 8:
+        p = x8
+    elif k == 9:
+        p = x9
+    elif k == 10:
+        p = x10
+    elif k == 11:
+        p = x11
+    elif k == 12:
+        p = x12
+    elif k == 13:
+        p = x13
+    elif k == 14:
+        p = x14
+    else:
+        p = x15
+    return p
+
+
+@triton.jit
+def _instance_norm_tile(x, w, n, eps):
+    """Normalise ``x[BLOCK_T, BLOCK_C]`` over axis 0 with weights ``w[BLOCK_T, 1]`` (1 at real
+    positions): biased variance, exact two-pass; padded positions come out 0."""
+    mean = tl.sum(x * w, axis=0) / n
+    d = (x - mean[None, :]) * w
+    var = tl.sum(d * d, axis=0) / n
+    return d * tl.rsqrt(var + eps)[None, :]
+
+
+@triton.jit
+def _targets_time_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                         stride_k, stride_b, stride_t, pad, pos, out, stride_out, T, C, eps,
+                         K: tl.constexpr, STACKED: tl.constexpr, INSTANCE: tl.constexpr,
+                         FINAL_INSTANCE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_POS: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Channel blocks vary fastest, so programs running together share each row's cache lines.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)
+    in_t = t < T
+    in_c = c < C
+    if HAS_PAD:
+        real = in_t & (tl.load(pad + b * T + t, mask=in_t, other=1) == 0)
+    else:
+        real = in_t
+    w = real.to(tl.float32)[:, None]
+    n = tl.maximum(tl.sum(real.to(tl.float32), axis=0), 1.0)
+    m2 = in_t[:, None] & in_c[None, :]
+    offs = b * stride_b + t[:, None].to(tl.int64) * stride_t + c[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                           stride_k, STACKED)
+        x = tl.load(base + offs, mask=m2, other=0.0).to(tl.float32)
+        if INSTANCE:
+            x = _instance_norm_tile(x, w, n, eps)
+        acc += x
+    acc = acc * (1.0 / K)
+    if FINAL_INSTANCE:
+        acc = _instance_norm_tile(acc, w, n, eps)
+    if HAS_PAD:
+        acc = tl.where(real[:, None], acc, 0.0)
+    if HAS_POS:  # only the masked rows, at their compact row
+        p = tl.load(pos + b * T + t, mask=in_t, other=-1)
+        sel = p >= 0
+        dst = tl.where(sel, p, 0).to(tl.int64)
+        tl.store(out + dst[:, None] * stride_out + c[None, :], acc, mask=sel[:, None] & in_c[None, :])
+    else:
+        tl.store(out + (b * T + t[:, None]) * stride_out + c[None, :], acc, mask=m2)
+
+
+@triton.jit
+def _layer_norm_rows(x, in_c, C, eps):
+    mean = tl.sum(x, axis=1) / C
+    d = tl.where(in_c[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / C
+    return d * tl.rsqrt(var + eps)[:, None]
+
+
+@triton.jit
+def _targets_token_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                          stride_k, stride_b, stride_t, pad, idx, out, stride_out, n_rows, T, C, eps,
+                          K: tl.constexpr, STACKED: tl.constexpr, LAYER: tl.constexpr,
+                          FINAL_LAYER: tl.constexpr, HAS_PAD: tl.constexpr, HAS_IDX: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    in_r = r < n_rows
+    in_c = c < C
+    if HAS_IDX:  # output row r is token idx[r] (the masked rows, row-major)
+        src = tl.load(idx + r, mask=in_r, other=0).to(tl.int64)
+    else:
+        src = r.to(tl.int64)
+    bb = src // T
+    tt = src - bb * T
+    m2 = in_r[:, None] & in_c[None, :]
+    offs = (bb * stride_b + tt * stride_t)[:, None] + c[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                           stride_k, STACKED)
+        x = tl.load(base + offs, mask=m2, other=0.0).to(tl.float32)
+        if LAYER:
+            x = _layer_norm_rows(x, in_c, C, eps)
+        acc += x
+    acc = acc * (1.0 / K)
+    if FINAL_LAYER:
+        acc = _layer_norm_rows(acc, in_c, C, eps)
+    if HAS_PAD:
+        padded = tl.load(pad + src, mask=in_r, other=0) != 0
+        acc = tl.where(padded[:, None], 0.0, acc)
+    tl.store(out + r[:, None].to(tl.int64) * stride_out + c[None, :], acc, mask=m2)
+
+
+# ----------------------------------------------------------------------------- launchers
+class _Layers:
+    """The K inputs as kernel arguments: 16 base pointers (list) or one base and a stride."""
+
+    def __init__(self, layers: Sequence[torch.Tensor] | torch.Tensor):
+        if isinstance(layers, torch.Tensor):
+            if layers.dim() != 4:
+                raise ValueError(f"build_targets: a stacked input must be [K, B, T, C], got {tuple(layers.shape)}")
+            stacked = layers if layers.stride(-1) == 1 else layers.contiguous()
+            self.K, self.B, self.T, self.C = stacked.shape
+            self.ptrs = [stacked] * MAX_LIST_LAYERS
+            self.stride_k, self.stride_b, self.stride_t = stacked.stride(0), stacked.stride(1), stacked.stride(2)
+            self.stacked, self.ref = True, stacked
+            return
+        layers = list(layers)
+        if not layers:
+            raise ValueError("build_targets: got no layers (expected K >= 1 tensors [B, T, C])")
+        shape = tuple(layers[0].shape)
+        for i, x in enumerate(layers):
+            x0 = layers[0]
+            if x.dim() != 3 or tuple(x.shape) != shape or x.dtype != x0.dtype or x.device != x0.device:
+                raise ValueError(f"build_targets: layer {i} is {tuple(x.shape)} {x.dtype} on {x.device}; expected "
+                                 f"every layer [B, T, C] like layer 0 ({shape} {x0.dtype} on {x0.device})")
+        if len(layers) > MAX_LIST_LAYERS:  # more pointers than kernel arguments: one copy
+            self.__init__(torch.stack(layers))
+            return
+        first = layers[0] if layers[0].stride(-1) == 1 else layers[0].contiguous()
+        strides = first.stride()[:2]
+        layers = [first] + [x if x.stride() == first.stride() else x.contiguous() for x in layers[1:]]
+        if any(x.stride()[:2] != strides for x in layers):
+            layers = [x.contiguous() for x in layers]
+        self.K = len(layers)
+        self.B, self.T, self.C = shape
+        self.ptrs = layers + [layers[0]] * (MAX_LIST_LAYERS - len(layers))
+        self.stride_k, (self.stride_b, self.stride_t) = 0, layers[0].stride()[:2]
+        self.stacked, self.ref = False, layers[0]
+
+
+def _run_time(src: _Layers, pad, pos, out, instance: bool, final_instance: bool, eps: float) -> None:
+    B, T, C = src.B, src.T, src.C
+    BLOCK_T = triton.next_power_of_2(T)
+    BLOCK_C = max(1, min(TILE // BLOCK_T, 32, triton.next_power_of_2(C)))
+    grid = (triton.cdiv(C, BLOCK_C), B)
+    _targets_time_kernel[grid](*src.ptrs, src.stride_k, src.stride_b, src.stride_t,
+                               out if pad is None else pad, out if pos is None else pos, out, out.stride(-2),
+                               T, C, eps, K=src.K, STACKED=src.stacked, INSTANCE=instance,
+                               FINAL_INSTANCE=final_instance, HAS_PAD=pad is not None, HAS_POS=pos is not None,
+                               BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_T * BLOCK_C))
+
+
+def _run_token(src: _Layers, pad, idx, out, layer: bool, final_layer: bool, eps: float) -> None:
+    n_rows = out.numel() // src.C
+    BLOCK_C = triton.next_power_of_2(src.C)
+    BLOCK_R = max(1, min(4096 // BLOCK_C, triton.next_power_of_2(n_rows)))
+    grid = (triton.cdiv(n_rows, BLOCK_R),)
+    _targets_token_kernel[grid](*src.ptrs, src.stride_k, src.stride_b, src.stride_t,
+                                out if pad is None else pad, out if idx is None else idx, out, src.C,
+                                n_rows, src.T, src.C, eps, K=src.K, STACKED=src.stacked, LAYER=layer,
+                                FINAL_LAYER=final_layer, HAS_PAD=pad is not None, HAS_IDX=idx is not None,
+                                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_R * BLOCK_C))
+
+
+def _targets(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+             layer_norm: str, final_norm: str, eps: float) -> torch.Tensor:
+    src = _Layers(layers[0] if len(layers) == 1 and layers[0].dim() == 4 else layers)
+    B, T, C = src.B, src.T, src.C
+    lnorm = None if layer_norm == "none" else layer_norm
+    fnorm = None if final_norm == "none" else final_norm
+    dev = src.ref.device
+    check_device(_targets_time_kernel, src.ref)
+    for what, m in (("padding_mask", padding_mask), ("mask", mask)):
+        if m is not None and (tuple(m.shape) != (B, T) or m.dtype != torch.bool):
+            raise ValueError(f"build_targets: {what} is {tuple(m.shape)} {m.dtype}, expected ({B}, {T}) torch.bool")
+    pad = None if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
+    time_axis = lnorm == "instance" or fnorm == "instance"
+    if time_axis and T > MAX_T:
+        raise NotImplementedError(f"build_targets: instance norm over T={T} > {MAX_T} positions is not "
+                                  f"implemented in d2v_fast/kernels/targets.py; use the torch path "
+                                  f"(D2V_KERNELS=torch or d2v_fast.ops.set_kernels('torch'))")
+
+    pos = idx = None
+    if mask is not None:
+        m = mask.reshape(-1)
+        if fnorm == "instance" or (lnorm == "instance" and fnorm is None):  # the time kernel writes the rows
+            csum = torch.cumsum(m, 0, dtype=torch.int32)
+            pos = (csum - 1).masked_fill_(~m, -1)
+            n = int(csum[-1]) if m.numel() else 0  # rows to allocate: one sync, as y[mask]
+        else:
+            idx = m.nonzero().squeeze(1).to(torch.int32)
+            n = idx.numel()
+        out = torch.empty(n, C, device=dev, dtype=torch.float32)
+    else:
+        out = torch.empty(B, T, C, device=dev, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+
+    if lnorm in (None, "layer") and fnorm in (None, "layer"):
+        _run_token(src, pad, idx, out, lnorm == "layer", fnorm == "layer", eps)
+    elif lnorm in (None, "instance") and fnorm in (None, "instance"):
+        _run_time(src, pad, pos, out, lnorm == "instance", fnorm == "instance", eps)
+    elif lnorm == "instance":  # final layer norm: instance-normalised mean first, then per row
+        mid = torch.empty(B, T, C, device=dev, dtype=torch.float32)
+        _run_time(src, pad, None, mid, True, False, eps)
+        _run_token(_Layers([mid]), pad, idx, out, False, True, eps)
+    else:  # per-layer layer norm, final instance norm
+        mid = torch.empty(B, T, C, device=dev, dtype=torch.float32)
+        _run_token(src, pad, None, mid, True, False, eps)
+        _run_time(_Layers([mid]), pad, pos, out, True, False, eps)
+    return out
+
+
+@torch.library.custom_op("d2v_fast::build_targets", mutates_args=())
+def build_targets_op(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                     layer_norm: str, final_norm: str, eps: float) -> torch.Tensor:
+    return _targets(layers, padding_mask, mask, layer_norm, final_norm, eps)
+
+
+@build_targets_op.register_fake
+def _(layers, padding_mask, mask, layer_norm, final_norm, eps):
+    x = layers[0]
+    C = x.shape[-1]
+    if mask is None:
+        return x.new_empty(*x.shape[-3:], dtype=torch.float32)
+    return x.new_empty(torch.library.get_ctx().new_dynamic_size(), C, dtype=torch.float32)
+
+
+def _norm_name(kind: Optional[str], what: str) -> str:
+    if kind not in NORMS:
+        raise ValueError(f"build_targets: {what}={kind!r}, expected one of {NORMS}")
+    return "none" if kind is None else kind
+
+
+def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
+                  mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
+                  final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
+    """Fused data2vec targets; same contract as ``d2v_fast.reference.ops.build_targets``."""
+    layers = [layers] if isinstance(layers, torch.Tensor) else list(layers)
+    with torch.no_grad():
+        return build_targets_op(layers, padding_mask, mask, _norm_name(layer_norm, "layer_norm"),
+                                _norm_name(final_norm, "final_norm"), float(eps))

@@ -1,0 +1,112 @@
+"""Eager twins of the fused kernels in ``d2v_fast/kernels`` (SPEC §3): the same functions with
+the same signatures, in plain vectorised PyTorch (whole batch, all K layers at once).
+
+They define the semantics, are the correctness oracle of the kernels, the baseline of
+``benchmarks/test_kernels.py``, and the torch side of ``d2v_fast.ops`` (what runs on CPU,
+or anywhere with ``D2V_KERNELS=torch``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+NORMS = (None, "instance", "layer")
+
+
+def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, in row-major order: ``[N, C]``."""
+    return x[mask]
+
+
+def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse of masked_gather: ``rows[N, C]`` at the true positions of ``mask[B, T]``, ``fill``
+    (a ``[C]`` vector or a ``[B, T, C]`` tensor; None = zeros) at the others; ``rows.dtype``."""
+    shape = (*mask.shape, rows.shape[-1])
+    out = rows.new_zeros(shape) if fill is None else fill.to(rows.dtype).expand(shape).clone()
+    out[mask] = rows
+    return out
+
+
+def _instance_norm(y: torch.Tensor, padding_mask: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """Normalise over time (dim -2) per sample and channel; padded positions are left out of
+    the statistics (biased variance, as F.instance_norm). A row with one real position
+    normalises to 0; a fully padded row divides by max(n, 1), so it stays finite."""
+    if padding_mask is None:
+        mean = y.mean(dim=-2, keepdim=True)
+        var = (y - mean).square().mean(dim=-2, keepdim=True)
+    else:
+        w = (~padding_mask).to(y.dtype).unsqueeze(-1)  # [B, T, 1], broadcasts over K
+        n = w.sum(dim=-2, keepdim=True).clamp_min(1.0)
+        mean = (y * w).sum(dim=-2, keepdim=True) / n
+        var = ((y - mean).square() * w).sum(dim=-2, keepdim=True) / n
+    return (y - mean) * torch.rsqrt(var + eps)
+
+
+def _norm(y: torch.Tensor, kind: Optional[str], padding_mask, eps: float) -> torch.Tensor:
+    if kind is None:
+        return y
+    if kind == "instance":
+        return _instance_norm(y, padding_mask, eps)
+    if kind == "layer":
+        return F.layer_norm(y, y.shape[-1:], eps=eps)
+    raise ValueError(f"build_targets: norm {kind!r}, expected one of {NORMS}")
+
+
+@torch.no_grad()
+def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
+                  mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
+                  final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
+    """data2vec targets (SPEC §1 step 3): per-layer norm of each of the K layer outputs
+    (``[K, B, T, C]`` or a list of K ``[B, T, C]``), their mean, an optional final norm; fp32
+    ``[B, T, C]``, or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0."""
+    for kind, what in ((layer_norm, "layer_norm"), (final_norm, "final_norm")):
+        if kind not in NORMS:
+            raise ValueError(f"build_targets: {what}={kind!r}, expected one of {NORMS}")
+    y = layers if isinstance(layers, torch.Tensor) else torch.stack(list(layers))
+    y = _norm(y.float(), layer_norm, padding_mask, eps).mean(dim=0)
+    y = _norm(y, final_norm, padding_mask, eps)
+    if padding_mask is not None:
+        y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+    return y if mask is None else y[mask]
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, scale: Optional[float] = None,
+                    reduction: str = "sum") -> torch.Tensor:
+    """Smooth L1 with ``beta`` (``0.5*d^2/beta`` if ``|d| < beta`` else ``|d| - 0.5*beta``; MSE
+    ``d^2`` when ``beta == 0``) summed over features, times ``scale`` (``1/sqrt(C)`` when
+    None); ``reduction`` 'sum' (a scalar) or 'none' (per row). fp32; no gradient to target."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"regression_loss: reduction={reduction!r}, expected 'sum' or 'none'")
+    d = pred.float() - target.detach().float()
+    if beta == 0:
+        per = d.square()
+    else:
+        ad = d.abs()
+        per = torch.where(ad < beta, 0.5 * d.square() / beta, ad - 0.5 * beta)
+    per = per.sum(dim=-1) * (1.0 / math.sqrt(pred.shape[-1]) if scale is None else scale)
+    return per.sum() if reduction == "sum" else per
+
+
+def _tensor_list(params: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+@torch.no_grad()
+def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.Tensor | Iterable[torch.Tensor],
+                decay: float | torch.Tensor) -> None:
+    """``teacher = decay * teacher + (1 - decay) * student`` in place, over flat buffers or
+    whole tensor lists (``torch._foreach``); ``decay`` a float or a 0-dim tensor."""
+    teacher, student = _tensor_list(teacher), _tensor_list(student)
+    if len(teacher) != len(student):
+        raise ValueError(f"ema_update_: {len(teacher)} teacher tensors but {len(student)} student tensors")
+    # A bf16 student is widened first, so that (1 - decay) * student is rounded in fp32.
+    student = [s.detach().to(t.dtype) for t, s in zip(teacher, student)]
+    if isinstance(decay, torch.Tensor):
+        torch._foreach_mul_(teacher, decay)
+        torch._foreach_add_(teacher, torch._foreach_mul(student, 1 - decay))
+    else:
+        torch._foreach_mul_(teacher, decay)
+        torch._foreach_add_(teacher, student, alpha=1 - decay)

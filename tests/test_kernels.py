@@ -1,0 +1,525 @@
+"""The fused kernels (d2v_fast/kernels) against their eager twins (d2v_fast/reference/ops.py)
+and against an independent float64 recomputation written here, forward and backward.
+
+On CPU the Triton side runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
+before anything imports triton), in fp32 and at small, awkward shapes. The interpreter also
+handles bf16 loads and stores, so the EMA test uses a real bf16 student. The `gpu` tests
+need CUDA and compiled kernels:
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py -m gpu
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2v_fast import kernels, ops
+from d2v_fast.kernels import ema as kema
+from d2v_fast.kernels import gather as kgather
+from d2v_fast.kernels import loss as kloss
+from d2v_fast.kernels import targets as ktargets
+from d2v_fast.reference import ops as twin
+
+INTERPRETED = kernels.is_interpreted(kgather._move_rows_kernel)
+cpu_triton = pytest.mark.skipif(not (kernels.AVAILABLE and INTERPRETED),
+                                reason="the Triton side on CPU needs triton and TRITON_INTERPRET=1 before import")
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED or not kernels.AVAILABLE,
+    reason="needs CUDA and triton, with the kernels compiled (run with TRITON_INTERPRET=0)")
+
+NORM_COMBOS = list(itertools.product([None, "instance", "layer"], repeat=2))
+
+
+@pytest.fixture
+def poisoned():
+    """torch.empty & co. return NaN-filled memory, so an element a kernel forgot to write
+    shows up as NaN."""
+    old_mode = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@pytest.fixture
+def triton_side(poisoned):
+    ops.set_kernels("triton")
+    yield
+    ops.set_kernels("auto")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol=1e-5, rtol=1e-5):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all(), "non-finite (unwritten?) elements"
+    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol)
+
+
+def random_mask(B, T, p=0.4):
+    """Row 0 all true, row 1 (when B > 1) all false, the rest random."""
+    m = torch.rand(B, T) < p
+    m[0] = True
+    if B > 1:
+        m[1] = False
+    return m
+
+
+# ----------------------------------------------------------------------------- gather / scatter
+GATHER_SHAPES = [(1, 1, 1), (3, 7, 17), (2, 13, 33), (4, 1, 5), (2, 5, 300)]
+
+
+def gather_loops(x, mask):
+    B, T, _ = x.shape
+    rows = [x[b, t] for b in range(B) for t in range(T) if mask[b, t]]
+    return torch.stack(rows) if rows else x.new_zeros(0, x.shape[-1])
+
+
+def scatter_loops(rows, mask, fill):
+    B, T = mask.shape
+    C = rows.shape[-1]
+    out = torch.zeros(B, T, C, dtype=torch.float64)
+    i = 0
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                out[b, t] = rows[i]
+                i += 1
+            elif fill is not None:
+                out[b, t] = fill if fill.dim() == 1 else fill[b, t]
+    return out
+
+
+@cpu_triton
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["mixed", "all", "none"])
+def test_masked_gather(triton_side, shape, kind):
+    B, T, C = shape
+    mask = {"mixed": random_mask(B, T), "all": torch.ones(B, T, dtype=torch.bool),
+            "none": torch.zeros(B, T, dtype=torch.bool)}[kind]
+    x = torch.randn(B, T, C, requires_grad=True)
+    out, ref = ops.masked_gather(x, mask), twin.masked_gather(x, mask)
+    close(out, gather_loops(x.detach().double(), mask), atol=0, rtol=0)
+    close(out, ref, atol=0, rtol=0)
+    g = torch.randn_like(out)
+    (gx,), (gr,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g)
+    want = scatter_loops(g.double(), mask, None)
+    close(gx, want, atol=0, rtol=0)
+    close(gr, want, atol=0, rtol=0)
+
+
+@cpu_triton
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fill_kind", ["vector", "full", "zeros"])
+def test_masked_scatter(triton_side, shape, fill_kind):
+    B, T, C = shape
+    mask = random_mask(B, T)
+    rows = torch.randn(int(mask.sum()), C, requires_grad=True)
+    fill = {"vector": lambda: torch.randn(C, requires_grad=True),
+            "full": lambda: torch.randn(B, T, C, requires_grad=True), "zeros": lambda: None}[fill_kind]()
+    out, ref = ops.masked_scatter(rows, mask, fill), twin.masked_scatter(rows, mask, fill)
+    want = scatter_loops(rows.detach().double(), mask, None if fill is None else fill.detach().double())
+    close(out, want, atol=0, rtol=0)
+    close(ref, want, atol=0, rtol=0)
+    g = torch.randn(B, T, C)
+    inputs = [rows] if fill is None else [rows, fill]
+    grads, grads_ref = torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)
+    want = [gather_loops(g.double(), mask)]
+    if fill is not None:
+        masked_out = g.double().masked_fill(mask[..., None], 0)
+        want.append(masked_out.sum(dim=(0, 1)) if fill.dim() == 1 else masked_out)
+    for a, r, w in zip(grads, grads_ref, want):
+        close(a, w, atol=1e-6 if fill_kind == "vector" else 0, rtol=1e-6)
+        close(r, w, atol=1e-6 if fill_kind == "vector" else 0, rtol=1e-6)
+
+
+@cpu_triton
+def test_masked_scatter_checks_row_count(triton_side):
+    mask = random_mask(2, 5)
+    with pytest.raises(RuntimeError, match="mask.sum"):
+        ops.masked_scatter(torch.randn(int(mask.sum()) + 1, 3), mask, torch.zeros(3))
+    with pytest.raises(ValueError, match="mask.shape"):
+        ops.masked_gather(torch.randn(2, 5, 3), mask[:, :4])
+
+
+# ----------------------------------------------------------------------------- targets
+def targets_f64(x, pad, mask, layer_norm, final_norm, eps=1e-5):
+    """Sample by sample, in float64: F.instance_norm on the real positions, F.layer_norm."""
+    x = x.double()
+    K, B, T, C = x.shape
+    out = torch.zeros(B, T, C, dtype=torch.float64)
+
+    def norm(y, kind, keep):  # y [T_real, C]
+        if kind == "instance":
+            if y.shape[0] <= 1:
+                return torch.zeros_like(y)
+            return F.instance_norm(y.t()[None], eps=eps)[0].t()
+        if kind == "layer":
+            return F.layer_norm(y, (C,), eps=eps)
+        return y
+
+    for b in range(B):
+        keep = torch.ones(T, dtype=torch.bool) if pad is None else ~pad[b]
+        if not keep.any():
+            continue
+        y = sum(norm(x[k, b, keep], layer_norm, keep) for k in range(K)) / K
+        out[b, keep] = norm(y, final_norm, keep)
+    return out if mask is None else out[mask]
+
+
+def targets_case(K, B, T, C, padded: bool):
+    x = torch.randn(K, B, T, C) * 2 + torch.randn(K, 1, 1, C)  # an offset per channel
+    pad = None
+    if padded:
+        pad = torch.rand(B, T) < 0.3
+        pad[0] = False  # no padding
+        if B > 1:
+            pad[1] = True  # fully padded
+        if B > 2:
+            pad[2] = True
+            pad[2, T // 2] = False  # one real position
+    mask = random_mask(B, T, 0.5)
+    if pad is not None:
+        mask &= ~pad
+    return x, pad, mask
+
+
+@cpu_triton
+@pytest.mark.parametrize("layer_norm,final_norm", NORM_COMBOS, ids=lambda v: str(v))
+def test_build_targets_norm_combinations(triton_side, layer_norm, final_norm):
+    x, pad, mask = targets_case(3, 4, 9, 17, padded=True)
+    for stacked, m, p in itertools.product([True, False], [None, mask], [None, pad]):
+        kw = dict(padding_mask=p, mask=m, layer_norm=layer_norm, final_norm=final_norm)
+        out = ops.build_targets(x if stacked else list(x), **kw)
+        want = targets_f64(x, p, m, layer_norm, final_norm)
+        close(out, want, atol=2e-5, rtol=1e-5)
+        close(twin.build_targets(x, **kw), want, atol=2e-5, rtol=1e-5)
+        assert out.dtype == torch.float32 and not out.requires_grad
+
+
+@cpu_triton
+@pytest.mark.parametrize("K,B,T,C", [(1, 1, 1, 5), (3, 3, 7, 17), (2, 3, 13, 33), (1, 2, 16, 8), (3, 1, 40, 3)])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_build_targets_shapes(triton_side, K, B, T, C, padded):
+    x, pad, mask = targets_case(K, B, T, C, padded)
+    for layer_norm, final_norm in [("instance", None), ("layer", "instance")]:
+        for m in (None, mask):
+            kw = dict(padding_mask=pad, mask=m, layer_norm=layer_norm, final_norm=final_norm)
+            out = ops.build_targets(list(x), **kw)
+            close(out, targets_f64(x, pad, m, layer_norm, final_norm), atol=2e-5, rtol=1e-5)
+
+
+@cpu_triton
+def test_build_targets_more_layers_than_pointer_arguments(triton_side):
+    x, pad, mask = targets_case(ktargets.MAX_LIST_LAYERS + 2, 2, 5, 6, padded=True)
+    close(ops.build_targets(list(x), padding_mask=pad, mask=mask), targets_f64(x, pad, mask, "instance", None),
+          atol=2e-5, rtol=1e-5)
+
+
+@cpu_triton
+def test_build_targets_strided_layers_and_errors(triton_side):
+    big = torch.randn(3, 6, 20)  # layers as views with a row stride of 20 and an offset
+    layers = [big[:, :, 2:13] * 1.0, big[:, :, 5:16], big[:, :, 1:12]]
+    want = targets_f64(torch.stack(layers), None, None, "instance", "layer")
+    close(ops.build_targets(layers, final_norm="layer"), want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer_norm"):
+        ops.build_targets(layers, layer_norm="batch")
+    with pytest.raises(ValueError, match="mask"):
+        ops.build_targets(layers, mask=torch.ones(3, 5, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- loss
+def loss_f64(pred, target, beta, scale):
+    p, t = pred.detach().double().requires_grad_(), target.double()
+    per = F.mse_loss(p, t, reduction="none") if beta == 0 else F.smooth_l1_loss(p, t, reduction="none", beta=beta)
+    rows = per.sum(-1) * (1 / math.sqrt(p.shape[-1]) if scale is None else scale)
+    return rows, p
+
+
+@cpu_triton
+@pytest.mark.parametrize("beta", [0.0, 1.0, 4.0])
+@pytest.mark.parametrize("scale", [None, 0.5])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_regression_loss(triton_side, beta, scale, reduction):
+    for N, C in [(1, 1), (13, 17), (7, 33), (5, 1500)]:
+        pred = (torch.randn(N, C) * 3).requires_grad_()  # both smooth-L1 branches
+        target = torch.randn(N, C)
+        out = ops.regression_loss(pred, target, beta=beta, scale=scale, reduction=reduction)
+        ref = twin.regression_loss(pred, target, beta=beta, scale=scale, reduction=reduction)
+        rows, p64 = loss_f64(pred, target, beta, scale)
+        want = rows.sum() if reduction == "sum" else rows
+        close(out, want, atol=1e-4, rtol=1e-5)
+        close(ref, want, atol=1e-4, rtol=1e-5)
+        g = torch.randn_like(out)
+        (gp,), (gr,) = torch.autograd.grad(out, pred, g), torch.autograd.grad(ref, pred, g)
+        (gw,) = torch.autograd.grad(want, p64, g.double())
+        close(gp, gw, atol=1e-6, rtol=1e-5)
+        close(gr, gw, atol=1e-6, rtol=1e-5)
+
+
+@cpu_triton
+def test_regression_loss_keeps_only_the_gradient_buffer(triton_side):
+    pred, target = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = ops.regression_loss(pred, target, beta=1.0)
+    assert [tuple(t.shape) for t in saved] == [(6, 10)] and saved[0].dtype == pred.dtype
+    assert not any(t.data_ptr() in (pred.data_ptr(), target.data_ptr()) for t in saved)
+    loss.backward()
+    assert target.grad is None and pred.grad is not None
+    with torch.no_grad():  # no gradient buffer at all
+        close(ops.regression_loss(pred, target, beta=1.0), loss.detach())
+
+
+# ----------------------------------------------------------------------------- EMA
+def ema_f64(t, s, d):
+    return d * t.double() + (1 - d) * s.double()
+
+
+@cpu_triton
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay_kind", ["float", "tensor"])
+def test_ema_update_flat_and_lists(triton_side, student_dtype, decay_kind, monkeypatch):
+    calls = []
+    for name in ("_launch_flat", "_tables"):
+        fn = getattr(kema, name)
+        monkeypatch.setattr(kema, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    decay = 0.9 if decay_kind == "float" else torch.tensor(0.75)
+    d = float(decay)
+    shapes = [(5, 3), (7,), (4097,), (1,), (2, 3, 2)]
+
+    # (a) two flat buffers
+    t, s = torch.randn(9001), torch.randn(9001).to(student_dtype)
+    want = ema_f64(t, s, d)
+    t2 = t.clone()
+    ops.ema_update_(t, s, decay)
+    twin.ema_update_(t2, s, decay)
+    close(t, want, atol=1e-6, rtol=1e-6)
+    close(t2, want, atol=1e-6, rtol=1e-6)
+    assert calls == ["_launch_flat"]
+
+    # (b) lists that are not views of one buffer: the multi-tensor kernel
+    calls.clear()
+    t = [torch.randn(sh) for sh in shapes]
+    s = [torch.randn(sh).to(student_dtype) for sh in shapes]
+    want = [ema_f64(a, b, d) for a, b in zip(t, s)]
+    ops.ema_update_(iter(t), iter(s), decay)  # generators, as module.parameters()
+    for a, w in zip(t, want):
+        close(a, w, atol=1e-6, rtol=1e-6)
+    assert calls == ["_tables"]
+
+    # (c) parameter lists laid out by flatten_params_: recognised as flat
+    calls.clear()
+    teacher = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    student = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)).to(student_dtype)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    flat = ops.flatten_params_(teacher)
+    ops.flatten_params_(student)
+    assert flat.numel() == sum(p.numel() for p in teacher.parameters())
+    assert all(p.data_ptr() >= flat.data_ptr() for p in teacher.parameters())
+    for p, b in zip(teacher.parameters(), before):
+        close(p.detach(), b, atol=0, rtol=0)
+    ops.ema_update_(teacher.parameters(), student.parameters(), decay)
+    for p, b, q in zip(teacher.parameters(), before, student.parameters()):
+        close(p.detach(), ema_f64(b, q.detach(), d), atol=1e-6, rtol=1e-6)
+    assert calls == ["_launch_flat"]
+
+
+@cpu_triton
+def test_ema_update_mixed_dtypes_fall_back_to_foreach(triton_side):
+    t = [torch.randn(4), torch.randn(3)]
+    s = [torch.randn(4), torch.randn(3).bfloat16()]
+    want = [ema_f64(a, b, 0.5) for a, b in zip(t, s)]
+    ops.ema_update_(t, s, 0.5)
+    for a, w in zip(t, want):
+        close(a, w, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="2 teacher tensors but 1"):
+        ops.ema_update_(t, s[:1], 0.5)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_dispatch_switch(monkeypatch):
+    x = torch.zeros(2, 3, 4)
+    monkeypatch.delenv("D2V_KERNELS", raising=False)
+    assert ops.kernels_backend(x) == "torch"  # auto on CPU: the twin
+    monkeypatch.setenv("D2V_KERNELS", "triton")
+    assert ops.kernels_backend(x) == "triton"
+    monkeypatch.setenv("D2V_KERNELS", "torch")
+    assert ops.kernels_backend(x) == "torch"
+    try:
+        ops.set_kernels("triton")  # the config field wins over the environment
+        assert ops.kernels_backend(x) == "triton"
+    finally:
+        ops.set_kernels("auto")
+    monkeypatch.setenv("D2V_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="D2V_KERNELS"):
+        ops.kernels_backend(x)
+    with pytest.raises(ValueError, match="set_kernels"):
+        ops.set_kernels("fast")
+
+
+@cpu_triton
+@pytest.mark.parametrize("env", ["torch", "triton", "auto"])
+def test_dispatch_runs_the_chosen_side(env, monkeypatch):
+    monkeypatch.setenv("D2V_KERNELS", env)
+    ran = []
+    for mod, side in ((kgather, "triton"), (twin, "torch")):
+        fn = mod.masked_gather
+        monkeypatch.setattr(mod, "masked_gather", lambda *a, _fn=fn, _s=side: ran.append(_s) or _fn(*a))
+    x, mask = torch.randn(2, 3, 4), random_mask(2, 3)
+    close(ops.masked_gather(x, mask), x[mask], atol=0, rtol=0)
+    assert ran == ["triton" if env == "triton" else "torch"]
+
+
+@cpu_triton
+def test_kernels_compiled_for_gpu_refuse_cpu_tensors(monkeypatch):
+    monkeypatch.setattr(kernels, "is_interpreted", lambda kernel: False)
+    monkeypatch.setenv("D2V_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ops.regression_loss(torch.randn(2, 3), torch.randn(2, 3), beta=1.0)
+
+
+def test_ops_import_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, d2v_fast.ops as ops\n"
+            "x = torch.randn(2, 3, 4); m = torch.tensor([[True, False, True], [False, False, True]])\n"
+            "assert ops.kernels_backend(x) == 'torch' and ops.masked_gather(x, m).shape == (int(m.sum()), 4)\n"
+            "ops.set_kernels('triton')\n"
+            "try:\n    ops.masked_gather(x, m)\nexcept RuntimeError as e:\n    print('ERR', e)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ERR triton is not installed" in res.stdout and "pip install triton" in res.stdout
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@cpu_triton
+def test_ops_compose_with_torch_compile(triton_side):
+    """Dynamo + AOTAutograd trace through the custom ops (fake tensors, autograd formulas,
+    a data-dependent row count); the aot_eager backend keeps it to seconds on CPU (Inductor
+    adds ~20 s of C++ compilation here and tests nothing more about our ops)."""
+    B, T, C = 2, 5, 6
+    layers = torch.randn(3, B, T, C)
+    mask = random_mask(B, T)
+    rows = torch.randn(int(mask.sum()), C, requires_grad=True)
+    fill = torch.randn(C, requires_grad=True)
+
+    def step(rows, fill, layers, mask):
+        targets = ops.build_targets(layers, final_norm="layer")
+        full = ops.masked_scatter(rows, mask, fill)
+        return ops.regression_loss(full, targets, beta=1.0, scale=1.0)
+
+    def masked_targets(layers, mask):
+        return ops.build_targets(layers, mask=mask)
+
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(rows, fill, layers, mask)
+    want = twin.regression_loss(twin.masked_scatter(rows, mask, fill), twin.build_targets(layers, final_norm="layer"),
+                                beta=1.0, scale=1.0)
+    close(got, want, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(got, [rows, fill]), torch.autograd.grad(want, [rows, fill])):
+        close(a, b, atol=1e-6)
+    got = torch.compile(masked_targets, backend="aot_eager", fullgraph=True)(layers, mask)
+    close(got, twin.build_targets(layers, mask=mask), atol=2e-5)
+
+
+@cpu_triton
+def test_opcheck_custom_ops():
+    """Schema, fake-tensor and autograd registration of every custom op."""
+    mask = random_mask(3, 4).reshape(-1)
+    pos = (torch.cumsum(mask, 0, dtype=torch.int32) - 1).masked_fill_(~mask, -1)
+    n = int(mask.sum())
+    x = torch.randn(12, 5, requires_grad=True)
+    rows = torch.randn(n, 5, requires_grad=True)
+    cases = [
+        (kgather.rows_to_compact, (x, pos, n)),
+        (kgather.rows_to_full, (rows, pos, torch.randn(5, requires_grad=True))),
+        (kgather.rows_to_full, (rows, pos, torch.randn(12, 5, requires_grad=True))),
+        (kloss.regression_loss_op, (torch.randn(4, 7, requires_grad=True), torch.randn(4, 7), 1.0, 0.5, True)),
+        (kloss.scale_rows, (torch.randn(4, 7), torch.randn(4))),
+        (ktargets.build_targets_op, ([torch.randn(2, 3, 5, 4)], None, None, "instance", "none", 1e-5)),
+        (kema.ema_update_op, ([torch.randn(4), torch.randn(3)], [torch.randn(4), torch.randn(3)], None, 0.9)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- GPU, bf16
+def bf16_rule(out, ref32, torch_out, atol):
+    """flash-attention's rule: the kernel's error against the fp32 reference is at most twice
+    PyTorch's own error in bf16, plus a small absolute term."""
+    err = (out.double() - ref32.double()).abs().max().item()
+    torch_err = (torch_out.double() - ref32.double()).abs().max().item()
+    assert err <= 2 * torch_err + atol, f"kernel error {err:.3g} > 2 x torch bf16 error {torch_err:.3g} + {atol}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("op", ["gather", "scatter", "targets", "loss", "ema"])
+def test_bf16_on_gpu(op):
+    dev, B, T, C = "cuda", 3, 131, 257
+    mask = random_mask(B, T).to(dev)
+    ops.set_kernels("triton")
+    try:
+        if op == "gather":
+            x = torch.randn(B, T, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            out, ref = ops.masked_gather(x, mask), twin.masked_gather(x, mask)
+            assert torch.equal(out, ref)
+            g = torch.randn_like(out)
+            assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+        elif op == "scatter":
+            rows = torch.randn(int(mask.sum()), C, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            fill = torch.randn(C, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            out, ref = ops.masked_scatter(rows, mask, fill), twin.masked_scatter(rows, mask, fill)
+            assert torch.equal(out, ref)
+            g = torch.randn_like(out)
+            a, b = torch.autograd.grad(out, [rows, fill], g), torch.autograd.grad(ref, [rows, fill], g)
+            assert torch.equal(a[0], b[0])
+            fill_grad32 = g.float().masked_fill(mask[..., None], 0).sum(dim=(0, 1))
+            bf16_rule(a[1], fill_grad32, b[1], 1e-3 * fill_grad32.abs().max().item())
+        elif op == "targets":
+            x = torch.randn(10, B, T, C, device=dev).bfloat16()
+            pad = torch.zeros(B, T, dtype=torch.bool, device=dev)
+            pad[1, T // 2:] = True
+            for ln, fn in NORM_COMBOS:
+                kw = dict(padding_mask=pad, mask=mask & ~pad, layer_norm=ln, final_norm=fn)
+                ref32 = twin.build_targets(x.float(), **kw)
+                bf16_rule(ops.build_targets(list(x), **kw), ref32, twin.build_targets(x, **kw), 1e-4)
+        elif op == "loss":
+            pred32 = torch.randn(4000, 768, device=dev) * 3
+            target = torch.randn(4000, 768, device=dev)
+            for beta in (0.0, 4.0):
+                pred = pred32.bfloat16().requires_grad_()
+                p32 = pred.detach().float().requires_grad_()
+                ref32 = twin.regression_loss(p32, target, beta=beta, reduction="none")
+                for reduction in ("none", "sum"):
+                    out = ops.regression_loss(pred, target, beta=beta, reduction=reduction)
+                    tout = twin.regression_loss(pred, target, beta=beta, reduction=reduction)
+                    r32 = ref32 if reduction == "none" else ref32.sum()
+                    bf16_rule(out, r32, tout, 1e-3 * r32.abs().max().item())
+                    g = torch.randn_like(out)
+                    (gk,), (gt,) = torch.autograd.grad(out, pred, g), torch.autograd.grad(tout, pred, g)
+                    (g32,) = torch.autograd.grad(r32, p32, g, retain_graph=True)
+                    # The gradient buffer is stored in bf16 before the upstream gradient
+                    # scales it: one more rounding than torch, allowed as the absolute term.
+                    bf16_rule(gk, g32, gt, 2 ** -8 * g32.abs().max().item())
+        else:
+            t = torch.randn(1_000_003, device=dev)
+            s = torch.randn(1_000_003, device=dev).bfloat16()
+            decay = torch.tensor(0.999, device=dev)
+            want = ema_f64(t, s, 0.999)
+            t_k, t_t = t.clone(), t.clone()
+            ops.ema_update_(t_k, s, decay)
+            twin.ema_update_(t_t, s, decay)
+            bf16_rule(t_k, want, t_t, 1e-7)
+    finally:
+        ops.set_kernels("auto")
