@@ -129,7 +129,7 @@ def read_checkpoint_meta(path: Path) -> dict:
 RESUMABLE_CHANGES = {
     "train": {"max_steps", "log_every", "ckpt_every", "keep_last", "progress", "out", "max_skipped_steps",
               "collapse_warmup", "min_target_var", "min_pred_var", "device", "micro_batch_size",
-              "parallel", "max_skipped_steps"},
+              "parallel", "max_skipped_steps", "kernels"},
     "data": {"path", "num_workers", "verify"},
 }
 

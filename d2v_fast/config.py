@@ -52,6 +52,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bfloat16 | float32
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per encoder block), with several processes
+    kernels: str = "auto"  # auto (Triton on CUDA, eager twins elsewhere) | triton | torch; D2V_KERNELS overrides auto
     collapse_warmup: int = 1000  # steps before the collapse guard acts
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
@@ -253,3 +254,4 @@ def validate(cfg: Config) -> None:
     need(t.dtype in ("auto", "bfloat16", "float32"), "--train.dtype", t.dtype, "expected auto, bfloat16 or float32")
     need(t.device in ("auto", "cpu", "cuda"), "--train.device", t.device, "expected auto, cpu or cuda")
     need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")
+    need(t.kernels in ("auto", "triton", "torch"), "--train.kernels", t.kernels, "expected auto, triton or torch")

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
+from . import ops
 from .config import Config
 from .data.corpus import Corpus
 from .data.dataset import MaskingConfig, build_dataloader
@@ -107,7 +108,12 @@ class Trainer:
         self.model.train()
         use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.fsdp = self.distributed and t.parallel == "fsdp"
+        ops.set_kernels(t.kernels)
         self.student = self.model.student
+        if not self.fsdp:
+            # Teacher blocks and student blocks each in one flat buffer: the EMA is one launch.
+            ops.flatten_params_(self.model.teacher)
+            ops.flatten_params_(self.model.student.encoder.encoder.layer)
         if self.fsdp:
             self._shard(use_bf16)
         elif self.distributed:

@@ -1,0 +1,226 @@
+"""One full optimizer step, timed: ``python -m d2v_fast.bench``.
+
+    python -m d2v_fast.bench [--config tiny|base|large] [--batch-size B] [--seq-len T]
+                             [--providers d2v_fast,reference,reference+compile] [--steps N] [--warmup N]
+                             [--json PATH] [--section.field VALUE ...]
+
+A step is student forward/backward, teacher forward, targets, loss, optimizer and EMA, on
+synthetic batches (random token ids, real span masks) so no corpus is needed. Providers:
+``d2v_fast`` (the engine's trainer step), ``reference`` (the eager implementation in
+d2v_fast/reference) and ``reference+compile`` (``torch.compile`` of the reference model).
+Prints tokens/s, model TFLOP/s, MFU against the device's dense bf16 peak and peak memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, parse_args
+from .data.dataset import MaskingConfig
+from .errors import UsageError, cli_entry
+
+PROVIDERS = ("d2v_fast", "reference", "reference+compile")
+SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+
+
+@dataclasses.dataclass
+class SyntheticCorpus:
+    """Just what the trainer reads off a corpus, for benchmarking without data."""
+
+    vocab_size: int = 50265
+    special_ids: dict = dataclasses.field(default_factory=lambda: dict(SPECIAL))
+    path: Path = Path("<synthetic>")
+    meta: dict = dataclasses.field(default_factory=lambda: {"tokenizer": {"sha256": ""}, "source": {}})
+
+
+def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> dict:
+    """Unpadded ``<s> … </s>`` blocks with span masks, as the MaskCollator makes them."""
+    from .data.dataset import MaskCollator
+
+    g = torch.Generator().manual_seed(seed)
+    T = cfg.data.seq_len
+    items = []
+    for i in range(batch_size):
+        ids = torch.randint(len(SPECIAL), vocab, (T,), generator=g)
+        ids[0], ids[-1] = SPECIAL["bos"], SPECIAL["eos"]
+        items.append({"input_ids": ids, "index": i, "epoch": 0})
+    r = cfg.recipe
+    return MaskCollator(SPECIAL, MaskingConfig("span", r.mask_prob, r.mask_span), seed)(items)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+class EngineStep:
+    def __init__(self, cfg: Config, device: torch.device, vocab: int):
+        from .trainer import Trainer
+
+        self.trainer = Trainer(cfg, SyntheticCorpus(vocab_size=vocab), Path("/tmp/d2v_fast-bench"), device=device)
+        self.trainer.run_dir = Path("/tmp/d2v_fast-bench")
+
+    def __call__(self, batch: dict) -> None:
+        self.trainer.train_step([batch])
+
+
+class ReferenceStep:
+    def __init__(self, cfg: Config, device: torch.device, vocab: int, compile: bool = False):
+        from .reference.data2vec import ReferenceData2Vec
+
+        torch.manual_seed(cfg.train.seed)
+        enc = dataclasses.replace(cfg.model, vocab_size=vocab, pad_id=SPECIAL["pad"])
+        self.model = ReferenceData2Vec(enc, cfg.recipe).to(device).train()
+        self.forward = torch.compile(self.model) if compile else self.model
+        o = cfg.optim
+        params = list(self.model.encoder.parameters()) + list(self.model.regression_head.parameters())
+        self.opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.params, self.clip, self.recipe = params, o.clip_norm, cfg.recipe
+        self.step_no, self.device = 0, device
+        use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def __call__(self, batch: dict) -> None:
+        b = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with self.autocast:
+            loss, n, _, _ = self.forward(b["masked_input_ids"], b["input_ids"], None, b["mask"])
+        (loss / n).backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad()
+        self.model.ema_step(self.recipe.decay_at(self.step_no))
+        self.step_no += 1
+
+
+def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
+    if provider == "d2v_fast":
+        return EngineStep(cfg, device, vocab)
+    if provider == "reference":
+        return ReferenceStep(cfg, device, vocab)
+    if provider == "reference+compile":
+        return ReferenceStep(cfg, device, vocab, compile=True)
+    raise UsageError(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+
+
+def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
+            vocab: int = 50265) -> dict:
+    """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
+    from .trainer import peak_flops
+
+    batch = synthetic_batch(cfg, batch_size, vocab)
+    step = make_step(provider, cfg, device, vocab)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step(batch)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / steps
+        peak_mem = torch.cuda.max_memory_allocated(device)
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        seconds = (time.perf_counter() - t0) / steps
+        peak_mem = None
+    tokens = batch_size * cfg.data.seq_len
+    flops_per_token = flops_per_token_of(cfg)
+    peak = peak_flops(device)
+    row = {"provider": provider, "preset": cfg.preset, "batch_size": batch_size, "seq_len": cfg.data.seq_len,
+           "step_s": seconds, "tokens_per_s": tokens / seconds,
+           "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
+           "model_tflops": tokens / seconds * flops_per_token / 1e12,
+           "mfu": (tokens / seconds * flops_per_token / peak) if peak else None,
+           "peak_memory_gib": peak_mem / 2 ** 30 if peak_mem is not None else None}
+    del step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def flops_per_token_of(cfg: Config) -> float:
+    """Model FLOPs per token of one step (SPEC §3): student fwd+bwd 6N, teacher fwd 2N,
+    attention 12·L·T·C (student) + 4·L·T·C (teacher); N = non-embedding parameters."""
+    m = cfg.model
+    C, L, F, T = m.hidden_size, m.num_layers, m.ffn_size, cfg.data.seq_len
+    n = L * (4 * C * C + 2 * C * F + 9 * C + F)  # q, k, v, o + FFN weights, biases and norms
+    return 8 * n + 16 * L * T * C
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "triton": triton_version, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'provider':<20}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'step ms':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
+        lines.append(f"{r['provider']:<20}{r['tokens_per_s']:>12,.0f}{r['model_tflops']:>10.2f}{mfu:>8}{mem:>10}"
+                     f"{1e3 * r['step_s']:>10.1f}")
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own = {"--providers": "d2v_fast,reference", "--steps": "10", "--warmup": "3", "--json": ""}
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in own and i + 1 < len(argv):
+            own[argv[i]] = argv[i + 1]
+            i += 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    if "--train.progress" not in rest:
+        rest += ["--train.progress", "false"]
+    cfg, _ = parse_args(rest, description=__doc__)
+    try:
+        steps, warmup = int(own["--steps"]), int(own["--warmup"])
+    except ValueError:
+        raise UsageError(f"--steps/--warmup: expected integers, got {own['--steps']!r}/{own['--warmup']!r}") from None
+    if steps < 1 or warmup < 0:
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    device = torch.device("cuda") if torch.cuda.is_available() and cfg.train.device != "cpu" else torch.device("cpu")
+    providers = [p.strip() for p in own["--providers"].split(",") if p.strip()]
+    rows = [measure(p, cfg, device=device, batch_size=cfg.train.batch_size, steps=steps, warmup=warmup)
+            for p in providers]
+    env = environment(device)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | preset {cfg.preset}, "
+          f"batch {cfg.train.batch_size} x {cfg.data.seq_len}")
+    print(format_table(rows))
+    if own["--json"]:
+        Path(own["--json"]).write_text(json.dumps({**env, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
