@@ -12,6 +12,11 @@ minimum bytes / time) and its fraction of this device's measured device-to-devic
 bandwidth (measured once per session). The pytest-benchmark statistics of each row time
 the same call with a synchronize, host side.
 
+The `*_clones` rows are data2vec 2.0 multi-mask (SPEC §1b) at its text-base shape: B=64
+samples, clone_batch 8, T=512, C=768, K=12 layers, exactly int(0.48*T) masked per clone;
+targets at the masked rows of every clone (computed once per sample), the gather of the
+student's kept rows of every clone straight from the un-cloned ``[B, T, C]`` batch.
+
 On CPU the file only exercises itself: a tiny shape with `eager`, and `triton` in Triton's
 interpreter at a very tiny shape (this module sets TRITON_INTERPRET=1 when there is no GPU,
 before anything imports triton). Those numbers say nothing about the GPU.
@@ -45,6 +50,8 @@ CUDA = torch.cuda.is_available() and kernels.AVAILABLE and not kernels.is_interp
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32  # the interpreter computes in fp32 (SPEC §5)
 MASK_PROB = 0.31  # data2vec text v1 span masking masks ~31% of the tokens (SPEC §1a)
+MASK_PROB_V2 = 0.48  # data2vec 2.0: exactly int(0.48 * T) per clone (SPEC §1b)
+CLONES = 8  # data2vec 2.0 clone_batch
 BETA = 4.0
 RESULTS_DIR = Path(__file__).parent / "results"
 RESULTS: list[dict] = []
@@ -57,6 +64,15 @@ def shape_for(provider: str) -> dict:
     if provider == "triton":  # Triton's interpreter: NumPy per program
         return dict(B=2, T=16, C=32, K=2, ffn=64, layers=1)
     return dict(B=4, T=64, C=64, K=3, ffn=256, layers=2)
+
+
+def shape_for_clones(provider: str) -> dict:
+    """data2vec 2.0 text base (SPEC §1b); tiny on the CPU."""
+    if CUDA:
+        return dict(B=64, clones=CLONES, T=512, C=768, K=12)
+    if provider == "triton":
+        return dict(B=2, clones=CLONES, T=16, C=32, K=2)
+    return dict(B=4, clones=CLONES, T=64, C=64, K=3)
 
 
 def roberta_layer_shapes(C: int, ffn: int, layers: int) -> list[tuple[int, ...]]:
@@ -154,6 +170,13 @@ def make_mask(B: int, T: int) -> torch.Tensor:
     return (torch.rand(B, T, generator=g) < MASK_PROB).to(DEVICE)
 
 
+def make_clone_mask(B: int, clones: int, T: int) -> torch.Tensor:
+    """``[B*clones, T]``, exactly ``int(MASK_PROB_V2 * T)`` random positions per row."""
+    g = torch.Generator().manual_seed(0)
+    rank = torch.rand(B * clones, T, generator=g).argsort(dim=1).argsort(dim=1)
+    return (rank < int(MASK_PROB_V2 * T)).to(DEVICE)
+
+
 def randn(*shape, dtype=DTYPE):
     return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
 
@@ -194,6 +217,47 @@ def test_build_targets(benchmark, provider):
     N = int(mask.sum())
     nbytes = K * B * T * C * layers[0].element_size() + N * C * 4
     run(benchmark, "build_targets", provider, lambda: fn(layers, mask=mask), nbytes, s)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_masked_gather_clones(benchmark, provider, direction):
+    """data2vec 2.0 student input: the kept (unmasked, 52%) rows of every clone, gathered
+    from ``x[B, T, C]`` with a ``[B*clones, T]`` mask; ``fwd_bwd`` adds the backward (the
+    clones' gradients summed into ``[B, T, C]``)."""
+    s = shape_for_clones(provider)
+    B, clones, T, C = s["B"], s["clones"], s["T"], s["C"]
+    fn = provider_fn(provider, kgather.masked_gather, twin.masked_gather)
+    keep = ~make_clone_mask(B, clones, T)
+    N = int(keep.sum())
+    used = int(keep.view(B, clones, T).any(dim=1).sum())  # sample rows some clone keeps
+    x = randn(B, T, C)
+    e = x.element_size()
+    if direction == "fwd":
+        call, nbytes = (lambda: fn(x, keep)), (used + N) * C * e  # each used row read once, N written
+    else:
+        x.requires_grad_()
+        grad = randn(N, C)
+
+        def call():
+            return torch.autograd.grad(fn(x, keep), x, grad)
+
+        nbytes = (used + N) * C * e + (N + B * T) * C * e  # + read the N gradient rows, write grad_x
+    run(benchmark, f"masked_gather_clones_{direction}", provider, call, nbytes, s)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_build_targets_clones(benchmark, provider):
+    """data2vec 2.0 text: top-12 layers, instance norm, mean, no final norm, at the masked
+    rows of all 8 clones (targets computed once per sample)."""
+    s = shape_for_clones(provider)
+    K, B, clones, T, C = s["K"], s["B"], s["clones"], s["T"], s["C"]
+    fn = provider_fn(provider, ktargets.build_targets, twin.build_targets)
+    layers = [randn(B, T, C) for _ in range(K)]
+    mask = make_clone_mask(B, clones, T)
+    N = int(mask.sum())
+    nbytes = K * B * T * C * layers[0].element_size() + N * C * 4
+    run(benchmark, "build_targets_clones", provider, lambda: fn(layers, mask=mask), nbytes, s)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

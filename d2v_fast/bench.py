@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from .config import Config, parse_args
-from .data.dataset import MaskingConfig
 from .errors import UsageError, cli_entry
 
 PROVIDERS = ("d2v_fast", "reference", "reference+compile")
@@ -52,8 +51,9 @@ def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> 
         ids = torch.randint(len(SPECIAL), vocab, (T,), generator=g)
         ids[0], ids[-1] = SPECIAL["bos"], SPECIAL["eos"]
         items.append({"input_ids": ids, "index": i, "epoch": 0})
-    r = cfg.recipe
-    return MaskCollator(SPECIAL, MaskingConfig("span", r.mask_prob, r.mask_span), seed)(items)
+    from .trainer import masking_for
+
+    return MaskCollator(SPECIAL, masking_for(cfg.recipe), seed)(items)
 
 
 def device_name(device: torch.device) -> str:
@@ -76,13 +76,15 @@ class EngineStep:
 class ReferenceStep:
     def __init__(self, cfg: Config, device: torch.device, vocab: int, compile: bool = False):
         from .reference.data2vec import ReferenceData2Vec
+        from .reference.data2vec2 import ReferenceData2Vec2
 
         torch.manual_seed(cfg.train.seed)
         enc = dataclasses.replace(cfg.model, vocab_size=vocab, pad_id=SPECIAL["pad"])
-        self.model = ReferenceData2Vec(enc, cfg.recipe).to(device).train()
+        self.v2 = cfg.recipe.name == "data2vec2"
+        self.model = (ReferenceData2Vec2 if self.v2 else ReferenceData2Vec)(enc, cfg.recipe).to(device).train()
         self.forward = torch.compile(self.model) if compile else self.model
         o = cfg.optim
-        params = list(self.model.encoder.parameters()) + list(self.model.regression_head.parameters())
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.params, self.clip, self.recipe = params, o.clip_norm, cfg.recipe
         self.step_no, self.device = 0, device
@@ -92,7 +94,10 @@ class ReferenceStep:
     def __call__(self, batch: dict) -> None:
         b = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with self.autocast:
-            loss, n, _, _ = self.forward(b["masked_input_ids"], b["input_ids"], None, b["mask"])
+            if self.v2:
+                loss, n, _, _ = self.forward(b["input_ids"], None, b["mask"])
+            else:
+                loss, n, _, _ = self.forward(b["masked_input_ids"], b["input_ids"], None, b["mask"])
         (loss / n).backward()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
@@ -115,7 +120,7 @@ def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
 def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
             vocab: int = 50265) -> dict:
     """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
-    from .trainer import peak_flops
+    from .trainer import model_flops_per_token, peak_flops
 
     batch = synthetic_batch(cfg, batch_size, vocab)
     step = make_step(provider, cfg, device, vocab)
@@ -141,7 +146,7 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
         seconds = (time.perf_counter() - t0) / steps
         peak_mem = None
     tokens = batch_size * cfg.data.seq_len
-    flops_per_token = flops_per_token_of(cfg)
+    flops_per_token = model_flops_per_token(cfg)
     peak = peak_flops(device)
     row = {"provider": provider, "preset": cfg.preset, "batch_size": batch_size, "seq_len": cfg.data.seq_len,
            "step_s": seconds, "tokens_per_s": tokens / seconds,
@@ -153,15 +158,6 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
-
-
-def flops_per_token_of(cfg: Config) -> float:
-    """Model FLOPs per token of one step (SPEC §3): student fwd+bwd 6N, teacher fwd 2N,
-    attention 12·L·T·C (student) + 4·L·T·C (teacher); N = non-embedding parameters."""
-    m = cfg.model
-    C, L, F, T = m.hidden_size, m.num_layers, m.ffn_size, cfg.data.seq_len
-    n = L * (4 * C * C + 2 * C * F + 9 * C + F)  # q, k, v, o + FFN weights, biases and norms
-    return 8 * n + 16 * L * T * C
 
 
 def environment(device: torch.device) -> dict:

@@ -87,15 +87,26 @@ class Config:
 SECTIONS = ("model", "recipe", "optim", "data", "train")
 
 
-def preset(name: str) -> Config:
+RECIPES = ("data2vec", "data2vec2")
+
+
+def preset(name: str, recipe: str = "data2vec") -> Config:
     if name not in PRESETS:
         raise UsageError(f"--config {name!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+    if recipe not in RECIPES:
+        raise UsageError(f"--recipe {recipe!r}: unknown recipe; choose one of {', '.join(RECIPES)}")
     cfg = Config(preset=name)
     for k, v in ENCODER_PRESETS[name].items():
         setattr(cfg.model, k, v)
-    for section, values in PRESETS[name].items():
-        for k, v in values.items():
-            setattr(getattr(cfg, section), k, v)
+    layers = [PRESETS[name]]
+    if recipe == "data2vec2":
+        layers += [RECIPE_PRESETS["data2vec2"]["*"], RECIPE_PRESETS["data2vec2"].get(name, {})]
+    for layer in layers:
+        for section, values in layer.items():
+            for k, v in values.items():
+                setattr(getattr(cfg, section), k, v)
+    if recipe == "data2vec2":
+        cfg.recipe.top_k = cfg.model.num_layers  # SPEC §1b: the top 12 of base's 12 layers
     return cfg
 
 
@@ -115,11 +126,31 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+# data2vec 2.0 (SPEC §1b), on top of a size preset.
+RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
+    "data2vec2": {
+        "*": {
+            "recipe": {"name": "data2vec2", "layer_norm": "instance", "final_norm": "none", "loss_beta": 0.0,
+                       "loss_scale": 1.0, "ema_decay": 0.9999, "ema_end_decay": 0.99999,
+                       "ema_anneal_end_step": 100_000, "mask_prob": 0.48, "clones": 8, "decoder_layers": 5,
+                       "decoder_kernel": 9, "mask_noise_std": 0.01, "head_hidden_mult": 2},
+            "optim": {"lr": 2e-4, "warmup_steps": 4000, "clip_norm": 1.0},
+            "train": {"batch_size": 64},
+        },
+        "tiny": {
+            "recipe": {"clones": 4, "decoder_layers": 3, "ema_decay": 0.998, "ema_end_decay": 0.9995,
+                       "ema_anneal_end_step": 300},
+            "optim": {"lr": 1e-3, "warmup_steps": 30},
+            "train": {"batch_size": 16},
+        },
+    },
+}
+
 # Top-level flags that name a config field.
 SHORT_FLAGS = {
     "--data": "data.path", "--out": "train.out", "--max-steps": "train.max_steps",
     "--batch-size": "train.batch_size", "--seq-len": "data.seq_len", "--seed": "train.seed",
-    "--parallel": "train.parallel",
+    "--parallel": "train.parallel", "--recipe": "recipe.name",
 }
 
 
@@ -190,10 +221,11 @@ def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentPa
 
 def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Namespace]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = _Parser(add_help=False)
+    pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="tiny")
+    pre.add_argument("--recipe", "--recipe.name", dest="recipe", default="data2vec")
     known, _ = pre.parse_known_args(argv)
-    cfg = preset(known.config)
+    cfg = preset(known.config, known.recipe)
     args = build_parser(cfg, description).parse_args(argv)
     hints = {f"{s}.{n}": t for s, n, t in _fields()}
     for dotted, text in vars(args).items():
@@ -214,7 +246,13 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UsageError(f"{flag} {value!r}: {fix}")
 
-    need(r.name == "data2vec", "--recipe.name", r.name, "the available recipe is data2vec")
+    need(r.name in RECIPES, "--recipe", r.name, f"expected one of {', '.join(RECIPES)}")
+    need(r.clones >= 1, "--recipe.clones", r.clones, "must be >= 1")
+    need(r.name == "data2vec2" or r.clones == 1, "--recipe.clones", r.clones, "only data2vec2 clones samples")
+    need(r.decoder_layers >= 1, "--recipe.decoder_layers", r.decoder_layers, "must be >= 1")
+    need(r.decoder_kernel >= 1 and r.decoder_kernel % 2 == 1, "--recipe.decoder_kernel", r.decoder_kernel,
+         "must be a positive odd number (same padding)")
+    need(r.mask_noise_std >= 0, "--recipe.mask_noise_std", r.mask_noise_std, "must be >= 0")
     need(o.lr > 0, "--optim.lr", o.lr, "must be > 0")
     need(all(0 <= b < 1 for b in o.betas), "--optim.betas", o.betas, "each must be in [0, 1)")
     need(o.eps > 0, "--optim.eps", o.eps, "must be > 0")

@@ -76,6 +76,30 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
+def model_flops_per_token(cfg) -> float:
+    """Model FLOPs of one training step per input token (SPEC §3), N = non-embedding
+    encoder parameters. data2vec: student fwd+bwd 6N, teacher fwd 2N, attention
+    12·L·T·C (student) + 4·L·T·C (teacher). data2vec2: the teacher as above, the student
+    on clones·(1-p) of the tokens at length (1-p)·T, the conv decoder on every position of
+    every clone and its projection on the masked ones."""
+    m, r = cfg.model, cfg.recipe
+    C, L, F, T = m.hidden_size, m.num_layers, m.ffn_size, cfg.data.seq_len
+    n = L * (4 * C * C + 2 * C * F + 9 * C + F)
+    head = 2 * C * C * max(r.head_hidden_mult, 1) if r.head_hidden_mult > 0 else C * C
+    if r.name != "data2vec2":
+        return 8 * n + 16 * L * T * C
+    keep = 1 - r.mask_prob
+    student = r.clones * keep * (6 * n + 12 * L * keep * T * C)
+    decoder = r.clones * (6 * r.decoder_layers * r.decoder_kernel * C * C + r.mask_prob * 6 * head)
+    return 2 * n + 4 * L * T * C + student + decoder
+
+
+def masking_for(recipe) -> MaskingConfig:
+    if recipe.name == "data2vec2":
+        return MaskingConfig("random", recipe.mask_prob, clones=recipe.clones)
+    return MaskingConfig("span", recipe.mask_prob, recipe.mask_span)
+
+
 def corpus_fingerprint(corpus) -> str:
     """What identifies a corpus's content: its preparation fingerprint and tokenizer checksum."""
     return f"{corpus.meta.get('source', {}).get('fingerprint', '')}:{corpus.meta['tokenizer']['sha256']}"
@@ -134,10 +158,7 @@ class Trainer:
         self.data_problem: str | None = None  # set by the background corpus check
         self._inject_nan = _inject_nan_attempts()
         self._control = None
-        n = self.model.student.encoder.num_params()
-        T, C, L = cfg.data.seq_len, self.enc_cfg.hidden_size, self.enc_cfg.num_layers
-        # student fwd+bwd 6N, teacher fwd 2N, attention 12·L·T·C (student) + 4·L·T·C (teacher)
-        self.flops_per_token = 8 * n + 16 * L * T * C
+        self.flops_per_token = model_flops_per_token(cfg)
         self.peak = peak_flops(self.device)
         self._tb = None
 
@@ -162,7 +183,7 @@ class Trainer:
         t, d, r = self.cfg.train, self.cfg.data, self.cfg.recipe
         return build_dataloader(
             self.corpus, seq_len=d.seq_len, micro_batch_size=self.micro_batch_size,
-            global_batch_size=t.batch_size, masking=MaskingConfig("span", r.mask_prob, r.mask_span),
+            global_batch_size=t.batch_size, masking=masking_for(r),
             block_mode=d.block_mode, seed=t.seed, epoch=self.epoch, start=self.position,
             rank=self.rank, world_size=self.world_size, num_workers=d.num_workers)
 
@@ -204,7 +225,7 @@ class Trainer:
                 sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
             with sync, self.autocast:
                 # student first: under FSDP its root forward unshards the embeddings the teacher shares
-                pred = self.student(mb["masked_input_ids"], pad, mb["mask"])
+                pred = self.student(mb[self.model.student_input], pad, mb["mask"])
                 target = self.model.targets(mb["input_ids"], pad, mb["mask"])
                 if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
                     for layer in self.model.teacher:

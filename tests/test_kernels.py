@@ -151,6 +151,130 @@ def test_masked_scatter_checks_row_count(triton_side):
         ops.masked_gather(torch.randn(2, 5, 3), mask[:, :4])
 
 
+# ----------------------------------------------------------------------------- multi-mask (clones)
+CLONE_SHAPES = [(1, 1, 1), (2, 1, 5), (3, 7, 17), (2, 13, 33), (2, 5, 300)]  # T = 1 and primes, odd C
+
+
+def clone_mask(B, T, clones, kind, p=0.4):
+    """``[B*clones, T]``: for "mixed", row 0 (clone 0 of sample 0) all true, row 1 (its clone 1
+    when clones > 1) all false, the rest random."""
+    if kind == "all":
+        return torch.ones(B * clones, T, dtype=torch.bool)
+    if kind == "none":
+        return torch.zeros(B * clones, T, dtype=torch.bool)
+    return random_mask(B * clones, T, p)
+
+
+class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shapes of every tensor that the ops under it create."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@cpu_triton
+@pytest.mark.parametrize("clones", [1, 2, 3])
+@pytest.mark.parametrize("shape", CLONE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["mixed", "all", "none"])
+def test_masked_gather_clones(triton_side, clones, shape, kind):
+    B, T, C = shape
+    mask = clone_mask(B, T, clones, kind)
+    x = torch.randn(B, T, C, requires_grad=True)
+    out, ref = ops.masked_gather(x, mask), twin.masked_gather(x, mask)
+    x32 = x.detach().clone().requires_grad_()
+    want = x32.repeat_interleave(clones, 0)[mask]  # fp32, with the [B*clones, T, C] copy
+    assert out.shape == (int(mask.sum()), C)
+    close(out, want, atol=0, rtol=0)
+    close(ref, want, atol=0, rtol=0)
+    g = torch.randn_like(out)
+    (gx,), (gr,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g)
+    x64 = x.detach().double().requires_grad_()
+    (gw,) = torch.autograd.grad(x64.repeat_interleave(clones, 0)[mask], x64, g.double())
+    # a sum of `clones` fp32 values: one rounding per add (none for one clone); two terms
+    # round the same in any order, so there the kernel and the twin agree bitwise
+    tol = 0 if clones == 1 else 1e-6
+    close(gx, gw, atol=tol, rtol=tol)
+    close(gr, gw, atol=tol, rtol=tol)
+    if clones <= 2:
+        close(gx, gr, atol=0, rtol=0)
+    (gx2,) = torch.autograd.grad(ops.masked_gather(x, mask), x, g)
+    assert torch.equal(gx, gx2)  # no atomics: bitwise reproducible
+
+
+@cpu_triton
+def test_masked_gather_clones_reads_x_in_place(triton_side):
+    """No [B*clones, T, C] copy of x: the largest tensor made is the [N, C] output (or its
+    gradient [B, T, C]), and the backward is one launch that sums the clones in order."""
+    B, T, C, clones = 2, 7, 5, 3
+    mask = clone_mask(B, T, clones, "mixed", p=0.3)
+    x = torch.randn(B, T, C, requires_grad=True)
+    with Allocations() as alloc:
+        out = ops.masked_gather(x, mask)
+        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert all(math.prod(sh) < B * clones * T * C for sh in alloc.shapes), alloc.shapes
+    close(gx, mask.reshape(B, clones, T).sum(1, dtype=torch.float32)[..., None].expand(B, T, C), atol=0, rtol=0)
+
+
+@cpu_triton
+@pytest.mark.parametrize("clones", [2, 3])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 7, 17), (2, 13, 33)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fill_kind", ["vector", "full", "zeros"])
+def test_masked_scatter_at_clone_shapes(triton_side, clones, shape, fill_kind):
+    """The data2vec 2.0 decoder input: the student's kept rows of every clone scattered back to
+    ``[B*clones, T, C]``; and the round trip from the sample batch through a cloned gather."""
+    B, T, C = shape
+    mask = clone_mask(B, T, clones, "mixed")  # true = kept by the student
+    BC = B * clones
+    fill = {"vector": lambda: torch.randn(C, requires_grad=True),
+            "full": lambda: torch.randn(BC, T, C, requires_grad=True), "zeros": lambda: None}[fill_kind]()
+    x = torch.randn(B, T, C, requires_grad=True)
+    rows = ops.masked_gather(x, mask)
+    out, ref = ops.masked_scatter(rows, mask, fill), twin.masked_scatter(twin.masked_gather(x, mask), mask, fill)
+    assert out.shape == (BC, T, C)
+    x64 = x.detach().double().requires_grad_()
+    f64 = None if fill is None else fill.detach().double().requires_grad_()
+    rows64 = x64.repeat_interleave(clones, 0)[mask]
+    want = scatter_loops(rows64, mask, f64)
+    close(out, want, atol=0, rtol=0)
+    close(ref, want, atol=0, rtol=0)
+    g = torch.randn(BC, T, C)
+    inputs, inputs64 = ([x], [x64]) if fill is None else ([x, fill], [x64, f64])
+    grads, grads_ref = torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)
+    grads64 = torch.autograd.grad(want, inputs64, g.double())
+    for a, r, w in zip(grads, grads_ref, grads64):
+        close(a, w, atol=1e-5, rtol=1e-6)
+        close(r, w, atol=1e-5, rtol=1e-6)
+    # the scatter alone, rows in the cloned space
+    rows = torch.randn(int(mask.sum()), C, requires_grad=True)
+    out = ops.masked_scatter(rows, mask, fill)
+    close(out, scatter_loops(rows.detach().double(), mask, None if fill is None else fill.detach().double()),
+          atol=0, rtol=0)
+    (gr,) = torch.autograd.grad(out, rows, g)
+    close(gr, gather_loops(g.double(), mask), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["triton", "torch"])
+def test_masked_gather_bad_clone_row_count(side, monkeypatch):
+    if side == "triton" and not (kernels.AVAILABLE and INTERPRETED):
+        pytest.skip("the Triton side on CPU needs triton and TRITON_INTERPRET=1 before import")
+    monkeypatch.setenv("D2V_KERNELS", side)
+    x = torch.randn(2, 7, 3)
+    for rows in (0, 1, 3, 5):  # not a multiple of B = 2 (or fewer rows than samples)
+        with pytest.raises(ValueError, match=r"\({}, 7\).*\(2, 7, 3\)".format(rows)):
+            ops.masked_gather(x, torch.ones(rows, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(4, 6\).*\(2, 7, 3\)"):  # clones' T differs
+        ops.masked_gather(x, torch.ones(4, 6, dtype=torch.bool))
+    assert ops.masked_gather(x, torch.ones(6, 7, dtype=torch.bool)).shape == (42, 3)
+
+
 # ----------------------------------------------------------------------------- targets
 def targets_f64(x, pad, mask, layer_norm, final_norm, eps=1e-5):
     """Sample by sample, in float64: F.instance_norm on the real positions, F.layer_norm."""
@@ -235,6 +359,107 @@ def test_build_targets_strided_layers_and_errors(triton_side):
         ops.build_targets(layers, layer_norm="batch")
     with pytest.raises(ValueError, match="mask"):
         ops.build_targets(layers, mask=torch.ones(3, 5, dtype=torch.bool))
+
+
+def clone_targets_case(K, B, T, C, clones, padded: bool):
+    """``x``, a per-sample ``pad [B, T]`` (as targets_case: sample 1 fully padded, sample 2
+    one real position) and a ``[B*clones, T]`` mask: row 0 all true, row 1 all false, the
+    rest random; padded positions left out, except in row 0 (their targets are 0)."""
+    x, pad, _ = targets_case(K, B, T, C, padded)
+    mask = random_mask(B * clones, T, 0.5)
+    if pad is not None:
+        mask[1:] &= ~pad.repeat_interleave(clones, 0)[1:]
+    return x, pad, mask
+
+
+def clone_targets_f64(x, pad, mask, clones, layer_norm, final_norm):
+    """Per-sample float64 targets repeated for the clones, then the cloned mask."""
+    return targets_f64(x, pad, None, layer_norm, final_norm).repeat_interleave(clones, 0)[mask]
+
+
+@cpu_triton
+@pytest.mark.parametrize("layer_norm,final_norm", NORM_COMBOS, ids=lambda v: str(v))
+def test_build_targets_clones_norm_combinations(triton_side, layer_norm, final_norm):
+    clones = 2
+    x, pad, mask = clone_targets_case(3, 4, 9, 17, clones, padded=True)
+    for stacked, p in itertools.product([True, False], [None, pad]):
+        kw = dict(padding_mask=p, mask=mask, layer_norm=layer_norm, final_norm=final_norm)
+        out = ops.build_targets(x if stacked else list(x), **kw)
+        want = clone_targets_f64(x, p, mask, clones, layer_norm, final_norm)
+        assert out.shape == (int(mask.sum()), 17) and out.dtype == torch.float32 and not out.requires_grad
+        close(out, want, atol=2e-5, rtol=1e-5)
+        close(twin.build_targets(x, **kw), want, atol=2e-5, rtol=1e-5)
+
+
+@cpu_triton
+@pytest.mark.parametrize("clones", [1, 2, 3])
+@pytest.mark.parametrize("K,B,T,C", [(1, 1, 1, 5), (2, 2, 1, 6), (3, 3, 7, 17), (2, 3, 13, 33)])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_build_targets_clones(triton_side, clones, K, B, T, C, padded):
+    x, pad, mask = clone_targets_case(K, B, T, C, clones, padded)
+    # the three writers: time kernel, token kernel, token kernel after the time kernel
+    for layer_norm, final_norm in [("instance", None), ("layer", None), ("instance", "layer")]:
+        kw = dict(padding_mask=pad, mask=mask, layer_norm=layer_norm, final_norm=final_norm)
+        want = clone_targets_f64(x, pad, mask, clones, layer_norm, final_norm)
+        close(ops.build_targets(list(x), **kw), want, atol=2e-5, rtol=1e-5)
+        close(twin.build_targets(x, **kw), want, atol=2e-5, rtol=1e-5)
+    for kind in ("all", "none"):
+        m = clone_mask(B, T, clones, kind)
+        want = clone_targets_f64(x, pad, m, clones, "instance", None)
+        close(ops.build_targets(x, padding_mask=pad, mask=m), want, atol=2e-5, rtol=1e-5)
+        close(twin.build_targets(x, padding_mask=pad, mask=m), want, atol=2e-5, rtol=1e-5)
+
+
+class Launches:
+    """Stands in for a kernel: records each launch's grid and meta-parameters."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append((grid, kw))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@cpu_triton
+@pytest.mark.parametrize("layer_norm,final_norm", NORM_COMBOS, ids=lambda v: str(v))
+def test_build_targets_clones_computed_once_per_sample(triton_side, monkeypatch, layer_norm, final_norm):
+    """Programs cover the B samples (time kernel) or the B*T tokens (token kernel), never the
+    clones; no tensor of [B*clones, T, C] elements is made."""
+    K, B, T, C, clones = 2, 3, 5, 6, 3
+    x = torch.randn(K, B, T, C)
+    mask = torch.ones(B * clones, T, dtype=torch.bool)
+    mask[1, 2] = False  # N = B*clones*T - 1: the output itself stays below the bound
+    log = []
+    monkeypatch.setattr(ktargets, "check_device", lambda *a: None)  # it would not recognise the stand-in
+    for name in ("_targets_time_kernel", "_targets_token_kernel"):
+        monkeypatch.setattr(ktargets, name, Launches(getattr(ktargets, name), log))
+    with Allocations() as alloc:
+        out = ops.build_targets(x, mask=mask, layer_norm=layer_norm, final_norm=final_norm)
+    close(out, clone_targets_f64(x, None, mask, clones, layer_norm, final_norm), atol=2e-5, rtol=1e-5)
+    assert all(math.prod(sh) < B * clones * T * C for sh in alloc.shapes), alloc.shapes
+    assert log
+    for grid, kw in log:
+        if "BLOCK_T" in kw:  # time kernel: (channel blocks, samples)
+            assert grid[1] == B
+        else:  # token kernel: blocks of the B*T tokens
+            assert grid[0] == math.ceil(B * T / kw["BLOCK_R"])
+
+
+@pytest.mark.parametrize("side", ["triton", "torch"])
+def test_build_targets_bad_clone_row_count(side, monkeypatch):
+    if side == "triton" and not (kernels.AVAILABLE and INTERPRETED):
+        pytest.skip("the Triton side on CPU needs triton and TRITON_INTERPRET=1 before import")
+    monkeypatch.setenv("D2V_KERNELS", side)
+    x = torch.randn(2, 3, 5, 4)
+    for rows in (0, 2, 4, 7):  # B = 3
+        with pytest.raises(ValueError, match=r"\({}, 5\).*\(3, 5, 4\)".format(rows)):
+            ops.build_targets(x, mask=torch.ones(rows, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(6, 4\).*\(3, 5, 4\)"):
+        ops.build_targets(x, mask=torch.ones(6, 4, dtype=torch.bool))
+    assert ops.build_targets(x, mask=torch.ones(6, 5, dtype=torch.bool)).shape == (30, 4)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -440,6 +665,9 @@ def test_opcheck_custom_ops():
     n = int(mask.sum())
     x = torch.randn(12, 5, requires_grad=True)
     rows = torch.randn(n, 5, requires_grad=True)
+    cmask = random_mask(4, 3).reshape(-1)
+    cpos = (torch.cumsum(cmask, 0, dtype=torch.int32) - 1).masked_fill_(~cmask, -1)
+    cn = int(cmask.sum())
     cases = [
         (kgather.rows_to_compact, (x, pos, n)),
         (kgather.rows_to_full, (rows, pos, torch.randn(5, requires_grad=True))),
@@ -447,6 +675,11 @@ def test_opcheck_custom_ops():
         (kloss.regression_loss_op, (torch.randn(4, 7, requires_grad=True), torch.randn(4, 7), 1.0, 0.5, True)),
         (kloss.scale_rows, (torch.randn(4, 7), torch.randn(4))),
         (ktargets.build_targets_op, ([torch.randn(2, 3, 5, 4)], None, None, "instance", "none", 1e-5)),
+        # multi-mask: x [B*T = 2*3, 5], mask [B*clones = 4, T = 3]
+        (kgather.rows_to_compact, (torch.randn(6, 5, requires_grad=True), cpos, cn, 3, 2)),
+        (kgather.rows_to_full, (torch.randn(cn, 5, requires_grad=True), cpos, None, 3, 2)),
+        (ktargets.build_targets_op, ([torch.randn(2, 2, 3, 4)], None, cmask.view(4, 3), "instance", "none", 1e-5)),
+        (ktargets.build_targets_op, ([torch.randn(2, 2, 3, 4)], None, cmask.view(4, 3), "layer", "layer", 1e-5)),
         (kema.ema_update_op, ([torch.randn(4), torch.randn(3)], [torch.randn(4), torch.randn(3)], None, 0.9)),
     ]
     for op, args in cases:
@@ -464,7 +697,7 @@ def bf16_rule(out, ref32, torch_out, atol):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("op", ["gather", "scatter", "targets", "loss", "ema"])
+@pytest.mark.parametrize("op", ["gather", "gather_clones", "scatter", "targets", "targets_clones", "loss", "ema"])
 def test_bf16_on_gpu(op):
     dev, B, T, C = "cuda", 3, 131, 257
     mask = random_mask(B, T).to(dev)
@@ -476,6 +709,18 @@ def test_bf16_on_gpu(op):
             assert torch.equal(out, ref)
             g = torch.randn_like(out)
             assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+        elif op == "gather_clones":
+            clones = 8
+            cmask = random_mask(B * clones, T, 0.48).to(dev)
+            x = torch.randn(B, T, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            out, ref = ops.masked_gather(x, cmask), twin.masked_gather(x, cmask)
+            assert torch.equal(out, ref)
+            g = torch.randn_like(out)
+            gk, gt = torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0]
+            x32 = x.detach().float().requires_grad_()
+            (g32,) = torch.autograd.grad(x32.repeat_interleave(clones, 0)[cmask], x32, g.float())
+            bf16_rule(gk, g32, gt, 1e-3 * g32.abs().max().item())
+            assert torch.equal(gk, torch.autograd.grad(ops.masked_gather(x, cmask), x, g)[0])  # reproducible
         elif op == "scatter":
             rows = torch.randn(int(mask.sum()), C, device=dev, dtype=torch.bfloat16, requires_grad=True)
             fill = torch.randn(C, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -494,6 +739,17 @@ def test_bf16_on_gpu(op):
                 kw = dict(padding_mask=pad, mask=mask & ~pad, layer_norm=ln, final_norm=fn)
                 ref32 = twin.build_targets(x.float(), **kw)
                 bf16_rule(ops.build_targets(list(x), **kw), ref32, twin.build_targets(x, **kw), 1e-4)
+        elif op == "targets_clones":
+            clones = 8
+            x = torch.randn(12, B, T, C, device=dev).bfloat16()
+            pad = torch.zeros(B, T, dtype=torch.bool, device=dev)
+            pad[1, T // 2:] = True
+            cmask = random_mask(B * clones, T, 0.48).to(dev) & ~pad.repeat_interleave(clones, 0)
+            for ln, fn in NORM_COMBOS:
+                kw = dict(padding_mask=pad, mask=cmask, layer_norm=ln, final_norm=fn)
+                ref32 = twin.build_targets(x.float(), **kw)
+                bf16_rule(ops.build_targets(list(x), **kw), ref32, twin.build_targets(x, **kw), 1e-4)
+                bf16_rule(ops.build_targets(x, **kw), ref32, twin.build_targets(x, **kw), 1e-4)
         elif op == "loss":
             pred32 = torch.randn(4000, 768, device=dev) * 3
             target = torch.randn(4000, 768, device=dev)

@@ -127,7 +127,10 @@ class BlockSampler(Sampler):
 
 @dataclass
 class MaskingConfig:
-    """``span`` = data2vec text masking (SPEC §1a), ``random`` = data2vec 2.0 (§1b)."""
+    """``span`` = data2vec text masking (SPEC §1a): special tokens and padding are never
+    masked. ``random`` = data2vec 2.0 (§1b): exactly ``int(L * mask_prob)`` of the ``L``
+    non-padding positions per clone (so every unpadded row keeps the same number of tokens
+    and the student's input needs no padding mask)."""
 
     kind: str = "span"
     mask_prob: float = 0.35
@@ -157,8 +160,8 @@ class MaskCollator:
         if len(epochs) != 1:
             raise RuntimeError(f"a batch mixes epochs {sorted(epochs)}")
         epoch = epochs.pop()
-        maskable = ~torch.isin(input_ids, self.unmaskable)
         m = self.masking
+        maskable = ~torch.isin(input_ids, self.unmaskable) if m.kind == "span" else input_ids != self.ids["pad"]
         batch = {"input_ids": input_ids, "padding_mask": input_ids == self.ids["pad"],
                  "indices": indices, "epoch": epoch}
         if m.kind == "span":

@@ -63,7 +63,13 @@ def kernels_backend(tensor: torch.Tensor) -> str:
 
 def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, in row-major order: ``[N, C]``.
-    Backward scatters the gradient back (zeros elsewhere). Needs ``N`` on the host (one sync)."""
+    Backward scatters the gradient back (zeros elsewhere). Needs ``N`` on the host (one sync).
+
+    data2vec 2.0 multi-mask: ``mask`` may be ``[clones*B, T]`` (row ``r`` belongs to sample
+    ``r // clones``, the clones of a sample adjacent); each true ``mask[r, t]`` gives
+    ``x[r // clones, t]``, without materialising a cloned ``x``. Backward sums the clones'
+    gradients into ``grad_x[b, t]`` (deterministically on the Triton side). Any other mask
+    row count is a ValueError."""
     if kernels_backend(x) == "triton":
         return _gather.masked_gather(x, mask)
     return _twin.masked_gather(x, mask)
@@ -72,7 +78,9 @@ def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
     """Inverse of masked_gather: ``rows[N, C]`` at the true positions of ``mask[B, T]``, ``fill``
     (``[C]`` or ``[B, T, C]``; None = zeros) elsewhere. Backward gathers the gradient to
-    ``rows``, and to ``fill`` its values at the false positions (summed over them for ``[C]``)."""
+    ``rows``, and to ``fill`` its values at the false positions (summed over them for ``[C]``).
+    With clones (data2vec 2.0) everything here is in the cloned space: ``mask`` is
+    ``[B*clones, T]`` and the result ``[B*clones, T, C]``."""
     if kernels_backend(rows) == "triton":
         return _gather.masked_scatter(rows, mask, fill)
     return _twin.masked_scatter(rows, mask, fill)
@@ -84,7 +92,12 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
     """data2vec targets (SPEC §1 step 3): per-layer norm ("instance" over time per sample and
     channel, padding excluded; "layer" per token; None) of each of the K layer outputs
     (``[K, B, T, C]`` or K ``[B, T, C]``), their mean, an optional final norm; fp32 ``[B, T, C]``
-    or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0. No gradient."""
+    or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0. No gradient.
+
+    ``padding_mask`` is per sample ``[B, T]``; ``mask`` may be ``[B, T]`` or ``[clones*B, T]``
+    (data2vec 2.0 multi-mask, row ``r`` of sample ``r // clones``): then row-major, each true
+    ``mask[r, t]`` gives the target of sample ``r // clones`` at ``t``. The targets are computed
+    once per sample; the Triton side writes them straight to every clone's rows."""
     layers = layers if isinstance(layers, torch.Tensor) else list(layers)
     if not len(layers):
         raise ValueError("build_targets: got no layers (expected K >= 1 tensors [B, T, C] or one [K, B, T, C])")

@@ -1,4 +1,4 @@
-"""Recipe ``data2vec`` (v1, text; SPEC §1, §1a).
+"""Recipe ``data2vec`` (v1, text; SPEC §1, §1a), and what both recipes share.
 
 The student encodes the span-masked input (``<mask>`` tokens) and a regression head maps
 its last layer at the masked positions to the targets. The teacher is an EMA of the
@@ -31,7 +31,11 @@ class RecipeConfig:
     ema_end_decay: float = 0.9999
     ema_anneal_end_step: int = 300_000
     mask_prob: float = 0.35
-    mask_span: int = 4
+    mask_span: int = 4  # data2vec: span length of the span masks
+    clones: int = 1  # data2vec2: masked copies of each sample (the teacher runs once per sample)
+    decoder_layers: int = 5  # data2vec2: conv decoder blocks
+    decoder_kernel: int = 9  # data2vec2: conv kernel width
+    mask_noise_std: float = 0.01  # data2vec2: std of the noise put at masked positions for the decoder
 
     def norm(self, value: str) -> str | None:
         return None if value == "none" else value
@@ -68,10 +72,20 @@ class Student(nn.Module):
 
 
 class Data2Vec(nn.Module):
+    """Student (DDP/FSDP-wrappable), EMA teacher, targets and loss, for both recipes: the
+    recipes differ in the student (``Student`` or ``data2vec2.Student2``) and its input."""
+
     def __init__(self, enc: EncoderConfig, cfg: RecipeConfig):
         super().__init__()
         self.cfg, self.enc_cfg = cfg, enc
-        self.student = Student(enc, cfg)
+        if cfg.name == "data2vec2":
+            from .data2vec2 import Student2
+
+            self.student = Student2(enc, cfg)
+            self.student_input = "input_ids"  # it masks by leaving tokens out
+        else:
+            self.student = Student(enc, cfg)
+            self.student_input = "masked_input_ids"
         self.teacher = copy.deepcopy(self.student.encoder.encoder.layer)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -83,7 +97,8 @@ class Data2Vec(nn.Module):
 
     @torch.no_grad()
     def targets(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """Teacher pass on the unmasked input; fp32 targets ``[N, C]`` at the masked rows."""
+        """Teacher pass on the unmasked input; fp32 targets ``[N, C]`` at the masked rows
+        (of every clone, when ``mask`` has ``clones * B`` rows: one teacher pass per sample)."""
         h = self.student.encoder.embeddings(input_ids)  # shared embeddings, no dropout
         _, ffn = run_layers(self.teacher, h, padding_mask, collect_ffn=True)
         return build_targets(ffn[-self.cfg.top_k:], padding_mask=padding_mask, mask=mask,

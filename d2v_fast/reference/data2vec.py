@@ -55,7 +55,7 @@ class ReferenceData2Vec(nn.Module):
     def _instance_norm(self, x: torch.Tensor, padding_mask) -> torch.Tensor:
         out = torch.zeros_like(x)
         for b in range(x.shape[0]):
-            keep = torch.ones(x.shape[1], dtype=torch.bool) if padding_mask is None else ~padding_mask[b]
+            keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask[b]
             if keep.sum() > 1:  # a single position normalises to 0 (left as zeros)
                 out[b, keep] = F.instance_norm(x[b, keep].t().unsqueeze(0)).squeeze(0).t()
         return out

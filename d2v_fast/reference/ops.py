@@ -16,9 +16,37 @@ import torch.nn.functional as F
 NORMS = (None, "instance", "layer")
 
 
+def mask_clones(x_shape: Sequence[int], mask_shape: Sequence[int], what: str) -> int:
+    """How many clones of each sample a mask holds (data2vec 2.0 multi-mask, SPEC §1b):
+    ``clones`` when ``mask`` is ``[clones*B, T]`` for an input ``[B, T, ...]`` (rows
+    ``b*clones .. b*clones + clones - 1`` belong to sample ``b``), 1 for ``[B, T]``; any other
+    shape is a ValueError naming both."""
+    x_shape, mask_shape = tuple(x_shape), tuple(mask_shape)
+    if len(x_shape) >= 2 and len(mask_shape) == 2 and mask_shape[1] == x_shape[1]:
+        B, rows = x_shape[0], mask_shape[0]
+        if rows == B:
+            return 1
+        if B > 0 and rows > B and rows % B == 0:
+            return rows // B
+    raise ValueError(f"{what}: mask has shape {mask_shape} but the input {x_shape}; expected mask.shape == "
+                     f"[B, T] or [clones*B, T] for an input [B, T, C] (clones an integer >= 1)")
+
+
 def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, in row-major order: ``[N, C]``."""
-    return x[mask]
+    """The rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, in row-major order: ``[N, C]``.
+
+    Multi-mask (data2vec 2.0): ``mask`` may be ``[clones*B, T]``, row ``r`` belonging to sample
+    ``r // clones``; then each true ``mask[r, t]`` (row-major) gives ``x[r // clones, t]``. The
+    index runs on an expanded view (no ``[B*clones, T, C]`` copy of ``x``); its backward sums
+    the clones' gradients into ``grad_x[b, t]``."""
+    if tuple(mask.shape) == tuple(x.shape[:-1]):
+        return x[mask]
+    clones = mask_clones(x.shape, mask.shape, "masked_gather")
+    if x.dim() != 3:
+        raise ValueError(f"masked_gather: a [clones*B, T] mask needs x [B, T, C], got x {tuple(x.shape)} and "
+                         f"mask {tuple(mask.shape)}")
+    B, T, C = x.shape
+    return x.unsqueeze(1).expand(B, clones, T, C)[mask.reshape(B, clones, T)]
 
 
 def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
@@ -61,16 +89,27 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
                   final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
     """data2vec targets (SPEC §1 step 3): per-layer norm of each of the K layer outputs
     (``[K, B, T, C]`` or a list of K ``[B, T, C]``), their mean, an optional final norm; fp32
-    ``[B, T, C]``, or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0."""
+    ``[B, T, C]``, or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0.
+
+    ``padding_mask`` is per sample, ``[B, T]``. ``mask`` may be ``[B, T]`` or, for data2vec 2.0's
+    multi-mask, ``[clones*B, T]`` (row ``r`` belongs to sample ``r // clones``): each true
+    ``mask[r, t]`` (row-major) gives the target of sample ``r // clones`` at ``t``. The targets
+    are computed once per sample and indexed through an expanded view for the clones."""
     for kind, what in ((layer_norm, "layer_norm"), (final_norm, "final_norm")):
         if kind not in NORMS:
             raise ValueError(f"build_targets: {what}={kind!r}, expected one of {NORMS}")
     y = layers if isinstance(layers, torch.Tensor) else torch.stack(list(layers))
+    clones = 1 if mask is None else mask_clones(y.shape[1:], mask.shape, "build_targets")
     y = _norm(y.float(), layer_norm, padding_mask, eps).mean(dim=0)
     y = _norm(y, final_norm, padding_mask, eps)
     if padding_mask is not None:
         y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-    return y if mask is None else y[mask]
+    if mask is None:
+        return y
+    if clones == 1:
+        return y[mask]
+    B, T, C = y.shape
+    return y.unsqueeze(1).expand(B, clones, T, C)[mask.reshape(B, clones, T)]
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, scale: Optional[float] = None,

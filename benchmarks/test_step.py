@@ -1,0 +1,64 @@
+"""One full optimizer step (student fwd/bwd, teacher fwd, targets, loss, AdamW, EMA) for both
+recipes, providers ``d2v_fast``, ``reference`` and ``reference+compile``.
+
+On CUDA: data2vec base and data2vec2 base at T = 512, bf16 autocast, timed with device events;
+on CPU: the tiny preset at a small batch, so CI keeps the file working (``reference+compile``
+only on CUDA: compiling on 2 CPU cores takes minutes). Each benchmark stores tokens/s,
+masked targets/s, model TFLOP/s, MFU and peak memory in extra_info;
+``D2V_BENCH_WRITE=1`` also writes ``benchmarks/results/step-<device>.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2v_fast.bench import PROVIDERS, environment, measure
+from d2v_fast.config import preset
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+RESULTS: list[dict] = []
+
+
+def config_for(recipe: str):
+    if CUDA:
+        cfg = preset("base", recipe)
+        batch = 32 if recipe == "data2vec" else 8  # data2vec2 multiplies by 8 clones
+    else:
+        cfg = preset("tiny", recipe)
+        cfg.data.seq_len = 64
+        batch = 8 if recipe == "data2vec" else 4
+    cfg.data.num_workers, cfg.train.progress = 0, False
+    return cfg, batch
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("recipe", ["data2vec", "data2vec2"])
+def test_step(benchmark, recipe, provider):
+    if provider == "reference+compile" and not CUDA:
+        pytest.skip("reference+compile: CUDA only (torch.compile of the reference takes minutes on 2 CPU cores)")
+    cfg, batch = config_for(recipe)
+    steps, warmup = (20, 5) if CUDA else (3, 1)
+
+    def run():
+        return measure(provider, cfg, device=DEVICE, batch_size=batch, steps=steps, warmup=warmup)
+
+    row = benchmark.pedantic(run, rounds=1, iterations=1)
+    row["recipe"] = recipe
+    benchmark.extra_info.update(row)
+    RESULTS.append(row)
+    assert row["tokens_per_s"] > 0 and row["masked_targets_per_s"] > 0
+
+
+def test_write_results():
+    if os.environ.get("D2V_BENCH_WRITE") != "1" or not RESULTS:
+        pytest.skip("set D2V_BENCH_WRITE=1 (and run the step benchmarks) to write benchmarks/results/")
+    env = environment(DEVICE)
+    name = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower() or DEVICE.type
+    path = Path(__file__).parent / "results" / f"step-{name}.json"
+    path.write_text(json.dumps({**env, "benchmark": "step", "rows": RESULTS}, indent=2) + "\n")

@@ -1,0 +1,94 @@
+"""Eager reference of the ``data2vec2`` recipe (data2vec 2.0, SPEC §1b), written plainly:
+clones made with ``repeat_interleave``, kept tokens taken row by row with boolean indexing,
+the encoder output put back with boolean assignment into the noise tensor, per-layer
+``F.instance_norm`` sample by sample, targets repeated for the clones, ``F.mse_loss``.
+The correctness oracle of the engine's recipe; the engine never imports it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.encoder import Encoder, EncoderConfig, attention_mask
+from ..recipes.data2vec import RecipeConfig, regression_head
+from .data2vec import ReferenceData2Vec
+
+
+class ReferenceData2Vec2(nn.Module):
+    def __init__(self, enc: EncoderConfig, cfg: RecipeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(enc)
+        C = enc.hidden_size
+        self.convs = nn.ModuleList(nn.Conv1d(C, C, cfg.decoder_kernel, padding=cfg.decoder_kernel // 2)
+                                   for _ in range(cfg.decoder_layers))
+        self.proj = regression_head(C, cfg.head_hidden_mult)
+        self.ema = copy.deepcopy(self.encoder.encoder.layer)
+        for p in self.ema.parameters():
+            p.requires_grad = False
+
+    def load_engine_state(self, state: dict) -> None:
+        mine = {}
+        for k, v in state.items():
+            if k.startswith("student.encoder."):
+                mine["encoder." + k[len("student.encoder."):]] = v
+            elif k.startswith("student.decoder.convs."):
+                mine["convs." + k[len("student.decoder.convs."):]] = v
+            elif k.startswith("student.decoder.proj"):
+                mine["proj" + k[len("student.decoder.proj"):]] = v
+            elif k.startswith("teacher."):
+                mine["ema." + k[len("teacher."):]] = v
+        self.load_state_dict(mine)
+
+    ema_step = ReferenceData2Vec.ema_step
+    _instance_norm = ReferenceData2Vec._instance_norm
+
+    def forward(self, tokens, padding_mask, mask):
+        """Returns (summed loss, number of masked positions, target std, prediction std)."""
+        B, T = tokens.shape
+        clones = mask.shape[0] // B
+        x = F.dropout(self.encoder.embeddings(tokens), self.encoder.config.dropout, self.training)
+        x = x.repeat_interleave(clones, 0)
+        pad = padding_mask.repeat_interleave(clones, 0) if padding_mask is not None else torch.zeros_like(mask)
+        keep = ~mask & ~pad
+        rows = [x[r][keep[r]] for r in range(x.shape[0])]
+        k_max = max(len(r) for r in rows)
+        h = x.new_zeros(x.shape[0], k_max, x.shape[-1])
+        kpad = torch.ones(x.shape[0], k_max, dtype=torch.bool, device=x.device)
+        for r, kept in enumerate(rows):
+            h[r, :len(kept)] = kept
+            kpad[r, :len(kept)] = False
+        am = attention_mask(kpad if kpad.any() else None, h)
+        for layer in self.encoder.encoder.layer:
+            h, _ = layer(h, am)
+        noise = torch.randn(x.shape[0], T, x.shape[-1], dtype=h.dtype, device=x.device) * self.cfg.mask_noise_std
+        full = noise.clone()
+        for r in range(x.shape[0]):
+            full[r][keep[r]] = h[r, :int(keep[r].sum())]
+        d = full.transpose(1, 2)
+        for conv in self.convs:
+            d = conv(d)
+            d = F.gelu(F.layer_norm(d.transpose(1, 2), (d.shape[1],), eps=self.encoder.config.layer_norm_eps)
+                       .transpose(1, 2))
+        pred = self.proj(d.transpose(1, 2)[mask])
+
+        with torch.no_grad():
+            self.ema.eval()
+            t = self.encoder.embeddings(tokens)
+            am = attention_mask(padding_mask, t)
+            layer_results = []
+            for layer in self.ema:
+                t, ffn = layer(t, am)
+                layer_results.append(ffn)
+            top = [self._instance_norm(tl.float(), padding_mask) for tl in layer_results[-self.cfg.top_k:]]
+            y = sum(top) / len(top)
+            y = y.repeat_interleave(clones, 0)[mask]
+
+        loss = F.mse_loss(pred.float(), y, reduction="none").sum(dim=-1) * self.cfg.loss_scale
+        sz = pred.shape[-1]
+        target_std = torch.sqrt(y.reshape(-1, sz).var(dim=0) + 1e-6).mean()
+        pred_std = torch.sqrt(pred.detach().float().reshape(-1, sz).var(dim=0) + 1e-6).mean()
+        return loss.sum(), mask.sum(), target_std, pred_std

@@ -1,0 +1,138 @@
+"""Recipe data2vec2 (data2vec 2.0): presets, the unmasked-only student, parity with the
+eager reference under both kernel settings, and the CLI."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2v_fast import ops, pretrain
+from d2v_fast.config import parse_args, preset
+from d2v_fast.data.corpus import open_corpus
+from d2v_fast.recipes import Data2Vec
+from d2v_fast.reference.train import reference_losses
+from d2v_fast.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config", "tiny", "--recipe", "data2vec2", "--seq-len", "32", "--batch-size", "4",
+         "--data.num_workers", "0", "--train.progress", "false", "--train.log_every", "1"]
+
+
+def small_cfg(corpus_path, **train):
+    cfg = preset("tiny", "data2vec2")
+    cfg.data.path, cfg.data.seq_len, cfg.data.num_workers = str(corpus_path), 32, 0
+    cfg.train.batch_size, cfg.train.log_every, cfg.train.progress, cfg.train.ckpt_every = 4, 1, False, 0
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, Path(run_dir, "metrics.jsonl").read_text().splitlines())}
+
+
+def test_base_preset_carries_spec_1b():
+    cfg, _ = parse_args(["--config", "base", "--recipe", "data2vec2"])
+    r, o, t = cfg.recipe, cfg.optim, cfg.train
+    assert (r.name, r.clones, r.mask_prob, r.top_k, r.layer_norm, r.final_norm) == \
+        ("data2vec2", 8, 0.48, 12, "instance", "none")
+    assert (r.loss_beta, r.loss_scale) == (0.0, 1.0)  # MSE, scale 1
+    assert (r.ema_decay, r.ema_end_decay, r.ema_anneal_end_step) == (0.9999, 0.99999, 100_000)
+    assert (r.decoder_layers, r.decoder_kernel, r.head_hidden_mult, r.mask_noise_std) == (5, 9, 2, 0.01)
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps, o.clip_norm) == (2e-4, (0.9, 0.98), 1e-6, 0.01, 4000, 1.0)
+    assert (t.batch_size, cfg.data.seq_len) == (64, 512)
+    with torch.device("meta"):
+        model = Data2Vec(cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 50265}), r)
+    dec = model.student.decoder
+    assert len(dec.convs) == 5 and all(c.kernel_size == (9,) and c.padding == (4,) and c.in_channels == 768
+                                       for c in dec.convs)
+    assert [tuple(l.weight.shape) for l in dec.proj if isinstance(l, torch.nn.Linear)] == [(1536, 768), (768, 1536)]
+    # the default recipe stays data2vec
+    assert parse_args(["--config", "base"])[0].recipe.name == "data2vec"
+
+
+def test_student_encoder_never_sees_a_masked_position(builtin_cache, tmp_path):
+    cfg = small_cfg(builtin_cache)
+    cfg.model.dropout = cfg.model.attention_dropout = 0.0
+    tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+    batch = next(tr.batches())[0]
+    with torch.no_grad():  # the embeddings as the step's forward will see them (dropout is 0)
+        emb = tr.model.student.encoder.embeddings(batch["input_ids"])
+    seen = []
+    layer0 = tr.model.student.encoder.encoder.layer[0]
+    handle = layer0.register_forward_pre_hook(lambda m, args: seen.append((args[0].detach().clone(), args[1])))
+    try:
+        tr.train_step([batch])
+    finally:
+        handle.remove()
+    (h, attn_mask), = seen  # the student's first block ran once (the teacher has its own blocks)
+    B, T = batch["input_ids"].shape
+    clones = cfg.recipe.clones
+    R, n_masked = B * clones, int(T * cfg.recipe.mask_prob)
+    kept = T - n_masked
+    mask = batch["mask"]
+    assert mask.shape == (R, T) and (mask.sum(1) == n_masked).all()
+    assert h.shape == (R, kept, cfg.model.hidden_size) and attn_mask is None  # no mask tokens, no padding
+    for r in range(R):  # row r holds exactly its sample's embeddings at the kept positions, in order
+        torch.testing.assert_close(h[r], emb[r // clones][~mask[r]], rtol=0, atol=0)
+    assert not torch.equal(mask[0], mask[1])  # clones get different masks
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("block_mode", ["pack", "document"])
+def test_engine_matches_reference_for_10_steps(builtin_cache, tmp_path, kernels, block_mode):
+    cfg = small_cfg(builtin_cache, max_steps=10, kernels=kernels)
+    cfg.data.block_mode = block_mode  # 'document' gives padded samples
+    corpus = open_corpus(builtin_cache)
+    try:
+        tr = Trainer(cfg, corpus, tmp_path)
+        assert ops.kernels_backend(torch.zeros(1)) == kernels
+        state = copy.deepcopy(tr.model.state_dict())
+        engine = [r["loss"] for r in tr.fit()]
+    finally:
+        ops.set_kernels("auto")
+    ref = reference_losses(cfg, corpus, 10, engine_state=state)
+    assert len(engine) == len(ref) == 10
+    for step, (a, b) in enumerate(zip(engine, ref), 1):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: engine {a} reference {b}"
+
+
+def _env(cache):
+    env = dict(os.environ, D2V_FAST_CACHE=str(Path(cache).parent), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_cli_loss_falls_resume_and_two_processes(builtin_cache, tmp_path, capsys):
+    args = SMALL + ["--seq-len", "64", "--batch-size", "8", "--optim.total_steps", "60"]
+    out = tmp_path / "run"
+    assert pretrain.main(args + ["--out", str(out), "--max-steps", "60", "--train.log_every", "5"]) == 0
+    l = losses(out)
+    assert l[60] < 0.8 * l[5], l  # the loss falls
+    enc = json.loads((out / "config.json").read_text())
+    assert enc["recipe"]["name"] == "data2vec2"
+    # stop-and-resume is exact
+    part = tmp_path / "part"
+    full = tmp_path / "full"
+    assert pretrain.main(args + ["--out", str(full), "--max-steps", "6"]) == 0
+    assert pretrain.main(args + ["--out", str(part), "--max-steps", "3", "--train.ckpt_every", "3"]) == 0
+    assert pretrain.main(args + ["--out", str(part), "--max-steps", "6"]) == 0
+    assert losses(part) == losses(full)
+    # two processes, dropout 0, against one
+    nodrop = args + ["--model.dropout", "0", "--model.attention_dropout", "0", "--max-steps", "3"]
+    one = subprocess.run([sys.executable, "-m", "d2v_fast.pretrain", *nodrop, "--out", str(tmp_path / "one")],
+                         env=_env(builtin_cache), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "d2v_fast.pretrain", *nodrop, "--out", str(tmp_path / "two")],
+                         env=_env(builtin_cache), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), (s, a[s], b[s])
