@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .files import fsync_dir
+
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -46,14 +48,6 @@ def atomic_torch_save(obj, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:

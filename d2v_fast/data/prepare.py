@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, cli_entry
+from ..files import fsync_dir
 from .corpus import FORMAT, FORMAT_VERSION, META, ShardWriter, read_meta, token_dtype
 from .sources import check_inputs, expand_inputs, iter_documents
 from .tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe
@@ -151,14 +152,6 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- main entry
 def prepare_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = None,
                    documents: Iterable[str] | None = None, source_id: str | None = None,
@@ -267,9 +260,9 @@ def prepare_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, staging / META)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         _publish(staging, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

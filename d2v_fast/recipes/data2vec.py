@@ -48,10 +48,15 @@ class RecipeConfig:
         return self.ema_decay + (self.ema_end_decay - self.ema_decay) * frac
 
 
-def regression_head(dim: int, mult: int) -> nn.Module:
-    if mult <= 0:
-        return nn.Linear(dim, dim)
-    return nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
+def regression_head(dim: int, mult: int, init_std: float = 0.02) -> nn.Module:
+    """Linear(C, mult*C) -> GELU -> Linear(mult*C, C), or one Linear when mult is 0."""
+    head = nn.Linear(dim, dim) if mult <= 0 else \
+        nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=init_std)
+            nn.init.zeros_(m.bias)
+    return head
 
 
 class Student(nn.Module):
@@ -60,11 +65,7 @@ class Student(nn.Module):
     def __init__(self, enc: EncoderConfig, cfg: RecipeConfig):
         super().__init__()
         self.encoder = Encoder(enc)
-        self.head = regression_head(enc.hidden_size, cfg.head_hidden_mult)
-        for m in self.head.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=enc.init_std)
-                nn.init.zeros_(m.bias)
+        self.head = regression_head(enc.hidden_size, cfg.head_hidden_mult, enc.init_std)
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         h, _ = self.encoder.encode(input_ids, padding_mask)

@@ -24,13 +24,16 @@ class Decoder(nn.Module):
     """``layers`` × [Conv1d(C, C, kernel, same padding) → LayerNorm (no affine) → GELU],
     then the projection C → mult·C → C, applied only at the masked rows."""
 
-    def __init__(self, dim: int, layers: int, kernel: int, mult: int, eps: float):
+    def __init__(self, dim: int, layers: int, kernel: int, mult: int, eps: float, init_std: float = 0.02):
         super().__init__()
         from .data2vec import regression_head
 
         self.eps = eps
         self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2) for _ in range(layers))
-        self.proj = regression_head(dim, mult)
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, std=init_std)
+            nn.init.zeros_(conv.bias)
+        self.proj = regression_head(dim, mult, init_std)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = x.transpose(1, 2)  # [R, C, T]
@@ -56,11 +59,7 @@ class Student2(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(enc)
         self.decoder = Decoder(enc.hidden_size, cfg.decoder_layers, cfg.decoder_kernel, cfg.head_hidden_mult,
-                               enc.layer_norm_eps)
-        for m in self.decoder.modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d)):
-                nn.init.normal_(m.weight, std=enc.init_std)
-                nn.init.zeros_(m.bias)
+                               enc.layer_norm_eps, enc.init_std)
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape

@@ -25,11 +25,7 @@ class ReferenceData2Vec(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(enc)
-        self.regression_head = regression_head(enc.hidden_size, cfg.head_hidden_mult)
-        for m in self.regression_head.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=enc.init_std)
-                nn.init.zeros_(m.bias)
+        self.regression_head = regression_head(enc.hidden_size, cfg.head_hidden_mult, enc.init_std)
         self.ema = copy.deepcopy(self.encoder.encoder.layer)
         for p in self.ema.parameters():
             p.requires_grad = False

@@ -45,6 +45,7 @@ class ReferenceData2Vec2(nn.Module):
 
     ema_step = ReferenceData2Vec.ema_step
     _instance_norm = ReferenceData2Vec._instance_norm
+    _norm = ReferenceData2Vec._norm
 
     def forward(self, tokens, padding_mask, mask):
         """Returns (summed loss, number of masked positions, target std, prediction std)."""
@@ -83,8 +84,11 @@ class ReferenceData2Vec2(nn.Module):
             for layer in self.ema:
                 t, ffn = layer(t, am)
                 layer_results.append(ffn)
-            top = [self._instance_norm(tl.float(), padding_mask) for tl in layer_results[-self.cfg.top_k:]]
+            per_layer = None if self.cfg.layer_norm == "none" else self.cfg.layer_norm
+            top = [self._norm(tl.float(), per_layer, padding_mask) for tl in layer_results[-self.cfg.top_k:]]
             y = sum(top) / len(top)
+            final = None if self.cfg.final_norm == "none" else self.cfg.final_norm
+            y = self._norm(y, final, padding_mask)
             y = y.repeat_interleave(clones, 0)[mask]
 
         loss = F.mse_loss(pred.float(), y, reduction="none").sum(dim=-1) * self.cfg.loss_scale
