@@ -55,9 +55,12 @@ def test_step(benchmark, recipe, provider):
     assert row["tokens_per_s"] > 0 and row["masked_targets_per_s"] > 0
 
 
-def test_write_results():
+@pytest.fixture(scope="module", autouse=True)
+def write_results():
+    """After the module: benchmarks/results/step-<device>.json, when D2V_BENCH_WRITE=1."""
+    yield
     if os.environ.get("D2V_BENCH_WRITE") != "1" or not RESULTS:
-        pytest.skip("set D2V_BENCH_WRITE=1 (and run the step benchmarks) to write benchmarks/results/")
+        return
     env = environment(DEVICE)
     name = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower() or DEVICE.type
     path = Path(__file__).parent / "results" / f"step-{name}.json"

@@ -59,7 +59,17 @@ def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"CPU {model} ({os.cpu_count()} cores)"
 
 
 class EngineStep:
