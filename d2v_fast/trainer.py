@@ -134,15 +134,15 @@ class Trainer:
         self.fsdp = self.distributed and t.parallel == "fsdp"
         ops.set_kernels(t.kernels)
         self.student = self.model.student
-        if not self.fsdp:
+        if self.fsdp:
+            self._shard(use_bf16)
+        else:
             # Teacher blocks and student blocks each in one flat buffer: the EMA is one launch.
             ops.flatten_params_(self.model.teacher)
             ops.flatten_params_(self.model.student.encoder.encoder.layer)
-        if self.fsdp:
-            self._shard(use_bf16)
-        elif self.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = DDP(self.model.student, device_ids=ids)
+            if self.distributed:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.student = DDP(self.model.student, device_ids=ids)
         self.optimizer = build_optimizer(self.model.student, cfg.optim, self.device)
         total = cfg.optim.total_steps or t.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -165,8 +165,9 @@ class Trainer:
     def _shard(self, use_bf16: bool) -> None:
         """FSDP2: every encoder block is its own unit (student and teacher alike) and the
         student the root, whose parameters (embeddings, head) stay gathered from its forward
-        to its backward, which is when the teacher borrows the embeddings. Checkpoints gather full state dicts, so they are the same files as
-        with DDP and resume at any world size and either --parallel."""
+        to its backward, which is when the teacher borrows the embeddings. Checkpoints hold
+        full state dicts, the same files as with DDP: they resume at any world size and with
+        either --parallel."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
