@@ -30,16 +30,16 @@ class ReferenceData2Vec(nn.Module):
         for p in self.ema.parameters():
             p.requires_grad = False
 
+    # engine name prefix -> reference name prefix
+    ENGINE_NAMES = {"student.encoder.": "encoder.", "student.head": "regression_head", "teacher.": "ema."}
+
     def load_engine_state(self, state: dict) -> None:
-        """Take the weights of an engine ``Data2Vec`` (student.encoder / student.head / teacher)."""
+        """Take the weights of an engine ``Data2Vec`` (renamed by ``ENGINE_NAMES``)."""
         mine = {}
         for k, v in state.items():
-            if k.startswith("student.encoder."):
-                mine["encoder." + k[len("student.encoder."):]] = v
-            elif k.startswith("student.head"):
-                mine["regression_head" + k[len("student.head"):]] = v
-            elif k.startswith("teacher."):
-                mine["ema." + k[len("teacher."):]] = v
+            prefix = next((p for p in self.ENGINE_NAMES if k.startswith(p)), None)
+            if prefix is not None:
+                mine[self.ENGINE_NAMES[prefix] + k[len(prefix):]] = v
         self.load_state_dict(mine)
 
     @torch.no_grad()

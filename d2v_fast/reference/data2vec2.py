@@ -25,24 +25,14 @@ class ReferenceData2Vec2(nn.Module):
         C = enc.hidden_size
         self.convs = nn.ModuleList(nn.Conv1d(C, C, cfg.decoder_kernel, padding=cfg.decoder_kernel // 2)
                                    for _ in range(cfg.decoder_layers))
-        self.proj = regression_head(C, cfg.head_hidden_mult)
+        self.proj = regression_head(C, cfg.head_hidden_mult, enc.init_std)
         self.ema = copy.deepcopy(self.encoder.encoder.layer)
         for p in self.ema.parameters():
             p.requires_grad = False
 
-    def load_engine_state(self, state: dict) -> None:
-        mine = {}
-        for k, v in state.items():
-            if k.startswith("student.encoder."):
-                mine["encoder." + k[len("student.encoder."):]] = v
-            elif k.startswith("student.decoder.convs."):
-                mine["convs." + k[len("student.decoder.convs."):]] = v
-            elif k.startswith("student.decoder.proj"):
-                mine["proj" + k[len("student.decoder.proj"):]] = v
-            elif k.startswith("teacher."):
-                mine["ema." + k[len("teacher."):]] = v
-        self.load_state_dict(mine)
-
+    ENGINE_NAMES = {"student.encoder.": "encoder.", "student.decoder.convs.": "convs.",
+                    "student.decoder.proj": "proj", "teacher.": "ema."}
+    load_engine_state = ReferenceData2Vec.load_engine_state
     ema_step = ReferenceData2Vec.ema_step
     _instance_norm = ReferenceData2Vec._instance_norm
     _norm = ReferenceData2Vec._norm
