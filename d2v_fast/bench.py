@@ -77,7 +77,6 @@ class EngineStep:
         from .trainer import Trainer
 
         self.trainer = Trainer(cfg, SyntheticCorpus(vocab_size=vocab), Path("/tmp/d2v_fast-bench"), device=device)
-        self.trainer.run_dir = Path("/tmp/d2v_fast-bench")
 
     def __call__(self, batch: dict) -> None:
         self.trainer.train_step([batch])

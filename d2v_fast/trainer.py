@@ -61,7 +61,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -143,7 +143,7 @@ class Trainer:
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)
-        self.optimizer = build_optimizer(self.model.student, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.model.student, cfg.optim)
         total = cfg.optim.total_steps or t.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total))
@@ -157,6 +157,7 @@ class Trainer:
         self.stop_requested = False
         self.data_problem: str | None = None  # set by the background corpus check
         self._inject_nan = _inject_nan_attempts()
+        self._crash_at = _crash_at_step()
         self._control = None
         self.flops_per_token = model_flops_per_token(cfg)
         self.peak = peak_flops(self.device)
@@ -457,9 +458,8 @@ class Trainer:
                             f"before the problem, are saved in {self.run_dir / 'checkpoints'}; lower --optim.lr "
                             f"or check the data, then resume")
                 window_steps += 1
-                crash = _crash_at_step()
-                if crash is not None and self.step == crash:
-                    marker = self.run_dir / f".crashed-at-{crash}"
+                if self._crash_at is not None and self.step == self._crash_at:
+                    marker = self.run_dir / f".crashed-at-{self._crash_at}"
                     if not marker.exists():
                         marker.write_text("")
                         os._exit(17)

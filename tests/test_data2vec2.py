@@ -2,37 +2,23 @@
 eager reference under both kernel settings, and the CLI."""
 import copy
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from d2v_fast import ops, pretrain
-from d2v_fast.config import parse_args, preset
+from d2v_fast.config import parse_args
 from d2v_fast.data.corpus import open_corpus
 from d2v_fast.recipes import Data2Vec
 from d2v_fast.reference.train import reference_losses
 from d2v_fast.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, losses, small_cfg, subprocess_env
+
 SMALL = ["--config", "tiny", "--recipe", "data2vec2", "--seq-len", "32", "--batch-size", "4",
          "--data.num_workers", "0", "--train.progress", "false", "--train.log_every", "1"]
-
-
-def small_cfg(corpus_path, **train):
-    cfg = preset("tiny", "data2vec2")
-    cfg.data.path, cfg.data.seq_len, cfg.data.num_workers = str(corpus_path), 32, 0
-    cfg.train.batch_size, cfg.train.log_every, cfg.train.progress, cfg.train.ckpt_every = 4, 1, False, 0
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, Path(run_dir, "metrics.jsonl").read_text().splitlines())}
 
 
 def test_base_preset_carries_spec_1b():
@@ -56,7 +42,7 @@ def test_base_preset_carries_spec_1b():
 
 
 def test_student_encoder_never_sees_a_masked_position(builtin_cache, tmp_path):
-    cfg = small_cfg(builtin_cache)
+    cfg = small_cfg(builtin_cache, "data2vec2", 32, 4)
     cfg.model.dropout = cfg.model.attention_dropout = 0.0
     tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)
     batch = next(tr.batches())[0]
@@ -85,7 +71,7 @@ def test_student_encoder_never_sees_a_masked_position(builtin_cache, tmp_path):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("block_mode", ["pack", "document"])
 def test_engine_matches_reference_for_10_steps(builtin_cache, tmp_path, kernels, block_mode):
-    cfg = small_cfg(builtin_cache, max_steps=10, kernels=kernels)
+    cfg = small_cfg(builtin_cache, "data2vec2", 32, 4, max_steps=10, kernels=kernels)
     cfg.data.block_mode = block_mode  # 'document' gives padded samples
     corpus = open_corpus(builtin_cache)
     try:
@@ -99,12 +85,6 @@ def test_engine_matches_reference_for_10_steps(builtin_cache, tmp_path, kernels,
     assert len(engine) == len(ref) == 10
     for step, (a, b) in enumerate(zip(engine, ref), 1):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: engine {a} reference {b}"
-
-
-def _env(cache):
-    env = dict(os.environ, D2V_FAST_CACHE=str(Path(cache).parent), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.mark.slow
@@ -126,11 +106,11 @@ def test_cli_loss_falls_resume_and_two_processes(builtin_cache, tmp_path, capsys
     # two processes, dropout 0, against one
     nodrop = args + ["--model.dropout", "0", "--model.attention_dropout", "0", "--max-steps", "3"]
     one = subprocess.run([sys.executable, "-m", "d2v_fast.pretrain", *nodrop, "--out", str(tmp_path / "one")],
-                         env=_env(builtin_cache), capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         env=subprocess_env(builtin_cache), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "d2v_fast.pretrain", *nodrop, "--out", str(tmp_path / "two")],
-                         env=_env(builtin_cache), capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         env=subprocess_env(builtin_cache), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]

@@ -3,7 +3,6 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +11,12 @@ from d2v_fast import export as ex
 from d2v_fast import load_pretrained, pretrain
 from d2v_fast.data.tokenizer import load_tokenizer
 
+from .helpers import ROOT
+
 transformers = pytest.importorskip("transformers", reason="transformers is a dev extra (pip install -e '.[dev]')")
 
 ARGS = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
         "--train.progress", "false", "--train.log_every", "1"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

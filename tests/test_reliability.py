@@ -14,33 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, losses, subprocess_env
+
 SMALL = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
          "--train.progress", "false", "--train.log_every", "1", "--optim.total_steps", "400"]
 NODROP = ["--model.dropout", "0", "--model.attention_dropout", "0"]
-
-
-def env_for(cache, **extra):
-    env = dict(os.environ, D2V_FAST_CACHE=str(Path(cache).parent), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
 
 
 def pretrain(args, cache, *, nproc=None, cwd=None, timeout=300, **extra):
     launcher = [sys.executable, "-m", "d2v_fast.pretrain"] if nproc is None else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
          "-m", "d2v_fast.pretrain"]
-    return subprocess.run(launcher + args, env=env_for(cache, **extra), capture_output=True, text=True,
+    return subprocess.run(launcher + args, env=subprocess_env(cache, **extra), capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT)
-
-
-def losses(run_dir):
-    out = {}
-    for line in Path(run_dir, "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
 
 
 def final_state(run_dir):
@@ -75,7 +61,7 @@ def test_signal_finishes_the_step_checkpoints_and_resume_matches(builtin_cache, 
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "d2v_fast.pretrain", *args, "--out", str(run)],
-                            env=env_for(builtin_cache), stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            env=subprocess_env(builtin_cache), stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and
                                           len((run / "metrics.jsonl").read_text().splitlines()) >= 5):
@@ -97,7 +83,7 @@ def test_second_signal_exits_at_once(builtin_cache, tmp_path):
     slow = ["--config", "tiny", "--batch-size", "64", "--data.num_workers", "0", "--train.progress", "false",
             "--train.log_every", "1"]  # ~1 s per step: the second signal lands inside a step
     proc = subprocess.Popen([sys.executable, "-m", "d2v_fast.pretrain", *slow, "--max-steps", "100000",
-                             "--out", str(run)], env=env_for(builtin_cache), stderr=subprocess.DEVNULL, cwd=ROOT)
+                             "--out", str(run)], env=subprocess_env(builtin_cache), stderr=subprocess.DEVNULL, cwd=ROOT)
     wait_for(run, "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)  # two pending signals of one kind would merge into one
@@ -116,7 +102,7 @@ def test_sigkill_at_random_points_always_resumes(builtin_cache, tmp_path):
     run = tmp_path / "run"
     for trial in range(3):
         proc = subprocess.Popen([sys.executable, "-m", "d2v_fast.pretrain", *args, "--out", str(run)],
-                                env=env_for(builtin_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=subprocess_env(builtin_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 cwd=ROOT)
         wait_for(run / "checkpoints", "*", proc)
         time.sleep(rng.uniform(0.0, 0.6))
@@ -260,7 +246,7 @@ def test_elastic_restart_resumes_automatically(builtin_cache, tmp_path):
     work.mkdir()
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                           "--max-restarts=1", "-m", "d2v_fast.pretrain", *args],
-                         env=env_for(builtin_cache, D2V_FAST_CRASH_AT_STEP="5"), capture_output=True, text=True,
+                         env=subprocess_env(builtin_cache, D2V_FAST_CRASH_AT_STEP="5"), capture_output=True, text=True,
                          timeout=300, cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = [p for p in (work / "runs").iterdir() if not p.name.startswith(".")]
@@ -279,7 +265,7 @@ def test_soak_200_steps_five_kills(builtin_cache, tmp_path):
     targets = sorted(rng.sample(range(5, 195), 5))
     for target in targets:  # each kill lands after step `target`, at a random moment
         proc = subprocess.Popen([sys.executable, "-m", "d2v_fast.pretrain", *args, "--out", str(run)],
-                                env=env_for(builtin_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=subprocess_env(builtin_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 cwd=ROOT)
         metrics = run / "metrics.jsonl"
         deadline = time.time() + 120

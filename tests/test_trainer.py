@@ -9,35 +9,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from d2v_fast import load_pretrained
 from d2v_fast import pretrain
-from d2v_fast.config import Config, parse_args, preset
+from d2v_fast.config import preset
 from d2v_fast.data.corpus import open_corpus
 from d2v_fast.models import Encoder, EncoderConfig
 from d2v_fast.recipes import Data2Vec, RecipeConfig
 from d2v_fast.reference.train import reference_losses
 from d2v_fast.trainer import Trainer, lr_factor
 
+from .helpers import losses, small_cfg, subprocess_env
+
 SMALL = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
          "--train.progress", "false", "--train.log_every", "1"]
-
-
-def small_cfg(corpus_path, **train):
-    cfg = preset("tiny")
-    cfg.data.path, cfg.data.seq_len, cfg.data.num_workers = str(corpus_path), 64, 0
-    cfg.train.batch_size, cfg.train.log_every, cfg.train.progress, cfg.train.ckpt_every = 8, 1, False, 0
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, Path(run_dir, "metrics.jsonl").read_text().splitlines())}
 
 
 # ------------------------------------------------------------------ model and recipe
@@ -222,17 +210,10 @@ def test_rerun_resumes_automatically_and_a_different_config_is_refused(builtin_c
     assert sorted(losses(out)) == [1, 2, 3, 4]  # nothing was overwritten
 
 
-def _env(cache):
-    env = dict(os.environ, D2V_FAST_CACHE=str(Path(cache).parent), PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(builtin_cache, tmp_path):
     args = SMALL + ["--max-steps", "5", "--model.dropout", "0", "--model.attention_dropout", "0"]
-    env = _env(builtin_cache)
+    env = subprocess_env(builtin_cache)
     one = subprocess.run([sys.executable, "-m", "d2v_fast.pretrain", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
@@ -250,7 +231,7 @@ def test_two_processes_match_one(builtin_cache, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(builtin_cache, tmp_path):
-    env = _env(builtin_cache)
+    env = subprocess_env(builtin_cache)
     base = [sys.executable, "-m", "d2v_fast.pretrain", *SMALL, "--max-steps", "30", "--train.ckpt_every", "1"]
     ref = subprocess.run(base + ["--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr

@@ -17,7 +17,6 @@ import os
 import shutil
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 

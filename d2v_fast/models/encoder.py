@@ -7,7 +7,6 @@ padded CUDA batches when that package is importable.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
