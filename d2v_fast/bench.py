@@ -12,7 +12,6 @@ Prints tokens/s, model TFLOP/s, MFU against the device's dense bf16 peak and pea
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -83,37 +82,16 @@ class EngineStep:
 
 
 class ReferenceStep:
-    def __init__(self, cfg: Config, device: torch.device, vocab: int, compile: bool = False):
-        from .reference.data2vec import ReferenceData2Vec
-        from .reference.data2vec2 import ReferenceData2Vec2
+    """The oracle's own optimizer update (``d2v_fast.reference.train.ReferenceStep``, the one
+    the parity tests run), optionally ``torch.compile``d."""
 
-        torch.manual_seed(cfg.train.seed)
-        enc = dataclasses.replace(cfg.model, vocab_size=vocab, pad_id=SPECIAL["pad"])
-        self.v2 = cfg.recipe.name == "data2vec2"
-        self.model = (ReferenceData2Vec2 if self.v2 else ReferenceData2Vec)(enc, cfg.recipe).to(device).train()
-        self.forward = torch.compile(self.model) if compile else self.model
-        o = cfg.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        self.params, self.clip, self.recipe = params, o.clip_norm, cfg.recipe
-        self.step_no, self.device = 0, device
-        use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    def __init__(self, cfg: Config, device: torch.device, vocab: int, compile: bool = False):
+        from .reference.train import ReferenceStep as Step
+
+        self.step = Step(cfg, vocab, SPECIAL["pad"], device=device, compile=compile)
 
     def __call__(self, batch: dict) -> None:
-        b = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with self.autocast:
-            if self.v2:
-                loss, n, _, _ = self.forward(b["input_ids"], None, b["mask"])
-            else:
-                loss, n, _, _ = self.forward(b["masked_input_ids"], b["input_ids"], None, b["mask"])
-        (loss / n).backward()
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
-        self.opt.zero_grad()
-        self.model.ema_step(self.recipe.decay_at(self.step_no))
-        self.step_no += 1
+        self.step([batch])
 
 
 def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):

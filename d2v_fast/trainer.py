@@ -63,9 +63,9 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights
+    for p in model.parameters():
+        if p.requires_grad:  # biases and LayerNorm weights: decayed only if the recipe says so
+            (decay if cfg.decay_biases_and_norms or p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.fused:
@@ -85,12 +85,14 @@ def model_flops_per_token(cfg) -> float:
     m, r = cfg.model, cfg.recipe
     C, L, F, T = m.hidden_size, m.num_layers, m.ffn_size, cfg.data.seq_len
     n = L * (4 * C * C + 2 * C * F + 9 * C + F)
-    head = 2 * C * C * max(r.head_hidden_mult, 1) if r.head_hidden_mult > 0 else C * C
     if r.name != "data2vec2":
         return 8 * n + 16 * L * T * C
+    D = r.decoder_dim or C
+    head = r.head_hidden_mult * D * (D + C) if r.head_hidden_mult > 0 else D * C
+    convs = r.decoder_kernel * (C * D + (r.decoder_layers - 1) * D * D)
     keep = 1 - r.mask_prob
     student = r.clones * keep * (6 * n + 12 * L * keep * T * C)
-    decoder = r.clones * (6 * r.decoder_layers * r.decoder_kernel * C * C + r.mask_prob * 6 * head)
+    decoder = r.clones * (6 * convs + r.mask_prob * 6 * head)
     return 2 * n + 4 * L * T * C + student + decoder
 
 
@@ -227,8 +229,8 @@ class Trainer:
                 sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
             with sync, self.autocast:
                 # student first: under FSDP its root forward unshards the embeddings the teacher shares
-                pred = self.student(mb[self.model.student_input], pad, mb["mask"])
-                target = self.model.targets(mb["input_ids"], pad, mb["mask"])
+                pred, teacher_input = self.student(mb[self.model.student_input], pad, mb["mask"])
+                target = self.model.targets(mb["input_ids"], pad, mb["mask"], teacher_input)
                 if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
                     for layer in self.model.teacher:
                         layer.reshard()

@@ -21,22 +21,21 @@ SMALL = ["--config", "tiny", "--recipe", "data2vec2", "--seq-len", "32", "--batc
          "--data.num_workers", "0", "--train.progress", "false", "--train.log_every", "1"]
 
 
-def test_base_preset_carries_spec_1b():
+def test_base_preset_builds_the_published_decoder():
+    """Every value of the preset is pinned in test_presets.py; here the decoder it builds."""
     cfg, _ = parse_args(["--config", "base", "--recipe", "data2vec2"])
-    r, o, t = cfg.recipe, cfg.optim, cfg.train
-    assert (r.name, r.clones, r.mask_prob, r.top_k, r.layer_norm, r.final_norm) == \
-        ("data2vec2", 8, 0.48, 12, "instance", "none")
-    assert (r.loss_beta, r.loss_scale) == (0.0, 1.0)  # MSE, scale 1
-    assert (r.ema_decay, r.ema_end_decay, r.ema_anneal_end_step) == (0.9999, 0.99999, 100_000)
-    assert (r.decoder_layers, r.decoder_kernel, r.head_hidden_mult, r.mask_noise_std) == (5, 9, 2, 0.01)
-    assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps, o.clip_norm) == (2e-4, (0.9, 0.98), 1e-6, 0.01, 4000, 1.0)
-    assert (t.batch_size, cfg.data.seq_len) == (64, 512)
+    r = cfg.recipe
     with torch.device("meta"):
         model = Data2Vec(cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 50265}), r)
     dec = model.student.decoder
     assert len(dec.convs) == 5 and all(c.kernel_size == (9,) and c.padding == (4,) and c.in_channels == 768
                                        for c in dec.convs)
     assert [tuple(l.weight.shape) for l in dec.proj if isinstance(l, torch.nn.Linear)] == [(1536, 768), (768, 1536)]
+    with torch.device("meta"):  # large: a 768-wide decoder on the 1024-wide encoder (decoder.decoder_dim)
+        large, _ = parse_args(["--config", "large", "--recipe", "data2vec2"])
+        dec = Data2Vec(large.model.__class__(**{**large.model.__dict__, "vocab_size": 50265}), large.recipe).student.decoder
+    assert [(c.in_channels, c.out_channels) for c in dec.convs] == [(1024, 768)] + [(768, 768)] * 4
+    assert [tuple(l.weight.shape) for l in dec.proj if isinstance(l, torch.nn.Linear)] == [(1536, 768), (1024, 1536)]
     # the default recipe stays data2vec
     assert parse_args(["--config", "base"])[0].recipe.name == "data2vec"
 
@@ -66,6 +65,57 @@ def test_student_encoder_never_sees_a_masked_position(builtin_cache, tmp_path):
     for r in range(R):  # row r holds exactly its sample's embeddings at the kept positions, in order
         torch.testing.assert_close(h[r], emb[r // clones][~mask[r]], rtol=0, atol=0)
     assert not torch.equal(mask[0], mask[1])  # clones get different masks
+
+
+def test_decoder_input_dropout_in_training_only_and_teacher_takes_the_students_embeddings(
+        builtin_cache, tmp_path, monkeypatch):
+    """decoder.input_dropout drops encoder rows before the noise scatter (training only), and
+    the teacher encodes the very embedding tensor the student computed (after its dropout)."""
+    from d2v_fast.recipes import data2vec2 as rec
+
+    cfg = small_cfg(builtin_cache, "data2vec2", 32, 4)
+    cfg.model.attention_dropout, cfg.recipe.decoder_dropout = 0.0, 0.5
+    tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+    batch = next(tr.batches())[0]
+    student, teacher = tr.model.student, tr.model.teacher
+    seen = {}
+    gathered = []
+    real_gather = rec.ops.masked_gather
+    monkeypatch.setattr(rec.ops, "masked_gather",
+                        lambda x, m: (gathered.append(x), real_gather(x, m))[1])
+    hooks = [student.encoder.encoder.layer[-1].register_forward_hook(lambda m, a, out: seen.update(enc=out[0])),
+             student.decoder.register_forward_pre_hook(lambda m, a: seen.update(dec=a[0])),
+             teacher[0].register_forward_pre_hook(lambda m, a: seen.update(teacher=a[0]))]
+    keep = ~batch["mask"]
+    R, k = keep.shape[0], int(keep[0].sum())
+    try:
+        with torch.no_grad():
+            for training in (True, False):
+                tr.model.train(training)
+                gathered.clear()
+                pred, teacher_input = student(batch["input_ids"], None, batch["mask"])
+                tr.model.targets(batch["input_ids"], None, batch["mask"], teacher_input)
+                enc = seen["enc"].reshape(R * k, -1)
+                dec_in = seen["dec"][keep]  # the encoder rows as the decoder got them
+                if training:
+                    dropped = dec_in == 0
+                    assert 0.3 < dropped.float().mean() < 0.7  # p = 0.5
+                    torch.testing.assert_close(dec_in[~dropped], 2 * enc[~dropped])  # kept rows scaled by 1/(1-p)
+                else:
+                    torch.testing.assert_close(dec_in, enc, rtol=0, atol=0)
+                # the teacher's input is the student's embedding tensor itself (same storage, dropout
+                # included in training), not a second embedding pass
+                (x,) = gathered[:1]
+                assert seen["teacher"].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+                torch.testing.assert_close(seen["teacher"], x, rtol=0, atol=0)
+                fresh = student.encoder.embeddings(batch["input_ids"])
+                if training:  # embedding dropout (0.1) is in what the teacher saw
+                    assert not torch.equal(seen["teacher"], fresh) and (seen["teacher"] == 0).any()
+                else:
+                    torch.testing.assert_close(seen["teacher"], fresh, rtol=0, atol=0)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

@@ -2,9 +2,15 @@
 
 The student encodes the span-masked input (``<mask>`` tokens) and a regression head maps
 its last layer at the masked positions to the targets. The teacher is an EMA of the
-student's transformer layers only; it shares the student's embeddings, runs in eval mode
-on the full unmasked input, and its targets are the mean of its top-K FFN outputs, each
-instance-normalised over time.
+student's transformer layers only; it shares the student's embeddings (computed again for
+the unmasked input, without dropout), runs in eval mode on the full unmasked sentence, and
+its targets are the mean of its top-K FFN outputs, each layer-normalised per token without
+parameters (fairseq ``config/text/pretraining/base.yaml``: ``layer_norm_target_layer:
+true``; paper §3.3: layer norm for text and images, instance norm for speech).
+
+Where we differ from the public code on purpose: there the teacher's input holds only the
+masked positions' original tokens, with padding elsewhere; we feed the full unmasked
+sentence, as the paper describes (SPEC §1a).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from ..ops import build_targets, ema_update_, regression_loss, representation_st
 class RecipeConfig:
     name: str = "data2vec"
     top_k: int = 10  # average the last K layers' FFN outputs
-    layer_norm: str = "instance"  # per-layer target norm: instance | layer | none
+    layer_norm: str = "layer"  # per-layer target norm: layer (text, images) | instance (speech, 2.0 text base) | none
     final_norm: str = "none"  # norm of the average: none | instance | layer
     head_hidden_mult: int = 2  # head: Linear(C, mult*C) -> GELU -> Linear(mult*C, C); 0 = one Linear
     loss_beta: float = 4.0  # smooth L1 beta; 0 = MSE
@@ -35,6 +41,8 @@ class RecipeConfig:
     clones: int = 1  # data2vec2: masked copies of each sample (the teacher runs once per sample)
     decoder_layers: int = 5  # data2vec2: conv decoder blocks
     decoder_kernel: int = 9  # data2vec2: conv kernel width
+    decoder_dim: int = 0  # data2vec2: conv channels of the decoder; 0 = the encoder width
+    decoder_dropout: float = 0.0  # data2vec2: dropout on the encoder output before the decoder (training only)
     mask_noise_std: float = 0.01  # data2vec2: std of the noise put at masked positions for the decoder
 
     def norm(self, value: str) -> str | None:
@@ -48,10 +56,12 @@ class RecipeConfig:
         return self.ema_decay + (self.ema_end_decay - self.ema_decay) * frac
 
 
-def regression_head(dim: int, mult: int, init_std: float = 0.02) -> nn.Module:
-    """Linear(C, mult*C) -> GELU -> Linear(mult*C, C), or one Linear when mult is 0."""
-    head = nn.Linear(dim, dim) if mult <= 0 else \
-        nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
+def regression_head(dim: int, mult: int, init_std: float = 0.02, out_dim: int | None = None) -> nn.Module:
+    """Linear(D, mult*D) -> GELU -> Linear(mult*D, out), or one Linear(D, out) when mult is 0;
+    ``out`` is ``dim`` unless given (the data2vec 2.0 large decoder runs narrower than the encoder)."""
+    out_dim = out_dim or dim
+    head = nn.Linear(dim, out_dim) if mult <= 0 else \
+        nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, out_dim))
     for m in head.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=init_std)
@@ -67,9 +77,12 @@ class Student(nn.Module):
         self.encoder = Encoder(enc)
         self.head = regression_head(enc.hidden_size, cfg.head_hidden_mult, enc.init_std)
 
-    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None,
+                mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Predictions at the masked rows, and no teacher input: the v1 teacher embeds the
+        unmasked sentence itself, without the student's dropout."""
         h, _ = self.encoder.encode(input_ids, padding_mask)
-        return self.head(h[mask])
+        return self.head(h[mask]), None
 
 
 class Data2Vec(nn.Module):
@@ -97,10 +110,13 @@ class Data2Vec(nn.Module):
         return self
 
     @torch.no_grad()
-    def targets(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    def targets(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, mask: torch.Tensor,
+                teacher_input: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher pass on the unmasked input; fp32 targets ``[N, C]`` at the masked rows
-        (of every clone, when ``mask`` has ``clones * B`` rows: one teacher pass per sample)."""
-        h = self.student.encoder.embeddings(input_ids)  # shared embeddings, no dropout
+        (of every clone, when ``mask`` has ``clones * B`` rows: one teacher pass per sample).
+        ``teacher_input``: the embedding output the student computed (data2vec 2.0); None
+        embeds ``input_ids`` with the shared embeddings, without dropout (data2vec)."""
+        h = self.student.encoder.embeddings(input_ids) if teacher_input is None else teacher_input
         _, ffn = run_layers(self.teacher, h, padding_mask, collect_ffn=True)
         return build_targets(ffn[-self.cfg.top_k:], padding_mask=padding_mask, mask=mask,
                              layer_norm=self.cfg.norm(self.cfg.layer_norm),

@@ -1,8 +1,10 @@
 """Eager reference of the ``data2vec2`` recipe (data2vec 2.0, SPEC §1b), written plainly:
 clones made with ``repeat_interleave``, kept tokens taken row by row with boolean indexing,
-the encoder output put back with boolean assignment into the noise tensor, per-layer
-``F.instance_norm`` sample by sample, targets repeated for the clones, ``F.mse_loss``.
-The correctness oracle of the engine's recipe; the engine never imports it.
+the encoder output dropped out and put back with boolean assignment into the noise tensor,
+per-layer ``F.instance_norm``/``F.layer_norm`` sample by sample, targets repeated for the
+clones, ``F.mse_loss``. As the published recipe (fairseq ``models/data2vec2.py``,
+``ema_encoder_only``), the teacher encodes the student's own embedding output (after its
+dropout), detached. The correctness oracle of the engine's recipe; the engine never imports it.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ class ReferenceData2Vec2(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(enc)
         C = enc.hidden_size
-        self.convs = nn.ModuleList(nn.Conv1d(C, C, cfg.decoder_kernel, padding=cfg.decoder_kernel // 2)
-                                   for _ in range(cfg.decoder_layers))
-        self.proj = regression_head(C, cfg.head_hidden_mult, enc.init_std)
+        D = cfg.decoder_dim or C
+        self.convs = nn.ModuleList(nn.Conv1d(C if i == 0 else D, D, cfg.decoder_kernel, padding=cfg.decoder_kernel // 2)
+                                   for i in range(cfg.decoder_layers))
+        self.proj = regression_head(D, cfg.head_hidden_mult, enc.init_std, out_dim=C)
         self.ema = copy.deepcopy(self.encoder.encoder.layer)
         for p in self.ema.parameters():
             p.requires_grad = False
@@ -41,8 +44,8 @@ class ReferenceData2Vec2(nn.Module):
         """Returns (summed loss, number of masked positions, target std, prediction std)."""
         B, T = tokens.shape
         clones = mask.shape[0] // B
-        x = F.dropout(self.encoder.embeddings(tokens), self.encoder.config.dropout, self.training)
-        x = x.repeat_interleave(clones, 0)
+        emb = F.dropout(self.encoder.embeddings(tokens), self.encoder.config.dropout, self.training)
+        x = emb.repeat_interleave(clones, 0)
         pad = padding_mask.repeat_interleave(clones, 0) if padding_mask is not None else torch.zeros_like(mask)
         keep = ~mask & ~pad
         rows = [x[r][keep[r]] for r in range(x.shape[0])]
@@ -55,6 +58,7 @@ class ReferenceData2Vec2(nn.Module):
         am = attention_mask(kpad if kpad.any() else None, h)
         for layer in self.encoder.encoder.layer:
             h, _ = layer(h, am)
+        h = F.dropout(h, self.cfg.decoder_dropout, self.training)
         noise = torch.randn(x.shape[0], T, x.shape[-1], dtype=h.dtype, device=x.device) * self.cfg.mask_noise_std
         full = noise.clone()
         for r in range(x.shape[0]):
@@ -68,7 +72,7 @@ class ReferenceData2Vec2(nn.Module):
 
         with torch.no_grad():
             self.ema.eval()
-            t = self.encoder.embeddings(tokens)
+            t = emb.detach()
             am = attention_mask(padding_mask, t)
             layer_results = []
             for layer in self.ema:

@@ -1,7 +1,9 @@
-"""A plain single-process training loop for the reference recipe: the other half of the
-engine-vs-reference parity test and the baseline of the step benchmark."""
+"""The reference recipe's optimizer update, written plainly, and a single-process loop over
+it: the other half of the engine-vs-reference parity tests and the ``reference`` provider
+of the step benchmark (one step, used by both)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -13,52 +15,72 @@ from .data2vec import ReferenceData2Vec
 from .data2vec2 import ReferenceData2Vec2
 
 
+class ReferenceStep:
+    """The reference model with its AdamW (weight decay by ``optim.decay_biases_and_norms``,
+    as the engine), warmup + cosine schedule, clipping and per-parameter EMA loop.
+    Calling it runs one optimizer update over a list of micro-batches and returns the loss
+    (a 0-dim tensor on the device: reading it is the caller's choice)."""
+
+    def __init__(self, cfg: Config, vocab_size: int, pad_id: int, *, device: torch.device | str = "cpu",
+                 engine_state: dict | None = None, compile: bool = False):
+        from ..trainer import lr_factor  # the schedule is shared, not under test
+
+        t, o, r = cfg.train, cfg.optim, cfg.recipe
+        self.device, self.recipe, self.clip = torch.device(device), r, o.clip_norm
+        torch.manual_seed(t.seed)
+        enc = dataclasses.replace(cfg.model, vocab_size=vocab_size, pad_id=pad_id)
+        self.v2 = r.name == "data2vec2"
+        self.model = (ReferenceData2Vec2 if self.v2 else ReferenceData2Vec)(enc, r)
+        if engine_state is not None:
+            self.model.load_engine_state(engine_state)
+        self.model.to(self.device).train()
+        torch.manual_seed(t.seed + 1)  # the engine's rank-0 dropout seed
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # the EMA teacher has none
+        decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
+        no_decay = [p for p in self.params if not (o.decay_biases_and_norms or p.ndim >= 2)]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        total = o.total_steps or t.max_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, o.warmup_steps, total))
+        self.forward = torch.compile(self.model) if compile else self.model
+        bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        self.updates = 0
+
+    def __call__(self, micro_batches: list[dict]) -> torch.Tensor:
+        n = sum(int(mb["mask"].sum()) for mb in micro_batches)
+        total = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            padded = bool(mb["padding_mask"].any())  # read on the host copy
+            mb = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+            pad = mb["padding_mask"] if padded else None
+            with self.autocast:
+                if self.v2:
+                    loss, _, _, _ = self.forward(mb["input_ids"], pad, mb["mask"])
+                else:
+                    loss, _, _, _ = self.forward(mb["masked_input_ids"], mb["input_ids"], pad, mb["mask"])
+            (loss / n).backward()
+            total += loss.detach()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad()
+        self.model.ema_step(self.recipe.decay_at(self.updates))
+        self.updates += 1
+        return total / n
+
+
 def reference_losses(cfg: Config, corpus: Corpus, steps: int, engine_state: dict | None = None) -> list[float]:
     """Per-step losses of ``steps`` optimizer updates, on the batches the engine sees."""
-    from ..trainer import lr_factor, masking_for  # the schedule and mask settings are shared, not under test
+    from ..trainer import masking_for  # the mask settings are shared, not under test
 
-    t, o, r = cfg.train, cfg.optim, cfg.recipe
-    torch.manual_seed(t.seed)
-    enc = dataclasses.replace(cfg.model, vocab_size=corpus.vocab_size, pad_id=corpus.special_ids["pad"])
-    v2 = r.name == "data2vec2"
-    model = (ReferenceData2Vec2 if v2 else ReferenceData2Vec)(enc, r)
-    if engine_state is not None:
-        model.load_engine_state(engine_state)
-    model.train()
-    torch.manual_seed(t.seed + 1)  # the engine's rank-0 dropout seed
-    decay, no_decay = [], []
-    trained = [model.encoder, model.convs, model.proj] if v2 else [model.encoder, model.regression_head]
-    for p in [p for m in trained for p in m.parameters()]:
-        (no_decay if p.ndim < 2 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    total = o.total_steps or t.max_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o.warmup_steps, total))
+    t = cfg.train
+    step = ReferenceStep(cfg, corpus.vocab_size, corpus.special_ids["pad"], engine_state=engine_state)
     micro = t.micro_batch_size or t.batch_size
     loader = build_dataloader(corpus, seq_len=cfg.data.seq_len, micro_batch_size=micro,
-                              global_batch_size=t.batch_size, masking=masking_for(r),
+                              global_batch_size=t.batch_size, masking=masking_for(cfg.recipe),
                               block_mode=cfg.data.block_mode, seed=t.seed, num_workers=0)
     it = iter(loader)
-    losses = []
-    for step in range(steps):
-        mbs = [next(it) for _ in range(t.batch_size // micro)]
-        n = sum(int(mb["mask"].sum()) for mb in mbs)
-        total_loss = 0.0
-        for mb in mbs:
-            pad = mb["padding_mask"] if mb["padding_mask"].any() else None
-            if v2:
-                loss, _, _, _ = model(mb["input_ids"], pad, mb["mask"])
-            else:
-                loss, _, _, _ = model(mb["masked_input_ids"], mb["input_ids"], pad, mb["mask"])
-            (loss / n).backward()
-            total_loss += loss.item()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        if o.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, o.clip_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        model.ema_step(r.decay_at(step))
-        losses.append(total_loss / n)
-    return losses
+    return [float(step([next(it) for _ in range(t.batch_size // micro)])) for _ in range(steps)]
