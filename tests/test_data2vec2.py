@@ -154,7 +154,8 @@ def test_cli_loss_falls_resume_and_two_processes(builtin_cache, tmp_path, capsys
     assert pretrain.main(args + ["--out", str(part), "--max-steps", "6"]) == 0
     assert losses(part) == losses(full)
     # two processes, dropout 0, against one
-    nodrop = args + ["--model.dropout", "0", "--model.attention_dropout", "0", "--max-steps", "3"]
+    nodrop = args + ["--model.dropout", "0", "--model.attention_dropout", "0", "--recipe.decoder_dropout", "0",
+                     "--max-steps", "3"]
     one = subprocess.run([sys.executable, "-m", "d2v_fast.pretrain", *nodrop, "--out", str(tmp_path / "one")],
                          env=subprocess_env(builtin_cache), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert one.returncode == 0, one.stderr
