@@ -1,13 +1,15 @@
 """One full optimizer step, timed: ``python -m d2v_fast.bench``.
 
     python -m d2v_fast.bench [--config tiny|base|large] [--batch-size B] [--seq-len T]
-                             [--providers d2v_fast,reference,reference+compile] [--steps N] [--warmup N]
+                             [--providers d2v_fast,hf,reference,reference+compile] [--steps N] [--warmup N]
                              [--json PATH] [--section.field VALUE ...]
 
 A step is student forward/backward, teacher forward, targets, loss, optimizer and EMA, on
 synthetic batches (random token ids, real span masks) so no corpus is needed. Providers:
-``d2v_fast`` (the engine's trainer step), ``reference`` (the eager implementation in
-d2v_fast/reference) and ``reference+compile`` (``torch.compile`` of the reference model).
+``d2v_fast`` (the engine's trainer step), ``hf`` (the same step written plainly on Hugging Face
+``transformers``, d2v_fast/reference/hf_step.py; data2vec only), ``reference`` (the eager
+implementation in d2v_fast/reference) and ``reference+compile`` (``torch.compile`` of the
+reference model).
 Prints tokens/s, model TFLOP/s, MFU against the device's dense bf16 peak and peak memory.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from .config import Config, parse_args
 from .errors import UsageError, cli_entry
 
-PROVIDERS = ("d2v_fast", "reference", "reference+compile")
+PROVIDERS = ("d2v_fast", "hf", "reference", "reference+compile")
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 
 
@@ -119,6 +121,10 @@ class ReferenceStep:
 def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
     if provider == "d2v_fast":
         return EngineStep(cfg, device, vocab)
+    if provider == "hf":
+        from .reference.hf_step import HFData2VecStep
+
+        return HFData2VecStep(cfg, device, vocab, SPECIAL["pad"])
     if provider == "reference":
         return ReferenceStep(cfg, device, vocab)
     if provider == "reference+compile":
