@@ -57,6 +57,8 @@ class TrainConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
+    # Performance switches (issue 13), each computing the same step; off until a GPU row shows a gain.
+    skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
     progress: bool = True
 
 

@@ -1,0 +1,101 @@
+"""Performance switches of the training step (issue 13): each computes the same step as the
+default path. ``--train.skip_on_device`` (the non-finite skip decided on the device) and the
+EMA store mask it relies on."""
+import copy
+
+import pytest
+import torch
+
+from d2v_fast import kernels, ops
+from d2v_fast.data.corpus import open_corpus
+from d2v_fast.errors import UsageError
+from d2v_fast.kernels import ema as kema
+from d2v_fast.trainer import NonFiniteError, Trainer
+
+from .helpers import small_cfg
+
+INTERPRETED = kernels.AVAILABLE and kernels.is_interpreted(kema._ema_flat_kernel)
+
+
+# ----------------------------------------------------------------------------- EMA store mask
+@pytest.mark.parametrize("side", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="the Triton side on CPU needs TRITON_INTERPRET=1 before import"))])
+@pytest.mark.parametrize("layout", ["flat", "lists", "mixed-dtypes"])
+def test_ema_skip_flag_leaves_the_teacher_bitwise(side, layout):
+    shapes = [(5, 3), (7,), (4097,), (1,)]
+    if layout == "flat":
+        t, s = [torch.randn(9001)], [torch.randn(9001)]
+    else:
+        t = [torch.randn(sh) for sh in shapes]
+        s = [torch.randn(sh) for sh in shapes]
+        if layout == "mixed-dtypes":
+            s[1] = s[1].bfloat16()
+    ops.set_kernels(side)
+    try:
+        for decay in (0.9, torch.tensor(0.75)):
+            plain, kept, updated = [x.clone() for x in t], [x.clone() for x in t], [x.clone() for x in t]
+            ops.ema_update_(plain, s, decay)
+            ops.ema_update_(kept, s, decay, skip=torch.tensor(True))
+            ops.ema_update_(updated, s, decay, skip=torch.tensor(False))
+            for a, b in zip(kept, t):
+                assert torch.equal(a, b)  # skipped: untouched
+            for a, b in zip(updated, plain):
+                assert torch.equal(a, b)  # not skipped: the very same update
+            assert not torch.equal(plain[0], t[0])
+    finally:
+        ops.set_kernels("auto")
+
+
+def test_ema_op_schema_with_skip():
+    args = ([torch.randn(4), torch.randn(3)], [torch.randn(4), torch.randn(3)], None, 0.9, torch.tensor(True))
+    torch.library.opcheck(kema.ema_update_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- the step
+def run_steps(cache, tmp_path, attempts, nan_at, **train):
+    cfg = small_cfg(cache, micro_batch_size=4, **train)  # two micro-batches per update
+    cfg.optim.warmup_steps = 2
+    tr = Trainer(cfg, open_corpus(cache), tmp_path)
+    tr._inject_nan = set(nan_at)
+    stream = tr.batches()
+    out = []
+    for _ in range(attempts):
+        m = tr.train_step(next(stream))
+        out.append((float(m["loss"]), m["finite"], tr.step, tr.skipped, m["lr"], m["ema_decay"]))
+    return tr, out
+
+
+def test_skip_on_device_matches_the_host_skip(builtin_cache, tmp_path):
+    """NaN at the first attempt (before the optimizer has state) and in the middle: the same
+    losses, counters, schedule, weights, teacher and optimizer state, bit for bit."""
+    nan_at = {1, 4}
+    a, ra = run_steps(builtin_cache, tmp_path / "host", 7, nan_at)
+    b, rb = run_steps(builtin_cache, tmp_path / "device", 7, nan_at, skip_on_device=True)
+    assert [r[1] for r in ra] == [False, True, True, False, True, True, True]
+    same = lambda x, y: x == y or (x != x and y != y)  # NaN losses of the skipped attempts
+    assert all(same(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(ra, rb)), (ra, rb)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    for i, st in oa["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+
+
+def test_skip_on_device_keeps_the_skip_limit(builtin_cache, tmp_path):
+    cfg = small_cfg(builtin_cache, max_steps=10, max_skipped_steps=2, skip_on_device=True)
+    tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+    tr._inject_nan = {3, 4}
+    with pytest.raises(NonFiniteError, match="2 updates in a row"):
+        tr.fit()
+    assert tr.step == 2 and tr.skipped == 2
+
+
+def test_skip_on_device_needs_fused_adamw(builtin_cache, tmp_path):
+    cfg = small_cfg(builtin_cache, skip_on_device=True)
+    cfg.optim.fused = False
+    with pytest.raises(UsageError, match="--train.skip_on_device true: needs fused AdamW"):
+        Trainer(cfg, open_corpus(builtin_cache), tmp_path)
