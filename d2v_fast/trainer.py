@@ -143,6 +143,11 @@ class Trainer:
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)
+        if t.compile == "blocks":
+            # Each block compiled in place (state_dict names unchanged): inductor fuses the
+            # residual + dropout + LayerNorm and GELU chains that eager runs as separate kernels.
+            for layer in [*self.model.student.encoder.encoder.layer, *self.model.teacher]:
+                layer.compile(dynamic=False)
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
         if t.skip_on_device and not self.optimizer.defaults.get("fused"):
             from .errors import UsageError

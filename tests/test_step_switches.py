@@ -99,3 +99,24 @@ def test_skip_on_device_needs_fused_adamw(builtin_cache, tmp_path):
     cfg.optim.fused = False
     with pytest.raises(UsageError, match="--train.skip_on_device true: needs fused AdamW"):
         Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_same_step(builtin_cache, tmp_path):
+    """``--train.compile blocks`` (dropout off: inductor draws its own dropout masks)."""
+    def losses(**train):
+        cfg = small_cfg(builtin_cache, batch_size=4, **train)
+        cfg.model.num_layers, cfg.recipe.top_k, cfg.data.seq_len = 1, 1, 32
+        cfg.model.dropout = cfg.model.attention_dropout = 0.0
+        tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / str(train))
+        state = copy.deepcopy(tr.model.state_dict())
+        stream = tr.batches()
+        return [float(tr.train_step(next(stream))["loss"]) for _ in range(2)], state, tr
+
+    eager, s0, _ = losses()
+    compiled, s1, tr = losses(compile="blocks")
+    assert list(s0) == list(s1) and all(torch.equal(s0[k], s1[k]) for k in s0)  # same names, same init
+    for step, (a, b) in enumerate(zip(eager, compiled), 1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: eager {a} compiled {b}"
+    assert hasattr(tr.model.teacher[0], "_compiled_call_impl") and tr.model.teacher[0]._compiled_call_impl is not None
