@@ -60,6 +60,7 @@ class TrainConfig:
     # Performance switches (issue 13), each computing the same step; off until a GPU row shows a gain.
     skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
     compile: str = "none"  # none | blocks (torch.compile of every student and teacher encoder block)
+    fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     progress: bool = True
 
 

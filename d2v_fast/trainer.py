@@ -134,6 +134,10 @@ class Trainer:
         self.fsdp = self.distributed and t.parallel == "fsdp"
         ops.set_kernels(t.kernels)
         self.student = self.model.student
+        if t.fused_qkv:
+            from .models.encoder import fuse_qkv_
+
+            fuse_qkv_([*self.model.student.encoder.encoder.layer, *self.model.teacher])
         if self.fsdp:
             self._shard(use_bf16)
         else:

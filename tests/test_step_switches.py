@@ -120,3 +120,63 @@ def test_compiled_blocks_compute_the_same_step(builtin_cache, tmp_path):
     for step, (a, b) in enumerate(zip(eager, compiled), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: eager {a} compiled {b}"
     assert hasattr(tr.model.teacher[0], "_compiled_call_impl") and tr.model.teacher[0]._compiled_call_impl is not None
+
+
+# ----------------------------------------------------------------------------- fused QKV
+def test_fused_qkv_layer_computes_the_same_and_keeps_hf_names():
+    from d2v_fast.models import Encoder, EncoderConfig
+    from d2v_fast.models.encoder import FusedSelfAttention, fuse_qkv_
+
+    cfg = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_seq_len=16,
+                        dropout=0.0, attention_dropout=0.0)
+    plain = Encoder(cfg)
+    fused = copy.deepcopy(plain)
+    fuse_qkv_(fused.encoder.layer)
+    assert isinstance(fused.encoder.layer[0].attention.self, FusedSelfAttention)
+    assert not any(".query." in n for n, _ in fused.named_parameters())
+    sa, sb = plain.state_dict(), fused.state_dict()
+    assert list(sa) == list(sb) or sorted(sa) == sorted(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = torch.randint(5, 50, (3, 11))
+    x[2, 7:] = 1  # padded: the SDPA mask path too
+    ya, yb = plain(x), fused(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for la, lb in zip(plain.encoder.layer, fused.encoder.layer):
+        g = torch.cat([getattr(la.attention.self, p).weight.grad for p in ("query", "key", "value")])
+        torch.testing.assert_close(lb.attention.self.qkv.weight.grad, g, rtol=1e-5, atol=1e-6)
+    # loading either form into either model
+    other = Encoder(cfg)
+    fuse_qkv_(other.encoder.layer)
+    other.load_state_dict(sa, strict=True)
+    assert all(torch.equal(other.state_dict()[k], sa[k]) for k in sa)
+    back = Encoder(cfg)
+    back.load_state_dict(sb, strict=True)
+    assert all(torch.equal(back.state_dict()[k], sa[k]) for k in sa)
+    # the HF names resolve as attributes (torch.distributed.checkpoint walks them)
+    q = fused.encoder.layer[1].attention.self.query.weight
+    assert torch.equal(q, sa["encoder.layer.1.attention.self.query.weight"])
+
+
+def test_fused_qkv_training_step_checkpoint_and_export(builtin_cache, tmp_path):
+    from d2v_fast import load_pretrained
+
+    def run(out, **train):
+        cfg = small_cfg(builtin_cache, max_steps=3, **train)
+        cfg.model.dropout = cfg.model.attention_dropout = 0.0
+        tr = Trainer(cfg, open_corpus(builtin_cache), out)
+        return [r["loss"] for r in tr.fit()], tr
+
+    plain, _ = run(tmp_path / "plain")
+    fused, tr = run(tmp_path / "fused", fused_qkv=True)
+    for step, (a, b) in enumerate(zip(plain, fused), 1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: separate {a} fused {b}"
+    enc = torch.load(tmp_path / "fused" / "encoder.pt", weights_only=False)["state_dict"]
+    assert "encoder.layer.0.attention.self.query.weight" in enc and not any("qkv" in k for k in enc)
+    assert load_pretrained(tmp_path / "fused") is not None
+    ckpt = sorted((tmp_path / "fused" / "checkpoints").glob("step-*"))[-1]
+    tr2 = Trainer(tr.cfg, open_corpus(builtin_cache), tmp_path / "again")
+    tr2.load(ckpt)  # the fused model resumes from its own checkpoint
+    a, b = tr.model.state_dict(), tr2.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
