@@ -153,11 +153,16 @@ class Trainer:
             for layer in [*self.model.student.encoder.encoder.layer, *self.model.teacher]:
                 layer.compile(dynamic=False)
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
+        if t.skip_on_device and self.fsdp:
+            from .errors import UsageError
+
+            raise UsageError("--train.skip_on_device true: not yet tried with --parallel fsdp (fused AdamW's "
+                             "found_inf on sharded parameters); use --parallel ddp or --train.skip_on_device false")
         if t.skip_on_device and not self.optimizer.defaults.get("fused"):
             from .errors import UsageError
 
-            raise UsageError(f"--train.skip_on_device true: needs fused AdamW (--optim.fused true, on a device and dtype "
-                             f"that have it; this one fell back to foreach); use --train.skip_on_device false")
+            raise UsageError("--train.skip_on_device true: needs fused AdamW (--optim.fused true, on a device and "
+                             "dtype that have it; this one fell back to foreach); use --train.skip_on_device false")
         self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda") \
             if t.skip_on_device else None
         total = cfg.optim.total_steps or t.max_steps

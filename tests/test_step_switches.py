@@ -180,3 +180,54 @@ def test_fused_qkv_training_step_checkpoint_and_export(builtin_cache, tmp_path):
     tr2.load(ckpt)  # the fused model resumes from its own checkpoint
     a, b = tr.model.state_dict(), tr2.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- on the GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
+                                reason="needs CUDA with the kernels compiled (run with TRITON_INTERPRET=0)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_skip_on_device_on_gpu(builtin_cache, tmp_path):
+    """bf16 autocast, Triton kernels, CUDA fused AdamW: the same outcomes as the host skip, and
+    a skipped attempt leaves student, teacher and optimizer state bit for bit."""
+    def run(out, **train):
+        cfg = small_cfg(builtin_cache, micro_batch_size=4, device="cuda", **train)
+        tr = Trainer(cfg, open_corpus(builtin_cache), out, device="cuda")
+        tr._inject_nan = {1, 4}
+        stream, rows = tr.batches(), []
+        for attempt in range(1, 7):
+            before = copy.deepcopy(tr.model.state_dict()) if attempt == 4 else None
+            opt_before = copy.deepcopy(tr.optimizer.state_dict()) if attempt == 4 else None
+            m = tr.train_step(next(stream))
+            rows.append((m["finite"], tr.step, tr.skipped, m["lr"]))
+            if before is not None:
+                after = tr.model.state_dict()
+                assert all(torch.equal(before[k], after[k]) for k in before)
+                st = tr.optimizer.state_dict()["state"]
+                assert all(torch.equal(v, st[i][k]) for i, s in opt_before["state"].items() for k, v in s.items())
+            elif m["finite"]:
+                rows[-1] += (float(m["loss"]),)
+        return rows
+
+    host, device = run(tmp_path / "host"), run(tmp_path / "device", skip_on_device=True)
+    assert [r[:4] for r in host] == [r[:4] for r in device]
+    for a, b in zip(host, device):
+        if len(a) > 4:
+            assert abs(a[4] - b[4]) <= 1e-3 * abs(a[4]), (a, b)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_all_switches_on_gpu_compute_the_same_losses(builtin_cache, tmp_path):
+    def losses(out, **train):
+        cfg = small_cfg(builtin_cache, max_steps=4, device="cuda", **train)
+        cfg.model.num_layers, cfg.recipe.top_k = 2, 2
+        cfg.model.dropout = cfg.model.attention_dropout = 0.0
+        return [r["loss"] for r in Trainer(cfg, open_corpus(builtin_cache), out, device="cuda").fit()]
+
+    plain = losses(tmp_path / "plain")
+    fast = losses(tmp_path / "fast", skip_on_device=True, compile="blocks", fused_qkv=True)
+    for step, (a, b) in enumerate(zip(plain, fast), 1):
+        assert abs(a - b) <= 1e-2 * abs(a), f"step {step}: defaults {a} all switches {b}"
