@@ -1,5 +1,6 @@
 """One full optimizer step (student fwd/bwd, teacher fwd, targets, loss, AdamW, EMA) for both
-recipes, providers ``d2v_fast``, ``reference`` and ``reference+compile``.
+recipes, providers ``d2v_fast``, ``hf`` (plain Hugging Face ``transformers``, data2vec only),
+``reference`` and ``reference+compile``.
 
 On CUDA: data2vec base and data2vec2 base at T = 512, bf16 autocast, timed with device events;
 on CPU: the tiny preset at a small batch, so CI keeps the file working (``reference+compile``
@@ -42,6 +43,10 @@ def config_for(recipe: str):
 def test_step(benchmark, recipe, provider):
     if provider == "reference+compile" and not CUDA:
         pytest.skip("reference+compile: CUDA only (torch.compile of the reference takes minutes on 2 CPU cores)")
+    if provider == "hf" and recipe != "data2vec":
+        pytest.skip("hf: data2vec only (data2vec 2.0's kept-token student is no plain transformers model)")
+    if provider == "hf":
+        pytest.importorskip("transformers", reason="the hf provider needs transformers")
     cfg, batch = config_for(recipe)
     steps, warmup = (20, 5) if CUDA else (3, 1)
 

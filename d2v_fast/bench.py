@@ -1,17 +1,24 @@
 """One full optimizer step, timed: ``python -m d2v_fast.bench``.
 
     python -m d2v_fast.bench [--config tiny|base|large] [--batch-size B] [--seq-len T]
-                             [--providers d2v_fast,reference,reference+compile] [--steps N] [--warmup N]
-                             [--json PATH] [--section.field VALUE ...]
+                             [--providers d2v_fast,hf,reference,reference+compile] [--steps N] [--warmup N]
+                             [--ablation] [--json PATH] [--section.field VALUE ...]
+
+``--ablation`` times the ``d2v_fast`` step with every performance switch of ``ABLATION`` on,
+then with each one off in turn, then with all of them at their defaults (one process, so
+compiled graphs are shared between the rows).
 
 A step is student forward/backward, teacher forward, targets, loss, optimizer and EMA, on
 synthetic batches (random token ids, real span masks) so no corpus is needed. Providers:
-``d2v_fast`` (the engine's trainer step), ``reference`` (the eager implementation in
-d2v_fast/reference) and ``reference+compile`` (``torch.compile`` of the reference model).
+``d2v_fast`` (the engine's trainer step), ``hf`` (the same step written plainly on Hugging Face
+``transformers``, d2v_fast/reference/hf_step.py; data2vec only), ``reference`` (the eager
+implementation in d2v_fast/reference) and ``reference+compile`` (``torch.compile`` of the
+reference model).
 Prints tokens/s, model TFLOP/s, MFU against the device's dense bf16 peak and peak memory.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -25,8 +32,11 @@ import torch
 from .config import Config, parse_args
 from .errors import UsageError, cli_entry
 
-PROVIDERS = ("d2v_fast", "reference", "reference+compile")
+PROVIDERS = ("d2v_fast", "hf", "reference", "reference+compile")
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+# The step's performance switches (issue 13): --train.<name>, (value when on, value when off).
+ABLATION = {"skip_on_device": (True, False), "compile": ("blocks", "none"), "fused_qkv": (True, False),
+            "kernels": ("triton", "torch")}
 
 
 @dataclasses.dataclass
@@ -97,6 +107,10 @@ class ReferenceStep:
 def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
     if provider == "d2v_fast":
         return EngineStep(cfg, device, vocab)
+    if provider == "hf":
+        from .reference.hf_step import HFData2VecStep
+
+        return HFData2VecStep(cfg, device, vocab, SPECIAL["pad"])
     if provider == "reference":
         return ReferenceStep(cfg, device, vocab)
     if provider == "reference+compile":
@@ -147,6 +161,21 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
     return row
 
 
+def ablation_configs(cfg: Config, device: torch.device) -> list[tuple[str, Config]]:
+    """(row label, config): all switches on, each off in turn, all at the config's values.
+    On the CPU the Triton kernels would run in the interpreter, so ``kernels`` stays as set."""
+    switches = {k: v for k, v in ABLATION.items() if k != "kernels" or device.type == "cuda"}
+    on = {k: v[0] for k, v in switches.items()}
+    rows = [("d2v_fast[all]", on)] + [(f"d2v_fast[-{k}]", {**on, k: switches[k][1]}) for k in switches]
+    out = []
+    for label, values in rows:
+        c = copy.deepcopy(cfg)
+        for k, v in values.items():
+            setattr(c.train, k, v)
+        out.append((label, c))
+    return out + [("d2v_fast[defaults]", cfg)]
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton
@@ -160,12 +189,12 @@ def environment(device: torch.device) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'provider':<20}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'step ms':>10}"
+    head = f"{'provider':<28}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'step ms':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
-        lines.append(f"{r['provider']:<20}{r['tokens_per_s']:>12,.0f}{r['model_tflops']:>10.2f}{mfu:>8}{mem:>10}"
+        lines.append(f"{r['provider']:<28}{r['tokens_per_s']:>12,.0f}{r['model_tflops']:>10.2f}{mfu:>8}{mem:>10}"
                      f"{1e3 * r['step_s']:>10.1f}")
     return "\n".join(lines)
 
@@ -174,6 +203,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own = {"--providers": "d2v_fast,reference", "--steps": "10", "--warmup": "3", "--json": ""}
+    ablation = "--ablation" in argv
+    argv = [a for a in argv if a != "--ablation"]
     rest = []
     i = 0
     while i < len(argv):
@@ -194,14 +225,25 @@ def main(argv=None) -> int:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
     device = torch.device("cuda") if torch.cuda.is_available() and cfg.train.device != "cpu" else torch.device("cpu")
     providers = [p.strip() for p in own["--providers"].split(",") if p.strip()]
-    rows = [measure(p, cfg, device=device, batch_size=cfg.train.batch_size, steps=steps, warmup=warmup)
-            for p in providers]
+    if ablation:
+        rows = []
+        for label, c in ablation_configs(cfg, device):
+            rows.append({**measure("d2v_fast", c, device=device, batch_size=cfg.train.batch_size, steps=steps,
+                                   warmup=warmup), "provider": label})
+    else:
+        rows = [measure(p, cfg, device=device, batch_size=cfg.train.batch_size, steps=steps, warmup=warmup)
+                for p in providers]
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | preset {cfg.preset}, "
           f"batch {cfg.train.batch_size} x {cfg.data.seq_len}")
     print(format_table(rows))
     if own["--json"]:
-        Path(own["--json"]).write_text(json.dumps({**env, "rows": rows}, indent=2) + "\n")
+        record = {**env, "recipe": cfg.recipe.name, "rows": rows}
+        if own["--json"].endswith(".jsonl"):  # one line per run, appended: a suite collects many runs in one file
+            with open(own["--json"], "a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            Path(own["--json"]).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 

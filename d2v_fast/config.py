@@ -62,6 +62,10 @@ class TrainConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
+    # Performance switches (issue 13), each computing the same step; off until a GPU row shows a gain.
+    skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
+    compile: str = "none"  # none | blocks (torch.compile of every student and teacher encoder block)
+    fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     progress: bool = True
 
 
@@ -314,3 +318,4 @@ def validate(cfg: Config) -> None:
     need(t.device in ("auto", "cpu", "cuda"), "--train.device", t.device, "expected auto, cpu or cuda")
     need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")
     need(t.kernels in ("auto", "triton", "torch"), "--train.kernels", t.kernels, "expected auto, triton or torch")
+    need(t.compile in ("none", "blocks"), "--train.compile", t.compile, "expected none or blocks")

@@ -136,6 +136,10 @@ class Trainer:
         self.fsdp = self.distributed and t.parallel == "fsdp"
         ops.set_kernels(t.kernels)
         self.student = self.model.student
+        if t.fused_qkv:
+            from .models.encoder import fuse_qkv_
+
+            fuse_qkv_([*self.model.student.encoder.encoder.layer, *self.model.teacher])
         if self.fsdp:
             self._shard(use_bf16)
         else:
@@ -145,7 +149,24 @@ class Trainer:
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)
+        if t.compile == "blocks":
+            # Each block compiled in place (state_dict names unchanged): inductor fuses the
+            # residual + dropout + LayerNorm and GELU chains that eager runs as separate kernels.
+            for layer in [*self.model.student.encoder.encoder.layer, *self.model.teacher]:
+                layer.compile(dynamic=False)
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
+        if t.skip_on_device and self.fsdp:
+            from .errors import UsageError
+
+            raise UsageError("--train.skip_on_device true: not yet tried with --parallel fsdp (fused AdamW's "
+                             "found_inf on sharded parameters); use --parallel ddp or --train.skip_on_device false")
+        if t.skip_on_device and not self.optimizer.defaults.get("fused"):
+            from .errors import UsageError
+
+            raise UsageError("--train.skip_on_device true: needs fused AdamW (--optim.fused true, on a device and "
+                             "dtype that have it; this one fell back to foreach); use --train.skip_on_device false")
+        self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda") \
+            if t.skip_on_device else None
         total = cfg.optim.total_steps or t.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total))
@@ -254,11 +275,15 @@ class Trainer:
         self.attempts += 1
         self.position += self.cfg.train.batch_size
         # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
-        finite = bool(torch.isfinite(gnorm))
+        if self.cfg.train.skip_on_device:
+            finite = self._update_on_device(gnorm, decay)
+        else:
+            finite = bool(torch.isfinite(gnorm))
+            if finite:
+                self.optimizer.step()
+                self.model.ema_step(decay)  # exactly one EMA step per optimizer update
         if finite:
-            self.optimizer.step()
             self.scheduler.step()
-            self.model.ema_step(decay)  # exactly one EMA step per optimizer update
             self.step += 1
             self.consecutive_skips = 0
         else:  # skip the update: weights, optimizer, schedule and teacher stay as they were
@@ -272,6 +297,31 @@ class Trainer:
         return {"loss": stats[0] / denom[0], "target_var": stats[1], "pred_var": stats[2],
                 "grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0],
                 "skipped_steps": self.skipped, "finite": finite}
+
+    def _update_on_device(self, gnorm: torch.Tensor, decay: float) -> bool:
+        """``--train.skip_on_device``: the skip of a non-finite update is decided on the device
+        (fused AdamW's ``found_inf`` leaves weights, moments and its step count as they were;
+        the EMA's store mask leaves the teacher), so the optimizer and the EMA are queued
+        behind backward without waiting for it. The host reads the flag afterwards, from a
+        copy made before they were queued, to keep its counters and the schedule: that wait
+        ends when backward ends, while the update runs on (one step's outcome is needed by the
+        loop before the next, for the skip limit and the lr of the next update)."""
+        finite_t = torch.isfinite(gnorm).reshape(())
+        self._flag_host.copy_(finite_t.reshape(1), non_blocking=True)
+        ready = torch.cuda.Event() if self.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        self.optimizer.found_inf = (~finite_t).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        local = lambda ps: [p.to_local() if hasattr(p, "to_local") else p for p in ps]
+        ops.ema_update_(local(self.model.teacher.parameters()),
+                        local(self.model.student.encoder.encoder.layer.parameters()), decay, skip=~finite_t)
+        if ready is not None:
+            ready.synchronize()
+        return bool(self._flag_host[0])
 
     # ------------------------------------------------------------------ checkpoints
     def _barrier(self):

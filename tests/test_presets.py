@@ -82,6 +82,9 @@ BASE_V1 = {
     "train.min_target_var": (0.1, "M2 Data2VecMultiConfig.min_target_var (SPEC collapse guard)"),
     "train.min_pred_var": (0.01, "M2 Data2VecMultiConfig.min_pred_var (SPEC collapse guard)"),
     "train.max_skipped_steps": (10, OURS),
+    "train.skip_on_device": (False, OURS + " (performance switch, same math)"),
+    "train.compile": ("none", OURS + " (performance switch, same math)"),
+    "train.fused_qkv": (False, OURS + " (performance switch, same math)"),
     "train.progress": (True, OURS),
 }
 

@@ -48,10 +48,19 @@ def _ema_coefficients(decay_ptr, decay, one_minus, DECAY_PTR: tl.constexpr):
 
 
 @triton.jit
-def _ema_flat_kernel(teacher, student, decay_ptr, decay, one_minus, n,
-                     DECAY_PTR: tl.constexpr, BLOCK: tl.constexpr):
+def _ema_store_mask(offs, n, skip_ptr, SKIP_PTR: tl.constexpr):
+    """The load/store mask ``offs < n``, with ``n`` taken as 0 when the on-device skip flag
+    is set (an update skipped on the GPU without a host sync): the teacher stays bit for bit."""
+    if SKIP_PTR:
+        n = tl.where(tl.load(skip_ptr) == 0, n, 0)
+    return offs < n
+
+
+@triton.jit
+def _ema_flat_kernel(teacher, student, decay_ptr, decay, one_minus, n, skip_ptr,
+                     DECAY_PTR: tl.constexpr, SKIP_PTR: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
+    m = _ema_store_mask(offs, n, skip_ptr, SKIP_PTR)
     d, w = _ema_coefficients(decay_ptr, decay, one_minus, DECAY_PTR)
     t = tl.load(teacher + offs, mask=m).to(tl.float32)
     s = tl.load(student + offs, mask=m).to(tl.float32)
@@ -59,13 +68,13 @@ def _ema_flat_kernel(teacher, student, decay_ptr, decay, one_minus, n,
 
 
 @triton.jit
-def _ema_multi_kernel(t_ptrs, s_ptrs, sizes, block_tensor, block_start, decay_ptr, decay, one_minus,
+def _ema_multi_kernel(t_ptrs, s_ptrs, sizes, block_tensor, block_start, decay_ptr, decay, one_minus, skip_ptr,
                       T_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, DECAY_PTR: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      SKIP_PTR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     i = tl.load(block_tensor + pid)
     offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    m = offs < tl.load(sizes + i)
+    m = _ema_store_mask(offs, tl.load(sizes + i), skip_ptr, SKIP_PTR)
     teacher = tl.load(t_ptrs + i).to(tl.pointer_type(T_DTYPE))
     student = tl.load(s_ptrs + i).to(tl.pointer_type(S_DTYPE))
     d, w = _ema_coefficients(decay_ptr, decay, one_minus, DECAY_PTR)
@@ -100,12 +109,14 @@ def _decay_args(decay: Optional[torch.Tensor], decay_f: float, like: torch.Tenso
     return decay, 0.0, 0.0, True
 
 
-def _launch_flat(teacher: torch.Tensor, student: torch.Tensor, decay: Optional[torch.Tensor], decay_f: float):
+def _launch_flat(teacher: torch.Tensor, student: torch.Tensor, decay: Optional[torch.Tensor], decay_f: float,
+                 skip: Optional[torch.Tensor] = None):
     n = teacher.numel()
     if n == 0:
         return
     ptr, d, w, on_device = _decay_args(decay, decay_f, teacher)
-    _ema_flat_kernel[(triton.cdiv(n, BLOCK),)](teacher, student, ptr, d, w, n, DECAY_PTR=on_device,
+    _ema_flat_kernel[(triton.cdiv(n, BLOCK),)](teacher, student, ptr, d, w, n, teacher if skip is None else skip,
+                                              DECAY_PTR=on_device, SKIP_PTR=skip is not None,
                                               BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
@@ -131,7 +142,7 @@ def _tables(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> tuple[t
 
 
 def _update(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Optional[torch.Tensor],
-            decay_f: float) -> None:
+            decay_f: float, skip: Optional[torch.Tensor] = None) -> None:
     if len(teacher) != len(student):
         raise ValueError(f"ema_update_: {len(teacher)} teacher tensors but {len(student)} student tensors")
     for i, (t, s) in enumerate(zip(teacher, student)):
@@ -144,31 +155,42 @@ def _update(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Opt
     if decay is not None and decay.device != teacher[0].device:
         raise ValueError(f"ema_update_: decay is on {decay.device}, parameters on {teacher[0].device}: pass a "
                          f"float or a 0-dim tensor on the parameters' device")
+    if skip is not None and (skip.device != teacher[0].device or skip.numel() != 1):
+        raise ValueError(f"ema_update_: skip is {tuple(skip.shape)} on {skip.device}; expected a 0-dim bool "
+                         f"tensor on the parameters' device ({teacher[0].device})")
+    if skip is not None:
+        skip = skip.reshape(1).to(torch.uint8)  # Triton loads no bool pointers; a one-byte copy, on the device
     t_flat, s_flat = _flat_view(teacher), _flat_view(student)
     if t_flat is not None and s_flat is not None and t_flat.numel() == s_flat.numel():
-        return _launch_flat(t_flat, s_flat, decay, decay_f)
+        return _launch_flat(t_flat, s_flat, decay, decay_f, skip)
     dtypes_t, dtypes_s = {t.dtype for t in teacher}, {s.dtype for s in student}
     if len(dtypes_t) > 1 or len(dtypes_s) > 1 or any(not t.is_contiguous() or not s.is_contiguous()
                                                      for t, s in zip(teacher, student)):
         from ..reference.ops import ema_update_ as foreach_update  # mixed dtypes or layouts: _foreach
 
-        return foreach_update(teacher, student, decay_f if decay is None else decay)
+        before = None if skip is None else [t.clone() for t in teacher]
+        foreach_update(teacher, student, decay_f if decay is None else decay)
+        if before is not None:
+            for t, b in zip(teacher, before):
+                t.copy_(torch.where(skip.bool(), b, t))
+        return
     t_ptrs, s_ptrs, sizes, block_tensor, block_start = _tables(teacher, student)
     ptr, d, w, on_device = _decay_args(decay, decay_f, teacher[0])
     _ema_multi_kernel[(block_tensor.numel(),)](
-        t_ptrs, s_ptrs, sizes, block_tensor, block_start, ptr, d, w, T_DTYPE=_triton_dtype(teacher[0].dtype),
-        S_DTYPE=_triton_dtype(student[0].dtype), DECAY_PTR=on_device, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        t_ptrs, s_ptrs, sizes, block_tensor, block_start, ptr, d, w, sizes if skip is None else skip,
+        T_DTYPE=_triton_dtype(teacher[0].dtype), S_DTYPE=_triton_dtype(student[0].dtype), DECAY_PTR=on_device,
+        SKIP_PTR=skip is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # ----------------------------------------------------------------------------- custom op
 @torch.library.custom_op("d2v_fast::ema_update_", mutates_args=("teacher",))
 def ema_update_op(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Optional[torch.Tensor],
-                  decay_f: float) -> None:
-    _update(teacher, student, decay, decay_f)
+                  decay_f: float, skip: Optional[torch.Tensor] = None) -> None:
+    _update(teacher, student, decay, decay_f, skip)
 
 
 @ema_update_op.register_fake
-def _(teacher, student, decay, decay_f):
+def _(teacher, student, decay, decay_f, skip=None):
     return None
 
 
@@ -178,8 +200,10 @@ def _tensor_list(params) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.Tensor | Iterable[torch.Tensor],
-                decay: float | torch.Tensor) -> None:
-    """Fused EMA step; same contract as ``d2v_fast.reference.ops.ema_update_``."""
+                decay: float | torch.Tensor, skip: Optional[torch.Tensor] = None) -> None:
+    """Fused EMA step; same contract as ``d2v_fast.reference.ops.ema_update_``, plus ``skip``:
+    an optional 0-dim bool tensor on the parameters' device; where it is true the teacher is
+    left untouched (read inside the kernel: no host sync)."""
     teacher = [t.detach() for t in _tensor_list(teacher)]
     student = [s.detach() for s in _tensor_list(student)]
     if isinstance(decay, torch.Tensor):
@@ -187,10 +211,11 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
             raise ValueError(f"ema_update_: decay has shape {tuple(decay.shape)}, expected a 0-dim tensor")
         if teacher and decay.device.type == "cpu" and teacher[0].device.type != "cpu":
             decay = float(decay)  # a host scalar: reading it costs no device sync
+    skip = None if skip is None else skip.reshape(())
     if isinstance(decay, torch.Tensor):
-        ema_update_op(teacher, student, decay.reshape(()), 0.0)
+        ema_update_op(teacher, student, decay.reshape(()), 0.0, skip)
     else:
-        ema_update_op(teacher, student, None, float(decay))
+        ema_update_op(teacher, student, None, float(decay), skip)
 
 
 # ----------------------------------------------------------------------------- flat buffers

@@ -72,6 +72,66 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
 
+class _Slice:
+    """``query``/``key``/``value`` of a fused projection as attribute paths (``.weight`` and
+    ``.bias`` rows of ``qkv``), so code that walks state-dict names through attributes
+    (torch.distributed.checkpoint's name mapping) finds them."""
+
+    def __init__(self, fused: nn.Linear, part: int):
+        rows = slice(part * fused.out_features // 3, (part + 1) * fused.out_features // 3)
+        self.weight, self.bias = fused.weight[rows], fused.bias[rows]
+
+
+class FusedSelfAttention(nn.Module):
+    """The three attention projections as one ``Linear(C, 3C)`` (one GEMM instead of three;
+    ``--train.fused_qkv``). Its state dict still holds Hugging Face's separate
+    ``query/key/value`` weights, and it loads either form: checkpoints and exports do not
+    depend on the switch."""
+
+    PARTS = ("query", "key", "value")
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.register_state_dict_post_hook(FusedSelfAttention._split_state)
+        self.register_load_state_dict_pre_hook(FusedSelfAttention._join_state)
+
+    @classmethod
+    def from_separate(cls, sa: SelfAttention) -> "FusedSelfAttention":
+        C = sa.query.in_features
+        fused = cls(C).to(device=sa.query.weight.device, dtype=sa.query.weight.dtype)
+        with torch.no_grad():
+            fused.qkv.weight.copy_(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]))
+            fused.qkv.bias.copy_(torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]))
+        return fused
+
+    query = property(lambda self: _Slice(self.qkv, 0))
+    key = property(lambda self: _Slice(self.qkv, 1))
+    value = property(lambda self: _Slice(self.qkv, 2))
+
+    @staticmethod
+    def _split_state(module, state_dict, prefix, local_metadata):
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(prefix + "qkv." + kind)
+            for name, part in zip(FusedSelfAttention.PARTS, fused.chunk(3)):
+                state_dict[prefix + name + "." + kind] = part.clone()  # own storage, not a slice of a flat buffer
+
+    @staticmethod
+    def _join_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for kind in ("weight", "bias"):
+            names = [prefix + p + "." + kind for p in FusedSelfAttention.PARTS]
+            if all(n in state_dict for n in names):
+                state_dict[prefix + "qkv." + kind] = torch.cat([state_dict.pop(n) for n in names])
+
+
+def fuse_qkv_(layers) -> None:
+    """Swap every layer's ``SelfAttention`` for a ``FusedSelfAttention`` with the same
+    weights, in place (before ``flatten_params_`` and before the optimizer is built)."""
+    for layer in layers:
+        if isinstance(layer.attention.self, SelfAttention):
+            layer.attention.self = FusedSelfAttention.from_separate(layer.attention.self)
+
+
 class AttentionOutput(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -118,7 +178,10 @@ class Layer(nn.Module):
         B, T, C = h.shape
         H = self.num_heads
         sa = self.attention.self
-        q, k, v = (lin(h).view(B, T, H, C // H) for lin in (sa.query, sa.key, sa.value))
+        if isinstance(sa, FusedSelfAttention):
+            q, k, v = sa.qkv(h).view(B, T, 3, H, C // H).unbind(2)
+        else:
+            q, k, v = (lin(h).view(B, T, H, C // H) for lin in (sa.query, sa.key, sa.value))
         p = self.attention_dropout if self.training else 0.0
         if isinstance(attn_mask, Varlen):
             a = attn_mask.attend(q, k, v, p).reshape(B, T, C)

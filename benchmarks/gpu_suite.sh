@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Everything issue 13 measures, in one call on a fresh H100/H200 with the device image
+# (Python 3.12, torch, triton, transformers, pytest-benchmark; no network):
+#
+#     bash benchmarks/gpu_suite.sh OUTDIR        (from the checkout's root; e.g. OUTDIR=$OUT)
+#
+# Stages, most important first, each under its own time limit inside a total budget of
+# SUITE_BUDGET_S seconds (default 440, so the whole call stays under 8 minutes); a stage
+# that no longer fits is skipped and says so, and the files are written whatever happens:
+#   install   the checkout, editable, no downloads (the C++ extension is built here)
+#   tests     GPU correctness: pytest -m gpu (kernels at bf16, the step switches)
+#   step      python -m d2v_fast.bench, data2vec base: d2v_fast, hf, reference at batch 32
+#             and 64; data2vec2 base (8 clones): d2v_fast, reference at batch 8 and 16
+#             sequences (64 and 128 clone rows; hf has no data2vec2)
+#   ablation  data2vec base batch 64: every switch of d2v_fast.bench.ABLATION on, each off
+#             in turn, all at their defaults
+#   kernels   benchmarks/test_kernels.py (not the torch.compile rows)
+#   pretrain  the default job, 100 steps on the GPU
+#   last, if time is left: reference+compile at batch 32 (it compiles for about a minute and
+#             was slower than reference on 2026-11-28)
+#
+# OUTDIR gets at most 6 files: suite.log (everything printed), step.jsonl (one JSON object
+# per bench run: device, versions, date, rows), ablation.json, kernels.json,
+# pretrain-metrics.jsonl and tests.txt.
+set -u -o pipefail
+
+OUTDIR=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+BUDGET=${SUITE_BUDGET_S:-440}
+DRY=${SUITE_DRY_RUN:-0}  # 1: print the commands instead of running them (syntax check on a CPU machine)
+START=$(date +%s)
+LOG="$OUTDIR/suite.log"
+: >"$LOG"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
+export D2V_FAST_CACHE=${D2V_FAST_CACHE:-/tmp/d2v_fast-cache}
+
+say() { echo "=== [t+$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# stage NAME LIMIT_S CMD...: run CMD (output to the log) under min(LIMIT_S, what is left).
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if (( left < 20 )); then
+    say "$name: skipped, ${left}s of the ${BUDGET}s budget left"
+    return 0
+  fi
+  (( limit > left )) && limit=$left
+  say "$name (limit ${limit}s)"
+  if [[ $DRY == 1 ]]; then
+    printf '  %q' "$@" | tee -a "$LOG"
+    echo | tee -a "$LOG"
+    return 0
+  fi
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  (( rc == 124 || rc == 137 )) && say "$name: stopped at its ${limit}s limit"
+  (( rc != 0 )) && say "$name: exit status $rc"
+  return 0
+}
+
+say "gpu_suite in $(pwd) -> $OUTDIR"
+[[ $DRY == 1 ]] || { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$LOG"
+  $PY -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__)" 2>&1 | tee -a "$LOG"; }
+
+stage install 150 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e .
+stage import 30 bash -c "cd / && $PY -c 'import d2v_fast._C, d2v_fast.ops; print(\"d2v_fast imports\")'"
+
+stage tests 120 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_step_switches.py 2>&1 | tee '$OUTDIR/tests.txt'"
+
+BENCH=($PY -m d2v_fast.bench --config base --seq-len 512 --steps 10 --warmup 3 --data.num_workers 0)
+stage step-d2v-32 60 "${BENCH[@]}" --batch-size 32 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
+stage step-d2v-64 60 "${BENCH[@]}" --batch-size 64 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
+stage ablation 150 "${BENCH[@]}" --batch-size 64 --ablation --json "$OUTDIR/ablation.json"
+stage step-d2v2 60 "${BENCH[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
+stage step-d2v2-16 40 "${BENCH[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
+
+stage kernels 60 bash -c "D2V_BENCH_WRITE=1 $PY -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py -k 'not compiled' \
+  && cp benchmarks/results/kernels-*h[12]00*.json '$OUTDIR/kernels.json'"
+
+RUN=/tmp/d2v_fast-suite-run
+rm -rf "$RUN"
+stage pretrain 90 bash -c "$PY -m d2v_fast.pretrain --max-steps 100 --out $RUN --train.progress false \
+  && cp $RUN/metrics.jsonl '$OUTDIR/pretrain-metrics.jsonl'"
+
+stage step-d2v-32-compile 100 "${BENCH[@]}" --batch-size 32 --providers reference+compile --json "$OUTDIR/step.jsonl"
+
+say "done; files: $(ls "$OUTDIR" | tr '\n' ' ')"

@@ -1,0 +1,233 @@
+"""Performance switches of the training step (issue 13): each computes the same step as the
+default path. ``--train.skip_on_device`` (the non-finite skip decided on the device) and the
+EMA store mask it relies on."""
+import copy
+
+import pytest
+import torch
+
+from d2v_fast import kernels, ops
+from d2v_fast.data.corpus import open_corpus
+from d2v_fast.errors import UsageError
+from d2v_fast.kernels import ema as kema
+from d2v_fast.trainer import NonFiniteError, Trainer
+
+from .helpers import small_cfg
+
+INTERPRETED = kernels.AVAILABLE and kernels.is_interpreted(kema._ema_flat_kernel)
+
+
+# ----------------------------------------------------------------------------- EMA store mask
+@pytest.mark.parametrize("side", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="the Triton side on CPU needs TRITON_INTERPRET=1 before import"))])
+@pytest.mark.parametrize("layout", ["flat", "lists", "mixed-dtypes"])
+def test_ema_skip_flag_leaves_the_teacher_bitwise(side, layout):
+    shapes = [(5, 3), (7,), (4097,), (1,)]
+    if layout == "flat":
+        t, s = [torch.randn(9001)], [torch.randn(9001)]
+    else:
+        t = [torch.randn(sh) for sh in shapes]
+        s = [torch.randn(sh) for sh in shapes]
+        if layout == "mixed-dtypes":
+            s[1] = s[1].bfloat16()
+    ops.set_kernels(side)
+    try:
+        for decay in (0.9, torch.tensor(0.75)):
+            plain, kept, updated = [x.clone() for x in t], [x.clone() for x in t], [x.clone() for x in t]
+            ops.ema_update_(plain, s, decay)
+            ops.ema_update_(kept, s, decay, skip=torch.tensor(True))
+            ops.ema_update_(updated, s, decay, skip=torch.tensor(False))
+            for a, b in zip(kept, t):
+                assert torch.equal(a, b)  # skipped: untouched
+            for a, b in zip(updated, plain):
+                assert torch.equal(a, b)  # not skipped: the very same update
+            assert not torch.equal(plain[0], t[0])
+    finally:
+        ops.set_kernels("auto")
+
+
+def test_ema_op_schema_with_skip():
+    args = ([torch.randn(4), torch.randn(3)], [torch.randn(4), torch.randn(3)], None, 0.9, torch.tensor(True))
+    torch.library.opcheck(kema.ema_update_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- the step
+def run_steps(cache, tmp_path, attempts, nan_at, **train):
+    cfg = small_cfg(cache, micro_batch_size=4, **train)  # two micro-batches per update
+    cfg.optim.warmup_steps = 2
+    tr = Trainer(cfg, open_corpus(cache), tmp_path)
+    tr._inject_nan = set(nan_at)
+    stream = tr.batches()
+    out = []
+    for _ in range(attempts):
+        m = tr.train_step(next(stream))
+        out.append((float(m["loss"]), m["finite"], tr.step, tr.skipped, m["lr"], m["ema_decay"]))
+    return tr, out
+
+
+def test_skip_on_device_matches_the_host_skip(builtin_cache, tmp_path):
+    """NaN at the first attempt (before the optimizer has state) and in the middle: the same
+    losses, counters, schedule, weights, teacher and optimizer state, bit for bit."""
+    nan_at = {1, 4}
+    a, ra = run_steps(builtin_cache, tmp_path / "host", 7, nan_at)
+    b, rb = run_steps(builtin_cache, tmp_path / "device", 7, nan_at, skip_on_device=True)
+    assert [r[1] for r in ra] == [False, True, True, False, True, True, True]
+    same = lambda x, y: x == y or (x != x and y != y)  # NaN losses of the skipped attempts
+    assert all(same(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(ra, rb)), (ra, rb)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    for i, st in oa["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+
+
+def test_skip_on_device_keeps_the_skip_limit(builtin_cache, tmp_path):
+    cfg = small_cfg(builtin_cache, max_steps=10, max_skipped_steps=2, skip_on_device=True)
+    tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+    tr._inject_nan = {3, 4}
+    with pytest.raises(NonFiniteError, match="2 updates in a row"):
+        tr.fit()
+    assert tr.step == 2 and tr.skipped == 2
+
+
+def test_skip_on_device_needs_fused_adamw(builtin_cache, tmp_path):
+    cfg = small_cfg(builtin_cache, skip_on_device=True)
+    cfg.optim.fused = False
+    with pytest.raises(UsageError, match="--train.skip_on_device true: needs fused AdamW"):
+        Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_same_step(builtin_cache, tmp_path):
+    """``--train.compile blocks`` (dropout off: inductor draws its own dropout masks)."""
+    def losses(**train):
+        cfg = small_cfg(builtin_cache, batch_size=4, **train)
+        cfg.model.num_layers, cfg.recipe.top_k, cfg.data.seq_len = 1, 1, 32
+        cfg.model.dropout = cfg.model.attention_dropout = 0.0
+        tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / str(train))
+        state = copy.deepcopy(tr.model.state_dict())
+        stream = tr.batches()
+        return [float(tr.train_step(next(stream))["loss"]) for _ in range(2)], state, tr
+
+    eager, s0, _ = losses()
+    compiled, s1, tr = losses(compile="blocks")
+    assert list(s0) == list(s1) and all(torch.equal(s0[k], s1[k]) for k in s0)  # same names, same init
+    for step, (a, b) in enumerate(zip(eager, compiled), 1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: eager {a} compiled {b}"
+    assert hasattr(tr.model.teacher[0], "_compiled_call_impl") and tr.model.teacher[0]._compiled_call_impl is not None
+
+
+# ----------------------------------------------------------------------------- fused QKV
+def test_fused_qkv_layer_computes_the_same_and_keeps_hf_names():
+    from d2v_fast.models import Encoder, EncoderConfig
+    from d2v_fast.models.encoder import FusedSelfAttention, fuse_qkv_
+
+    cfg = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_seq_len=16,
+                        dropout=0.0, attention_dropout=0.0)
+    plain = Encoder(cfg)
+    fused = copy.deepcopy(plain)
+    fuse_qkv_(fused.encoder.layer)
+    assert isinstance(fused.encoder.layer[0].attention.self, FusedSelfAttention)
+    assert not any(".query." in n for n, _ in fused.named_parameters())
+    sa, sb = plain.state_dict(), fused.state_dict()
+    assert list(sa) == list(sb) or sorted(sa) == sorted(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = torch.randint(5, 50, (3, 11))
+    x[2, 7:] = 1  # padded: the SDPA mask path too
+    ya, yb = plain(x), fused(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for la, lb in zip(plain.encoder.layer, fused.encoder.layer):
+        g = torch.cat([getattr(la.attention.self, p).weight.grad for p in ("query", "key", "value")])
+        torch.testing.assert_close(lb.attention.self.qkv.weight.grad, g, rtol=1e-5, atol=1e-6)
+    # loading either form into either model
+    other = Encoder(cfg)
+    fuse_qkv_(other.encoder.layer)
+    other.load_state_dict(sa, strict=True)
+    assert all(torch.equal(other.state_dict()[k], sa[k]) for k in sa)
+    back = Encoder(cfg)
+    back.load_state_dict(sb, strict=True)
+    assert all(torch.equal(back.state_dict()[k], sa[k]) for k in sa)
+    # the HF names resolve as attributes (torch.distributed.checkpoint walks them)
+    q = fused.encoder.layer[1].attention.self.query.weight
+    assert torch.equal(q, sa["encoder.layer.1.attention.self.query.weight"])
+
+
+def test_fused_qkv_training_step_checkpoint_and_export(builtin_cache, tmp_path):
+    from d2v_fast import load_pretrained
+
+    def run(out, **train):
+        cfg = small_cfg(builtin_cache, max_steps=3, **train)
+        cfg.model.dropout = cfg.model.attention_dropout = 0.0
+        tr = Trainer(cfg, open_corpus(builtin_cache), out)
+        return [r["loss"] for r in tr.fit()], tr
+
+    plain, _ = run(tmp_path / "plain")
+    fused, tr = run(tmp_path / "fused", fused_qkv=True)
+    for step, (a, b) in enumerate(zip(plain, fused), 1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: separate {a} fused {b}"
+    enc = torch.load(tmp_path / "fused" / "encoder.pt", weights_only=False)["state_dict"]
+    assert "encoder.layer.0.attention.self.query.weight" in enc and not any("qkv" in k for k in enc)
+    assert load_pretrained(tmp_path / "fused") is not None
+    ckpt = sorted((tmp_path / "fused" / "checkpoints").glob("step-*"))[-1]
+    tr2 = Trainer(tr.cfg, open_corpus(builtin_cache), tmp_path / "again")
+    tr2.load(ckpt)  # the fused model resumes from its own checkpoint
+    a, b = tr.model.state_dict(), tr2.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- on the GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
+                                reason="needs CUDA with the kernels compiled (run with TRITON_INTERPRET=0)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_skip_on_device_on_gpu(builtin_cache, tmp_path):
+    """bf16 autocast, Triton kernels, CUDA fused AdamW: the same outcomes as the host skip, and
+    a skipped attempt leaves student, teacher and optimizer state bit for bit."""
+    def run(out, **train):
+        cfg = small_cfg(builtin_cache, micro_batch_size=4, device="cuda", **train)
+        tr = Trainer(cfg, open_corpus(builtin_cache), out, device="cuda")
+        tr._inject_nan = {1, 4}
+        stream, rows = tr.batches(), []
+        for attempt in range(1, 7):
+            before = copy.deepcopy(tr.model.state_dict()) if attempt == 4 else None
+            opt_before = copy.deepcopy(tr.optimizer.state_dict()) if attempt == 4 else None
+            m = tr.train_step(next(stream))
+            rows.append((m["finite"], tr.step, tr.skipped, m["lr"]))
+            if before is not None:
+                after = tr.model.state_dict()
+                assert all(torch.equal(before[k], after[k]) for k in before)
+                st = tr.optimizer.state_dict()["state"]
+                assert all(torch.equal(v, st[i][k]) for i, s in opt_before["state"].items() for k, v in s.items())
+            elif m["finite"]:
+                rows[-1] += (float(m["loss"]),)
+        return rows
+
+    host, device = run(tmp_path / "host"), run(tmp_path / "device", skip_on_device=True)
+    assert [r[:4] for r in host] == [r[:4] for r in device]
+    for a, b in zip(host, device):
+        if len(a) > 4:
+            assert abs(a[4] - b[4]) <= 1e-3 * abs(a[4]), (a, b)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_all_switches_on_gpu_compute_the_same_losses(builtin_cache, tmp_path):
+    def losses(out, **train):
+        cfg = small_cfg(builtin_cache, max_steps=4, device="cuda", **train)
+        cfg.model.num_layers, cfg.recipe.top_k = 2, 2
+        cfg.model.dropout = cfg.model.attention_dropout = 0.0
+        return [r["loss"] for r in Trainer(cfg, open_corpus(builtin_cache), out, device="cuda").fit()]
+
+    plain = losses(tmp_path / "plain")
+    fast = losses(tmp_path / "fast", skip_on_device=True, compile="blocks", fused_qkv=True)
+    for step, (a, b) in enumerate(zip(plain, fast), 1):
+        assert abs(a - b) <= 1e-2 * abs(a), f"step {step}: defaults {a} all switches {b}"
