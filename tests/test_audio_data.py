@@ -265,3 +265,28 @@ def test_encoder_matches_hugging_face_on_builtin_speech(builtin_speech):
         b = hf(batch["waveform"]).last_hidden_state
     assert a.shape[1] == batch["num_frames"]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- masks
+def test_speech_masks_have_equal_counts_and_the_published_coverage():
+    from d2v_fast.data.audio.masking import V1_AUDIO, V2_AUDIO, span_masks
+
+    idx = torch.arange(16)
+    v1 = span_masks(500, idx, seed=0, epoch=0, **V1_AUDIO)
+    counts = v1.sum(1)
+    assert v1.shape == (16, 500) and bool((counts == counts[0]).all())
+    assert 0.40 < counts[0] / 500 < 0.50  # ~49% expected per row, thinned to the batch minimum
+    v2 = span_masks(500, idx[:4], seed=0, epoch=0, clones=8, **V2_AUDIO)
+    assert v2.shape == (32, 500) and bool((v2.sum(1) == v2.sum(1)[0]).all())
+    assert 0.30 < v2.sum(1)[0] / 500 < 0.42
+    assert not torch.equal(v2[0], v2[1])  # clones differ
+    # a row's spans come from (seed, epoch, index, clone) alone: same row alone or in a batch
+    # (thinning aside, every masked frame of the batched row is masked in the lone row)
+    alone = span_masks(500, idx[3:4], seed=0, epoch=0, **V1_AUDIO)
+    assert bool((v1[3] <= alone[0]).all())
+    assert not torch.equal(span_masks(500, idx, seed=0, epoch=1, **V1_AUDIO), v1)
+    # masked runs are whole spans of 10 before thinning
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, alone[0].numpy().astype(int), 0])))[::2]
+    assert runs.min() >= 10
+    with pytest.raises(ValueError, match="longer crops"):
+        span_masks(4, idx[:1], seed=0, epoch=0, **V1_AUDIO)  # one span covers all 4 frames

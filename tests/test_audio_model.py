@@ -194,3 +194,16 @@ def test_flops_count_matches_parameters_for_long_inputs():
 def test_too_short_input_is_refused(tiny):
     with pytest.raises(ValueError, match="at least 400"):
         tiny(torch.randn(1, 399))
+
+
+def test_teacher_embedding_uses_another_layer_norm_and_no_dropout():
+    torch.manual_seed(0)
+    student = AudioEncoder(audio_config("tiny", dropout=0.5, feature_dropout=0.5)).train()
+    teacher = AudioEncoder(audio_config("tiny")).eval()
+    with torch.no_grad():
+        teacher.encoder.layer_norm.weight.mul_(2)
+        f = student.frame_features(torch.randn(2, 4000))
+        t = student.embed(f, layer_norm=teacher.encoder.layer_norm, dropout=False)
+        want = teacher.encoder.layer_norm(f + student.encoder.pos_conv_embed(f))
+        torch.testing.assert_close(t, want)
+        assert not torch.allclose(student.embed(f), student.embed(f))  # dropout on by default in training

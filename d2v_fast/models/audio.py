@@ -11,7 +11,8 @@ translation.
       -> encoder.layers: post-LN blocks (attention.{q,k,v,out}_proj, layer_norm,
          feed_forward.{intermediate,output}_dense, final_layer_norm)
 
-The pieces are separate methods (``frame_features``, ``embed``, ``run_audio_layers``)
+The pieces are separate methods (``frame_features``, ``embed``, ``embed_visible``,
+``run_audio_layers``)
 because the recipes need them apart: data2vec v1 feeds the teacher the unmasked frame
 features through the student's positional conv, data2vec 2.0 zeroes the masked frames
 before the positional conv and sends only the visible frames into the blocks.
@@ -83,8 +84,9 @@ class AudioEncoderConfig:
 
 AUDIO_PRESETS = {
     # tiny keeps the published strides (50 frames/s) so masks and crops mean the same
-    # thing at every size; only widths shrink, for CPU tests.
-    "tiny": dict(conv_dim=(128,) * 7, hidden_size=128, num_layers=4, num_heads=4, ffn_size=512,
+    # thing at every size; only widths shrink, for CPU tests (the extractor runs at 16 kHz and
+    # dominates a tiny model: 64 channels cost ~0.35 s fwd+bwd per 8 x 2 s batch on one core).
+    "tiny": dict(conv_dim=(64,) * 7, hidden_size=128, num_layers=4, num_heads=4, ffn_size=512,
                  pos_conv_depth=2),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, ffn_size=3072),
     # data2vec-audio-large (fairseq large_librivox): same front end, 24 post-LN layers
@@ -116,10 +118,11 @@ class ConvLayer(nn.Module):
         self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=False)
         self.layer_norm = nn.LayerNorm(c_out, eps=_CONV_LN_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, S] -> [B, C', S']
-        x = self.conv(x)
-        x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
-        return F.gelu(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, S] -> [B, C', S'] (a transposed view)
+        # LayerNorm and GELU on a contiguous [B, S', C'] copy: on strided views their CPU
+        # kernels (forward and backward) took twice as long in the tiny preset
+        x = self.conv(x).transpose(1, 2).contiguous()
+        return F.gelu(self.layer_norm(x)).transpose(1, 2)
 
 
 class FeatureExtractor(nn.Module):
@@ -158,8 +161,8 @@ class PositionalConvLayer(nn.Module):
         x = self.conv(x)
         if self.trim:
             x = x[:, :, :-self.trim]
-        x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=_CONV_LN_EPS).transpose(1, 2)
-        return F.gelu(x)
+        x = F.layer_norm(x.transpose(1, 2).contiguous(), (x.shape[1],), eps=_CONV_LN_EPS)
+        return F.gelu(x).transpose(1, 2)
 
 
 class PositionalConv(nn.Module):
@@ -303,19 +306,27 @@ class AudioEncoder(nn.Module):
         return pad if bool(pad.any()) else None
 
     def embed(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
-              padding_mask: torch.Tensor | None = None, stack: AudioLayerStack | None = None) -> torch.Tensor:
-        """Frame features -> block input: masked frames (``frame_mask`` True) replaced by
-        ``masked_spec_embed``, padded frames zeroed, positional conv added, encoder
-        LayerNorm, dropout. ``stack`` lets a teacher use its own (EMA) LayerNorm with the
-        student's positional conv (v1: the positional conv is shared)."""
-        h = F.dropout(features, self.config.feature_dropout, self.training)
+              padding_mask: torch.Tensor | None = None, *, layer_norm: nn.LayerNorm | None = None,
+              dropout: bool | None = None) -> torch.Tensor:
+        """Frame features -> block input: input dropout, masked frames (``frame_mask`` True)
+        replaced by ``masked_spec_embed``, padded frames zeroed, positional conv added,
+        encoder LayerNorm, dropout.
+
+        For teachers: ``layer_norm`` swaps in another encoder LayerNorm and ``dropout=False``
+        turns both dropouts off. data2vec v1's teacher is
+        ``student.embed(features, layer_norm=teacher.encoder.layer_norm, dropout=False)``:
+        the unmasked features from before the input dropout, the student's positional conv
+        (fairseq ``ema_layers_only`` copies it, not averages it), the EMA LayerNorm, eval mode.
+        """
+        drop = self.training if dropout is None else dropout
+        h = F.dropout(features, self.config.feature_dropout, drop)
         if frame_mask is not None:
             h = torch.where(frame_mask[..., None], self.masked_spec_embed.to(h.dtype), h)
         if padding_mask is not None:
             h = h.masked_fill(padding_mask[..., None], 0.0)
         h = h + self.encoder.pos_conv_embed(h)
-        h = (stack or self.encoder).layer_norm(h)
-        return F.dropout(h, self.config.dropout, self.training)
+        h = (layer_norm or self.encoder.layer_norm)(h)
+        return F.dropout(h, self.config.dropout, drop)
 
     def embed_visible(self, features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """data2vec 2.0 student input: masked frames zeroed, the positional conv run over the
