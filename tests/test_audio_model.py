@@ -1,6 +1,7 @@
 """The speech encoder against Hugging Face ``Data2VecAudioModel``: names, config, outputs."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,61 @@ def test_teacher_embedding_uses_another_layer_norm_and_no_dropout():
         want = teacher.encoder.layer_norm(f + student.encoder.pos_conv_embed(f))
         torch.testing.assert_close(t, want)
         assert not torch.allclose(student.embed(f), student.embed(f))  # dropout on by default in training
+
+
+def test_hf_directory_loads_with_no_key_problems_and_reads_back(tiny, tmp_path):
+    from d2v_fast.models.audio import read_hf_dir, save_hf_dir
+
+    out = save_hf_dir(tiny.state_dict(), tiny.config, tmp_path / "hf", extra={"step": 3})
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "d2v_fast.json", "model.safetensors",
+                                                     "preprocessor_config.json"]
+    assert not list(tmp_path.glob(".hf.partial-*"))
+    model, info = transformers.Data2VecAudioModel.from_pretrained(str(out), output_loading_info=True)
+    assert (len(info["missing_keys"]), len(info["unexpected_keys"]), len(info["mismatched_keys"])) == (0, 0, 0), info
+    fe = transformers.Wav2Vec2FeatureExtractor.from_pretrained(str(out))
+    assert fe.sampling_rate == 16000 and fe.do_normalize
+    cfg, weights = read_hf_dir(out)
+    assert cfg == tiny.config
+    back = AudioEncoder(cfg)
+    back.load_state_dict(weights, strict=True)
+    # a fine-tuning checkpoint (CTC head, nested names) warm-starts the encoder too
+    ctc = transformers.Data2VecAudioForCTC(transformers.Data2VecAudioConfig(**hf_config_dict(tiny.config)))
+    ctc.save_pretrained(tmp_path / "ctc")
+    _, w = read_hf_dir(tmp_path / "ctc")
+    assert set(w) == set(tiny.state_dict())
+    with pytest.raises(ValueError, match="do not fit"):
+        save_hf_dir({k: v for k, v in tiny.state_dict().items() if k != "masked_spec_embed"}, tiny.config,
+                    tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+POCKETSPHINX = "/usr/share/pocketsphinx/test/data"
+
+
+def test_matches_hugging_face_on_real_recordings(tiny, tmp_path):
+    """Recordings no one here made (Debian pocketsphinx-testdata, BSD-2: LibriVox readings
+    and card names at 16 kHz), through our preparation and Hugging Face's extractor."""
+    import os
+
+    if not os.path.isdir(POCKETSPHINX):
+        pytest.skip("Debian package pocketsphinx-testdata is not installed")
+    from d2v_fast.data.audio.corpus import open_audio_corpus
+    from d2v_fast.data.audio.dataset import build_audio_dataloader
+    from d2v_fast.data.audio.prepare import decode, prepare_audio_corpus
+
+    files = sorted(f"{POCKETSPHINX}/librivox/{f}" for f in os.listdir(f"{POCKETSPHINX}/librivox") if f.endswith(".wav"))
+    corpus = open_audio_corpus(prepare_audio_corpus(tmp_path / "real", inputs=files, dtype="float32",
+                                                    workers=1, progress=False))
+    assert len(corpus) == len(files) == 5
+    # our stored utterance is what Hugging Face's feature extractor makes of the file
+    fe = transformers.Wav2Vec2FeatureExtractor(**{k: v for k, v in hf_preprocessor_dict().items()
+                                                   if k != "feature_extractor_type"})
+    wav, rate = decode(files[0])
+    hf_in = fe(wav, sampling_rate=rate, return_tensors="np").input_values[0]
+    np.testing.assert_allclose(corpus[0], hf_in, atol=2e-5)
+    hf = hf_twin(tiny)
+    batch = next(iter(build_audio_dataloader(corpus, micro_batch_size=5, global_batch_size=5, num_workers=0)))
+    assert batch["waveform"].shape == (5, int(corpus.lengths.min()))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(batch["waveform"]), hf(batch["waveform"]).last_hidden_state,
+                                   rtol=0, atol=1e-5)

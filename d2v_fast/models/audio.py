@@ -459,3 +459,89 @@ def config_dict(cfg: AudioEncoderConfig) -> dict:
     """Plain JSON-able form for checkpoints."""
     d = asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- HF directories
+_HF_PREFIXES = ("data2vec_audio.", "model.")  # Data2VecAudioFor* checkpoints nest the encoder
+
+
+def save_hf_dir(weights: dict[str, torch.Tensor], cfg: AudioEncoderConfig, out, *, dtype: str = "float32",
+                extra: dict | None = None):
+    """Write a directory that ``transformers.Data2VecAudioModel.from_pretrained`` loads with
+    no missing or unexpected keys (``model.safetensors``, ``config.json``,
+    ``preprocessor_config.json``, and ``d2v_fast.json`` from ``extra``), built in a staging
+    directory and renamed into place. The exporter's last step; it decides which weights."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(dtypes)}")
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in AudioEncoder(cfg).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    if have != want:
+        missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        raise ValueError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"wrong shape {wrong[:3]}")
+    tensors = {k: v.detach().to("cpu", dtypes[dtype]).contiguous() for k, v in sorted(weights.items())}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
+        (staging / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_dict(), indent=2) + "\n")
+        if extra:
+            (staging / "d2v_fast.json").write_text(json.dumps(extra, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def read_hf_dir(path) -> tuple[AudioEncoderConfig, dict[str, torch.Tensor]]:
+    """(our config, encoder weights under our names) of a local ``Data2VecAudioModel`` (or
+    ``Data2VecAudioFor*``, heads dropped) directory, for ``--init-from``. Raises
+    ValueError with the reason; the caller names the flag."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; give a Hugging Face model directory")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").is_file():
+        raw = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+    with torch.device("meta"):
+        ours = set(AudioEncoder(cfg).state_dict())
+    weights = {}
+    for k, v in raw.items():
+        for p in _HF_PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        if k in ours:
+            weights[k] = v
+    # fine-tuned models made with mask_time_prob = 0 have no mask embedding: start it fresh
+    missing = ours - set(weights) - {"masked_spec_embed"}
+    if missing:
+        raise ValueError(f"{path}: the weights lack {len(missing)} encoder tensors (e.g. {sorted(missing)[0]})")
+    return cfg, weights
