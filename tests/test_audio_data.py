@@ -290,3 +290,24 @@ def test_speech_masks_have_equal_counts_and_the_published_coverage():
     assert runs.min() >= 10
     with pytest.raises(ValueError, match="longer crops"):
         span_masks(4, idx[:1], seed=0, epoch=0, **V1_AUDIO)  # one span covers all 4 frames
+
+
+def test_command_line_entry_runs_as_a_module(tmp_path):
+    import subprocess
+    import sys
+
+    from .helpers import ROOT, subprocess_env
+
+    d = tmp_path / "in"
+    d.mkdir()
+    sf.write(d / "a.wav", noise(2.5, 16000), 16000)
+    out = tmp_path / "corpus"
+    argv = [sys.executable, "-m", "d2v_fast.data.audio", "--modality", "audio", "--input", str(d), "--out", str(out),
+            "--workers", "1", "--quiet"]
+    r = subprocess.run(argv, cwd=ROOT, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert open_audio_corpus(out).lengths.tolist() == [40000]
+    r = subprocess.run(argv[:5] + ["--input", str(tmp_path / "nope"), "--out", str(out)], cwd=ROOT,
+                       env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --input {tmp_path / 'nope'}: no such file or directory; check the path"]

@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard file")
     p.add_argument("--force", action="store_true", help="replace a different corpus already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    # accepted so that `python -m d2v_fast.data.prepare --modality audio ...` can hand its
+    # whole argument list over unchanged
+    p.add_argument("--modality", choices=("audio",), default="audio", help=argparse.SUPPRESS)
     return p
 
 
