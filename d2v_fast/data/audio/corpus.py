@@ -1,0 +1,174 @@
+"""A prepared speech corpus on disk.
+
+Layout of a corpus directory::
+
+    meta.json              rate, dtype, counts, normalisation, shard list (written last)
+    audio-00000.bin        raw little-endian float16 (or float32) samples at 16 kHz mono,
+                           utterances back to back, each already zero-mean unit-variance
+    index-00000.npy        int64 utterance start offsets into the shard, plus the end
+    utterances.tsv         shard, offset, length and source of every utterance (for people)
+
+Kept free of torch so that corpus-preparation workers start fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UsageError
+
+FORMAT = "d2v_fast.audio_corpus"
+FORMAT_VERSION = 1
+META = "meta.json"
+SAMPLE_RATE = 16000
+PREPARE_HINT = "prepare one with `python -m d2v_fast.data.audio prepare IN... OUT`"
+DTYPES = ("float16", "float32")
+
+
+class AudioShardWriter:
+    """Appends utterances to numbered shards in a staging directory."""
+
+    def __init__(self, directory: Path, dtype: str, shard_samples: int):
+        self.directory, self.dtype, self.shard_samples = Path(directory), np.dtype(dtype), shard_samples
+        self.shards: list[dict] = []
+        self._file = None
+        self._listing = open(self.directory / "utterances.tsv", "w")
+        self._listing.write("shard\toffset\tsamples\tsource\n")
+
+    def _open(self):
+        self._name = f"audio-{len(self.shards):05d}.bin"
+        self._file = open(self.directory / self._name, "wb")
+        self._hash = hashlib.sha256()
+        self._offsets = [0]
+
+    def _close(self):
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())  # samples on disk before meta.json says they are
+        self._file.close()
+        index = f"index-{len(self.shards):05d}.npy"
+        np.save(self.directory / index, np.asarray(self._offsets, dtype=np.int64))
+        self.shards.append({"samples": self._name, "index": index, "num_samples": int(self._offsets[-1]),
+                            "num_utterances": len(self._offsets) - 1, "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def add(self, wav: np.ndarray, source: str) -> None:
+        n = len(wav)
+        if self._file is not None and self._offsets[-1] + n > self.shard_samples and len(self._offsets) > 1:
+            self._close()
+        if self._file is None:
+            self._open()
+        data = np.ascontiguousarray(wav, dtype=self.dtype.newbyteorder("<")).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._listing.write(f"{len(self.shards)}\t{self._offsets[-1]}\t{n}\t{source}\n")
+        self._offsets.append(self._offsets[-1] + n)
+
+    def finish(self) -> list[dict]:
+        self._close()
+        self._listing.flush()
+        os.fsync(self._listing.fileno())
+        self._listing.close()
+        return self.shards
+
+    def abort(self) -> None:
+        for f in (self._file, self._listing):
+            if f is not None and not f.closed:
+                f.close()
+
+
+def read_audio_meta(path: Path, *, flag: str = "--data") -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        what = "no such directory" if not path.exists() else "not a directory"
+        raise UsageError(f"{flag} {path}: {what}; {PREPARE_HINT}")
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise UsageError(f"{flag} {path}: not a prepared speech corpus (no {META}); {PREPARE_HINT}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{meta_path}: unreadable ({err}); re-run the preparation") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        kind = meta.get("format") if isinstance(meta, dict) else None
+        raise UsageError(f"{meta_path}: not a d2v_fast speech corpus (format {kind!r}); {PREPARE_HINT}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise UsageError(f"{meta_path}: speech corpus format version {meta.get('version')}, this d2v_fast "
+                         f"reads version {FORMAT_VERSION}; re-run the preparation")
+    return meta
+
+
+@dataclass
+class AudioCorpus:
+    """A prepared speech corpus, opened read-only with memory-mapped shards. Utterance
+    ``i`` is ``corpus[i]`` (a float32 copy)."""
+
+    path: Path
+    meta: dict
+    samples: list[np.ndarray]
+    offsets: list[np.ndarray]
+
+    def __post_init__(self):
+        counts = [len(o) - 1 for o in self.offsets]
+        self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.lengths = np.concatenate([np.diff(o) for o in self.offsets]) if counts else np.zeros(0, np.int64)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.meta["sample_rate"])
+
+    def __len__(self) -> int:
+        return int(self._first[-1])
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, start, end) of utterance ``i``."""
+        shard = int(np.searchsorted(self._first, i, side="right") - 1)
+        j = i - int(self._first[shard])
+        return shard, int(self.offsets[shard][j]), int(self.offsets[shard][j + 1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        shard, start, end = self.locate(i)
+        return np.asarray(self.samples[shard][start:end], dtype=np.float32)
+
+    def window(self, i: int, offset: int, length: int) -> np.ndarray:
+        """``length`` samples of utterance ``i`` from ``offset`` (reads only those)."""
+        shard, start, end = self.locate(i)
+        if offset < 0 or start + offset + length > end:
+            raise IndexError(f"window {offset}+{length} outside utterance {i} of {end - start} samples")
+        return np.asarray(self.samples[shard][start + offset:start + offset + length], dtype=np.float32)
+
+
+def open_audio_corpus(path: str | os.PathLike, *, flag: str = "--data") -> AudioCorpus:
+    """Open a prepared speech corpus, checking every shard's size against ``meta.json``."""
+    path = Path(path)
+    meta = read_audio_meta(path, flag=flag)
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    fix = "the corpus is truncated or altered; re-run `python -m d2v_fast.data.audio prepare`"
+    samples, offsets = [], []
+    for shard in meta["shards"]:
+        spath, ipath = path / shard["samples"], path / shard["index"]
+        for p in (spath, ipath):
+            if not p.is_file():
+                raise UsageError(f"{p}: missing; {fix}")
+        want = shard["num_samples"] * dtype.itemsize
+        if spath.stat().st_size != want:
+            raise UsageError(f"{spath}: {spath.stat().st_size} bytes, expected {want} "
+                             f"({shard['num_samples']} {dtype.name} samples per {META}); {fix}")
+        try:
+            index = np.load(ipath)
+        except (ValueError, OSError, EOFError) as err:
+            raise UsageError(f"{ipath}: unreadable ({err}); {fix}") from None
+        if (index.ndim != 1 or len(index) != shard["num_utterances"] + 1 or index[0] != 0
+                or index[-1] != shard["num_samples"] or np.any(np.diff(index) <= 0)):
+            raise UsageError(f"{ipath}: utterance offsets do not match {META}; {fix}")
+        samples.append(np.memmap(spath, dtype=dtype, mode="r"))
+        offsets.append(index)
+    return AudioCorpus(path=path, meta=meta, samples=samples, offsets=offsets)

@@ -1,0 +1,313 @@
+"""Speech corpus preparation: wav/flac/ogg files -> 16 kHz mono normalised sample shards.
+
+    python -m d2v_fast.data.audio --input PATH... --out DIR [--min-seconds 2] [--max-seconds 20]
+                                  [--dtype float16|float32] [--workers N] [--skip-bad] [--force]
+
+Per file: decoded with ``soundfile`` (libsndfile: wav, flac, ogg/vorbis, ...), channels
+averaged to mono, resampled to 16 kHz (``resample.py``), normalised to zero mean and unit
+variance over the whole utterance (at preparation time, as Hugging Face's
+``Wav2Vec2FeatureExtractor`` does: ``(x - mean) / sqrt(var + 1e-7)``), then dropped when
+shorter than ``--min-seconds`` or silent, and cut to its first ``--max-seconds`` (the
+published recipe: drop < 2 s, crop to 20 s). Batching later crops every batch to its
+shortest utterance, so nothing is ever padded.
+
+A file that cannot be decoded, holds NaN/inf, or has a rate that cannot be resampled stops
+the run with one line naming it (exit 2) unless ``--skip-bad`` turns that into a warning.
+Everything is written into a hidden staging directory beside ``--out`` and renamed into
+place when complete (``meta.json`` last), like the text corpus; re-running with the same
+inputs and options is a no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ... import __version__
+from ...errors import UsageError, cli_entry
+from ...files import fsync_dir
+from ..prepare import _clean_stale_staging, _describe_files, _fingerprint, _publish, _say, default_workers
+from .corpus import DTYPES, FORMAT, FORMAT_VERSION, META, SAMPLE_RATE, AudioShardWriter, read_audio_meta
+from .resample import MAX_FILTER_TAPS, filter_taps, resample
+
+SUFFIXES = (".wav", ".flac", ".ogg", ".oga")
+MIN_INPUT_RATE = 8000  # below telephone band the speech content is gone; upsampling cannot restore it
+NORM_EPS = 1e-7        # Wav2Vec2FeatureExtractor's
+SILENCE_VAR = 1e-10    # int16 silence with dither stays above this; digital zero does not
+DEFAULT_SHARD_SAMPLES = 1 << 28  # 512 MiB of float16, ~4.7 h
+
+
+# ----------------------------------------------------------------------------- inputs
+def expand_audio_inputs(paths: Sequence[str | os.PathLike], *, flag: str = "--input") -> list[Path]:
+    """Files, directories (recursive) and globs -> sorted, de-duplicated audio files."""
+    if not paths:
+        raise UsageError(f"{flag}: no input given; pass audio files, directories or globs")
+    kinds = "/".join(SUFFIXES)
+    files: list[Path] = []
+    for raw in map(str, paths):
+        if glob.has_magic(raw):
+            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True))
+            found = [p for m in matches for p in (_walk(m) if m.is_dir() else [m]) if _is_audio(p)]
+            if not found:
+                raise UsageError(f"{flag} {raw}: matches no {kinds} file; check the pattern "
+                                 f"(and quote it so the shell does not expand it)")
+            files.extend(found)
+            continue
+        path = Path(raw)
+        if not path.exists():
+            raise UsageError(f"{flag} {raw}: no such file or directory; check the path")
+        if path.is_dir():
+            found = _walk(path)
+            if not found:
+                raise UsageError(f"{flag} {raw}: the directory holds no {kinds} file")
+            files.extend(found)
+        elif not _is_audio(path):
+            raise UsageError(f"{flag} {raw}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+        else:
+            files.append(path)
+    seen, unique = set(), []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
+
+
+def _is_audio(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in SUFFIXES
+
+
+def _walk(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if _is_audio(p))
+
+
+# ----------------------------------------------------------------------------- one utterance
+def decode(path: Path) -> tuple[np.ndarray, int]:
+    """``(mono float32 samples, rate)``; UsageError naming the file when it cannot be read."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError) as err:
+        msg = " ".join(str(err).split()) or type(err).__name__
+        raise UsageError(f"{path}: cannot be decoded as audio ({msg}); re-encode it "
+                         f"(e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.flac`) or remove it") from None
+    return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0], int(rate)
+
+
+def to_corpus_audio(wav: np.ndarray, rate: int, source: str) -> np.ndarray | None:
+    """Resample to 16 kHz and normalise; None for silence. UsageError for a rate or values
+    that cannot be used."""
+    if rate < MIN_INPUT_RATE:
+        raise UsageError(f"{source}: sample rate {rate} Hz is below {MIN_INPUT_RATE} Hz, too low for "
+                         f"speech at {SAMPLE_RATE} Hz; use a recording made at {MIN_INPUT_RATE} Hz or more")
+    if filter_taps(rate, SAMPLE_RATE) > MAX_FILTER_TAPS:
+        raise UsageError(f"{source}: sample rate {rate} Hz has no small ratio to {SAMPLE_RATE} Hz, so it "
+                         f"cannot be resampled here; convert it first (e.g. `sox IN -r 16000 OUT.flac`)")
+    if not np.isfinite(wav).all():
+        raise UsageError(f"{source}: holds NaN or infinite samples; re-export the recording")
+    x = resample(wav, rate, SAMPLE_RATE).astype(np.float64)
+    var = x.var() if x.size else 0.0
+    if var < SILENCE_VAR:
+        return None
+    return ((x - x.mean()) / np.sqrt(var + NORM_EPS)).astype(np.float32)
+
+
+def _load_file(args: tuple[str, bool]) -> tuple[str, np.ndarray | None, str | None]:
+    """Worker: ``(path, samples or None, why None)``."""
+    path, skip_bad = args
+    try:
+        wav, rate = decode(Path(path))
+        return path, to_corpus_audio(wav, rate, path), "silent"
+    except UsageError as err:
+        if not skip_bad:
+            raise
+        return path, None, str(err)
+
+
+def _loaded(files: Sequence[Path], workers: int, skip_bad: bool) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    jobs = [(str(f), skip_bad) for f in files]
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_load_file, jobs)
+        return
+    # spawn: the parent may hold torch threads, which fork would copy half-alive
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap(_load_file, jobs, chunksize=4)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+
+
+# ----------------------------------------------------------------------------- output dir
+def _check_out_dir(out: Path, fingerprint: str, force: bool) -> bool:
+    """True when ``out`` already holds this very corpus (nothing to do)."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory; choose another path")
+    if (out / META).is_file():
+        try:
+            meta = read_audio_meta(out, flag="--out")
+        except UsageError:
+            meta = {}
+        if meta.get("source", {}).get("fingerprint") == fingerprint:
+            return True
+        if force:
+            return False
+        raise UsageError(f"--out {out}: holds a different corpus (other inputs or options); choose another "
+                         f"--out, delete it, or pass --force to replace it")
+    if any(out.iterdir()):
+        raise UsageError(f"--out {out}: not empty and holds no corpus; choose a new or empty directory")
+    return False
+
+
+# ----------------------------------------------------------------------------- main entry
+def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = None,
+                         utterances: Iterable[tuple[str, np.ndarray, int]] | None = None,
+                         source_id: str | None = None, min_seconds: float = 2.0, max_seconds: float = 20.0,
+                         dtype: str = "float16", workers: int | None = None, skip_bad: bool = False,
+                         shard_samples: int = DEFAULT_SHARD_SAMPLES, force: bool = False,
+                         progress: bool = True, extra_meta: dict | None = None) -> Path:
+    """Build a speech corpus from audio files (``inputs``) or in-memory
+    ``(name, samples, rate)`` triples (``utterances`` with a stable ``source_id``)."""
+    out = Path(out)
+    if (inputs is None) == (utterances is None):
+        raise ValueError("pass exactly one of inputs= or utterances=")
+    if utterances is not None and not source_id:
+        raise ValueError("utterances= needs a source_id that identifies them")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not 0 < min_seconds <= max_seconds:
+        raise UsageError(f"--min-seconds {min_seconds} / --max-seconds {max_seconds}: need "
+                         f"0 < min <= max")
+    if shard_samples < 1:
+        raise UsageError(f"--shard-samples {shard_samples}: must be positive")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: must be at least 1")
+    min_samples, max_samples = int(round(min_seconds * SAMPLE_RATE)), int(round(max_seconds * SAMPLE_RATE))
+
+    files = expand_audio_inputs(inputs) if inputs is not None else []
+    source = {"inputs": _describe_files(files) if inputs is not None else [source_id],
+              "min_samples": min_samples, "max_samples": max_samples, "dtype": dtype,
+              "shard_samples": shard_samples, "skip_bad": skip_bad}
+    fingerprint = _fingerprint(source)
+    source["fingerprint"] = fingerprint
+    if _check_out_dir(out, fingerprint, force):
+        _say(progress, f"{out}: already holds this corpus, nothing to do")
+        return out
+
+    if inputs is not None:
+        names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        items = _loaded(files, workers, skip_bad)
+    else:
+        names = source_id
+        items = ((name, to_corpus_audio(np.asarray(wav, np.float32), rate, name), "silent")
+                 for name, wav, rate in utterances)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_staging(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    writer = None
+    try:
+        t0 = time.perf_counter()
+        writer = AudioShardWriter(staging, dtype, shard_samples)
+        kept = total = cropped = 0
+        dropped = {"shorter than min": 0, "silent": 0, "unreadable": 0}
+        lengths = []
+        for name, wav, why in items:
+            if wav is None:
+                if why == "silent":
+                    dropped["silent"] += 1
+                else:
+                    dropped["unreadable"] += 1
+                    print(f"warning: skipping {why}", file=sys.stderr, flush=True)
+                continue
+            if len(wav) < min_samples:
+                dropped["shorter than min"] += 1
+                continue
+            if len(wav) > max_samples:
+                wav, cropped = wav[:max_samples], cropped + 1
+            writer.add(wav, name)
+            kept += 1
+            total += len(wav)
+            lengths.append(len(wav))
+        if kept == 0:
+            raise UsageError(f"the inputs ({names}) hold no usable utterance of at least {min_seconds:g} s "
+                             f"(dropped: {', '.join(f'{v} {k}' for k, v in dropped.items() if v) or 'none'}); "
+                             f"add longer recordings or lower --min-seconds")
+        shards = writer.finish()
+        lengths = np.asarray(lengths)
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "d2v_fast_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "modality": "audio", "sample_rate": SAMPLE_RATE, "channels": 1, "dtype": dtype,
+            "normalisation": "per utterance at preparation, (x - mean) / sqrt(var + 1e-7), before cropping",
+            "num_utterances": kept, "num_samples": int(total), "hours": round(total / SAMPLE_RATE / 3600, 4),
+            "min_samples": int(lengths.min()), "max_samples": int(lengths.max()),
+            "cropped_to_max": cropped, "dropped": dropped,
+            "shards": shards, "source": source, **(extra_meta or {}),
+        }
+        tmp = staging / (META + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, staging / META)
+        fsync_dir(staging)
+        _publish(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    dt = time.perf_counter() - t0
+    _say(progress, f"wrote {out}: {kept:,} utterances, {total / SAMPLE_RATE / 3600:.3f} h at {SAMPLE_RATE} Hz "
+                   f"({dtype}), {len(shards)} shard(s); dropped {sum(dropped.values())}, cropped {cropped} "
+                   f"in {dt:.1f}s")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m d2v_fast.data.audio", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=f"{'/'.join(SUFFIXES)} files, directories (searched recursively) or globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="corpus directory to write")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="drop shorter utterances")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="keep only the first this many seconds")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="sample storage type")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--skip-bad", action="store_true", help="warn about and skip undecodable files instead of stopping")
+    p.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard file")
+    p.add_argument("--force", action="store_true", help="replace a different corpus already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    # accepted so that `python -m d2v_fast.data.prepare --modality audio ...` can hand its
+    # whole argument list over unchanged
+    p.add_argument("--modality", choices=("audio",), default="audio", help=argparse.SUPPRESS)
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    prepare_audio_corpus(args.out, inputs=args.input, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
+                         dtype=args.dtype, workers=args.workers, skip_bad=args.skip_bad,
+                         shard_samples=args.shard_samples, force=args.force, progress=not args.quiet)
+    return 0

@@ -1,0 +1,313 @@
+"""Speech data: resampling, corpus preparation (and its refusals), batching, built-in corpus."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+sf = pytest.importorskip("soundfile", reason="soundfile is a dependency (pip install -e .)")
+
+from d2v_fast.data.audio import prepare as ap  # noqa: E402
+from d2v_fast.data.audio.corpus import open_audio_corpus  # noqa: E402
+from d2v_fast.data.audio.dataset import (AudioBatchSampler, CropCollator, UtteranceDataset,  # noqa: E402
+                                         bucket_order, build_audio_dataloader)
+from d2v_fast.data.audio.resample import resample  # noqa: E402
+from d2v_fast.errors import UsageError  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- resampling
+@pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000])
+def test_resample_keeps_a_tone(rate):
+    t = np.arange(rate * 2) / rate
+    y = resample(np.sin(2 * np.pi * 440 * t + 0.3).astype(np.float32), rate, 16000)
+    assert len(y) == 32000
+    ref = np.sin(2 * np.pi * 440 * np.arange(32000) / 16000 + 0.3)
+    assert np.abs(y - ref)[200:-200].max() < 1e-3  # edges see the zero padding
+
+
+def test_resample_removes_what_16k_cannot_hold():
+    t = np.arange(44100) / 44100
+    y = resample(np.sin(2 * np.pi * 12000 * t).astype(np.float32), 44100, 16000)
+    assert np.sqrt(np.mean(y[200:-200] ** 2)) < 1e-3  # 12 kHz would alias to 4 kHz: > 60 dB down
+
+
+# ----------------------------------------------------------------------------- preparation
+def noise(seconds, rate, channels=1, scale=0.1, seed=0):
+    x = np.random.default_rng(seed).standard_normal((int(seconds * rate), channels)).astype(np.float32) * scale
+    return x[:, 0] if channels == 1 else x
+
+
+@pytest.fixture
+def audio_dir(tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    sf.write(d / "a.wav", noise(3, 16000, seed=1), 16000, subtype="PCM_16")
+    sf.write(d / "b.flac", noise(2.5, 44100, channels=2, seed=2), 44100)
+    sf.write(d / "sub" / "c.ogg", noise(25, 22050, seed=3), 22050)
+    sf.write(d / "short.wav", noise(1, 16000, seed=4), 16000)
+    sf.write(d / "silent.wav", np.zeros(48000, np.float32), 16000)
+    (d / "notes.txt").write_text("not audio, ignored when walking a directory")
+    return d
+
+
+def prep(inputs, out, **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return ap.prepare_audio_corpus(out, inputs=[str(i) for i in inputs], **kw)
+
+
+def test_prepare_decodes_resamples_normalises_drops_and_crops(audio_dir, tmp_path):
+    out = prep([audio_dir], tmp_path / "corpus")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_utterances"] == 3 and meta["sample_rate"] == 16000 and meta["dtype"] == "float16"
+    assert meta["dropped"] == {"shorter than min": 1, "silent": 1, "unreadable": 0}
+    assert meta["cropped_to_max"] == 1
+    corpus = open_audio_corpus(out)
+    # sorted walk: a.wav, b.flac, sub/c.ogg
+    assert corpus.lengths.tolist() == [48000, 40000, 320000]
+    for i in range(3):
+        x = corpus[i]
+        assert abs(x.mean()) < 0.02 and abs(x.std() - 1) < 0.02
+    # the stored utterance is decode -> mono -> resample -> normalise, to float16 precision
+    wav, rate = ap.decode(audio_dir / "b.flac")
+    assert rate == 44100 and wav.ndim == 1
+    want = ap.to_corpus_audio(wav, rate, "b.flac")
+    np.testing.assert_allclose(corpus[1], want, atol=4e-3, rtol=1e-3)
+    listing = (out / "utterances.tsv").read_text().splitlines()
+    assert len(listing) == 4 and listing[3].endswith("c.ogg")
+
+
+def test_prepare_twice_is_a_no_op_and_refuses_a_different_corpus(audio_dir, tmp_path):
+    out = prep([audio_dir], tmp_path / "corpus")
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    prep([audio_dir], out)
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UsageError, match="different corpus"):
+        prep([audio_dir], out, max_seconds=10)
+    prep([audio_dir], out, max_seconds=10, force=True, dtype="float32")
+    assert open_audio_corpus(out).lengths.max() == 160000
+
+
+def test_prepare_with_two_workers_matches_one(audio_dir, tmp_path):
+    one = open_audio_corpus(prep([audio_dir], tmp_path / "one"))
+    two = open_audio_corpus(prep([audio_dir], tmp_path / "two", workers=2))
+    assert one.meta["shards"][0]["sha256"] == two.meta["shards"][0]["sha256"]
+
+
+def run_cli(argv, capsys):
+    rc = ap.main(argv + ["--workers", "1", "--quiet"])
+    return rc, capsys.readouterr().err.strip()
+
+
+def nothing_written(out):
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty_dir", "low_rate", "odd_rate", "nan", "all_short", "not_audio"])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, audio_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sf.write(bad / "good.wav", noise(3, 16000), 16000)
+    expect = {"corrupt": "cannot be decoded as audio", "empty_dir": "holds no .wav/.flac/.ogg/.oga file",
+              "low_rate": "below 8000 Hz", "odd_rate": "cannot be resampled here", "nan": "NaN or infinite",
+              "all_short": "no usable utterance of at least 2 s", "not_audio": "unsupported file type"}[case]
+    target = bad
+    if case == "corrupt":
+        (bad / "z.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt junk")
+    elif case == "empty_dir":
+        target = tmp_path / "empty"
+        target.mkdir()
+    elif case == "low_rate":
+        sf.write(bad / "z.wav", noise(3, 4000), 4000)
+    elif case == "odd_rate":
+        sf.write(bad / "z.wav", noise(3, 16001), 16001)
+    elif case == "nan":
+        x = noise(3, 16000)
+        x[100] = np.nan
+        sf.write(bad / "z.wav", x, 16000, subtype="FLOAT")
+    elif case == "all_short":
+        (bad / "good.wav").unlink()
+        sf.write(bad / "z.wav", noise(1, 16000), 16000)
+    elif case == "not_audio":
+        target = audio_dir / "notes.txt"
+    out = tmp_path / "out" / "corpus"
+    rc, err = run_cli(["--input", str(target), "--out", str(out)], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and expect in err, err
+    assert nothing_written(out)
+
+
+def test_skip_bad_warns_and_keeps_the_rest(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    sf.write(d / "good.wav", noise(3, 16000), 16000)
+    (d / "z.flac").write_bytes(b"fLaC garbage")
+    out = tmp_path / "corpus"
+    rc, err = run_cli(["--input", str(d), "--out", str(out), "--skip-bad"], capsys)
+    assert rc == 0 and "warning: skipping" in err and "z.flac" in err
+    assert json.loads((out / "meta.json").read_text())["dropped"]["unreadable"] == 1
+
+
+def test_a_truncated_shard_is_refused(audio_dir, tmp_path):
+    out = prep([audio_dir], tmp_path / "corpus")
+    with open(out / "audio-00000.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UsageError, match="truncated or altered"):
+        open_audio_corpus(out)
+    with pytest.raises(UsageError, match="not a prepared speech corpus"):
+        open_audio_corpus(tmp_path)
+
+
+# ----------------------------------------------------------------------------- batching
+def test_bucket_order_groups_similar_lengths_and_covers_each_utterance_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(32000, 320000, size=1003)
+    batches = bucket_order(lengths, 16, seed=1, epoch=0)
+    assert batches.shape == (62, 16) and len(set(batches.ravel().tolist())) == 62 * 16
+    spread = np.array([lengths[b].max() / lengths[b].min() for b in batches])
+    assert np.median(spread) < 1.05  # cropping to the shortest wastes a few percent
+    assert not np.array_equal(batches, bucket_order(lengths, 16, seed=1, epoch=1))
+    assert np.array_equal(batches, bucket_order(lengths, 16, seed=1, epoch=0))
+
+
+def test_ranks_split_every_global_batch_and_resume_is_exact():
+    lengths = np.random.default_rng(1).integers(32000, 100000, size=100)
+    full = list(AudioBatchSampler(lengths, global_batch_size=8, seed=3))
+    per_rank = [list(AudioBatchSampler(lengths, global_batch_size=8, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    merged = [x for step in range(12) for r in (0, 1) for x in per_rank[r][step * 4:(step + 1) * 4]]
+    assert merged == full and len(full) == 96
+    resumed = list(AudioBatchSampler(lengths, global_batch_size=8, seed=3, start=40))
+    assert resumed == full[40:]
+    with pytest.raises(UsageError, match="not divisible"):
+        AudioBatchSampler(lengths, global_batch_size=9, world_size=2)
+
+
+def test_collator_crops_to_shortest_deterministically(audio_dir, tmp_path):
+    corpus = open_audio_corpus(prep([audio_dir], tmp_path / "corpus"))
+    ds = UtteranceDataset(corpus)
+    masks_seen = []
+
+    def make_masks(T, indices, epoch):
+        masks_seen.append((T, indices.tolist(), epoch))
+        return {"mask": torch.zeros(len(indices), T, dtype=torch.bool)}
+
+    collate = CropCollator(corpus, seed=5, frames_for=lambda s: (s - 400) // 320 + 1, make_masks=make_masks)
+    items = [ds[(2, i)] for i in (0, 1, 2)]
+    a, b = collate(items), collate(items)
+    assert a["waveform"].shape == (3, 40000) and torch.equal(a["waveform"], b["waveform"])
+    assert a["num_frames"] == 124 and a["mask"].shape == (3, 124) and masks_seen[0] == (124, [0, 1, 2], 2)
+    # each row is a window of its utterance
+    row2 = a["waveform"][2].numpy()
+    full = corpus[2]
+    starts = [o for o in range(0, len(full) - 40000 + 1) if full[o] == row2[0] and full[o + 1] == row2[1]]
+    assert any(np.array_equal(full[o:o + 40000], row2) for o in starts)
+    assert not torch.equal(collate([ds[(3, i)] for i in (0, 1, 2)])["waveform"][2], a["waveform"][2])
+
+
+def test_dataloader_yields_cropped_micro_batches(audio_dir, tmp_path):
+    corpus = open_audio_corpus(prep([audio_dir], tmp_path / "corpus"))
+    loader = build_audio_dataloader(corpus, micro_batch_size=1, global_batch_size=2, num_workers=0, seed=0,
+                                    max_samples=16000)
+    batches = list(loader)
+    assert len(batches) == 2 and all(b["waveform"].shape == (1, 16000) for b in batches)
+
+
+# ----------------------------------------------------------------------------- built-in corpus
+@pytest.fixture(scope="module")
+def builtin_speech(tmp_path_factory):
+    pytest.importorskip("espeakng_loader", reason="espeakng-loader is a dependency (pip install -e .)")
+    from d2v_fast.data.audio.builtin import builtin_speech_corpus
+
+    cache = tmp_path_factory.mktemp("speech_cache")
+    old = os.environ.get("D2V_FAST_CACHE")
+    os.environ["D2V_FAST_CACHE"] = str(cache)
+    try:
+        yield builtin_speech_corpus(24, workers=1, progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("D2V_FAST_CACHE", None)
+        else:
+            os.environ["D2V_FAST_CACHE"] = old
+
+
+def test_builtin_speech_corpus_is_synthesised_and_cached(builtin_speech):
+    from d2v_fast.data.audio.builtin import builtin_speech_corpus, voice_for
+
+    corpus = open_audio_corpus(builtin_speech)
+    meta = corpus.meta
+    assert meta["num_utterances"] == 24 and "eSpeak NG" in meta["builtin"]["engine"]
+    secs = corpus.lengths / 16000
+    assert secs.min() >= 2 and 4 < secs.mean() < 20
+    # speech, not noise or silence: loud and quiet stretches (syllables and pauses)
+    x = corpus[0]
+    energy = np.sqrt(np.mean(x[: len(x) // 320 * 320].reshape(-1, 320) ** 2, axis=1))
+    assert np.quantile(energy, 0.9) > 10 * np.quantile(energy, 0.1)
+    assert len({voice_for(i)["voice"] for i in range(24)}) > 8
+    stamp = (builtin_speech / "meta.json").stat().st_mtime_ns
+    assert builtin_speech_corpus(24, workers=1, progress=False) == builtin_speech
+    assert (builtin_speech / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_encoder_matches_hugging_face_on_builtin_speech(builtin_speech):
+    transformers = pytest.importorskip("transformers")
+    from d2v_fast.models.audio import AudioEncoder, audio_config, hf_config_dict, num_frames
+
+    torch.manual_seed(0)
+    ours = AudioEncoder(audio_config("tiny")).eval()
+    hf = transformers.Data2VecAudioModel(transformers.Data2VecAudioConfig(**hf_config_dict(ours.config))).eval()
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    corpus = open_audio_corpus(builtin_speech)
+    loader = build_audio_dataloader(corpus, micro_batch_size=4, global_batch_size=4, num_workers=0,
+                                    frames_for=lambda s: num_frames(ours.config, s), max_samples=48000)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        a = ours(batch["waveform"])
+        b = hf(batch["waveform"]).last_hidden_state
+    assert a.shape[1] == batch["num_frames"]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- masks
+def test_speech_masks_have_equal_counts_and_the_published_coverage():
+    from d2v_fast.data.audio.masking import V1_AUDIO, V2_AUDIO, span_masks
+
+    idx = torch.arange(16)
+    v1 = span_masks(500, idx, seed=0, epoch=0, **V1_AUDIO)
+    counts = v1.sum(1)
+    assert v1.shape == (16, 500) and bool((counts == counts[0]).all())
+    assert 0.40 < counts[0] / 500 < 0.50  # ~49% expected per row, thinned to the batch minimum
+    v2 = span_masks(500, idx[:4], seed=0, epoch=0, clones=8, **V2_AUDIO)
+    assert v2.shape == (32, 500) and bool((v2.sum(1) == v2.sum(1)[0]).all())
+    assert 0.30 < v2.sum(1)[0] / 500 < 0.42
+    assert not torch.equal(v2[0], v2[1])  # clones differ
+    # a row's spans come from (seed, epoch, index, clone) alone: same row alone or in a batch
+    # (thinning aside, every masked frame of the batched row is masked in the lone row)
+    alone = span_masks(500, idx[3:4], seed=0, epoch=0, **V1_AUDIO)
+    assert bool((v1[3] <= alone[0]).all())
+    assert not torch.equal(span_masks(500, idx, seed=0, epoch=1, **V1_AUDIO), v1)
+    # masked runs are whole spans of 10 before thinning
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, alone[0].numpy().astype(int), 0])))[::2]
+    assert runs.min() >= 10
+    with pytest.raises(ValueError, match="longer crops"):
+        span_masks(4, idx[:1], seed=0, epoch=0, **V1_AUDIO)  # one span covers all 4 frames
+
+
+def test_command_line_entry_runs_as_a_module(tmp_path):
+    import subprocess
+    import sys
+
+    from .helpers import ROOT, subprocess_env
+
+    d = tmp_path / "in"
+    d.mkdir()
+    sf.write(d / "a.wav", noise(2.5, 16000), 16000)
+    out = tmp_path / "corpus"
+    argv = [sys.executable, "-m", "d2v_fast.data.audio", "--modality", "audio", "--input", str(d), "--out", str(out),
+            "--workers", "1", "--quiet"]
+    r = subprocess.run(argv, cwd=ROOT, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert open_audio_corpus(out).lengths.tolist() == [40000]
+    r = subprocess.run(argv[:5] + ["--input", str(tmp_path / "nope"), "--out", str(out)], cwd=ROOT,
+                       env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --input {tmp_path / 'nope'}: no such file or directory; check the path"]
