@@ -127,7 +127,7 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
     (see ``flatten_params_``) or two parameter lists; ``decay`` a float or a 0-dim tensor
     on the parameters' device (read on the device: no host sync). ``skip``: an optional
     0-dim bool tensor on that device; where true the teacher stays as it was, bit for bit
-    (a non-finite update skipped on the device, ``--train.sync_free``)."""
+    (a non-finite update skipped on the device, ``--train.skip_on_device``)."""
     teacher = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher)
     student = [student] if isinstance(student, torch.Tensor) else list(student)
     if teacher and kernels_backend(teacher[0]) == "triton":
