@@ -3,10 +3,11 @@
     python -m d2v_fast.export CHECKPOINT OUT_DIR [--weights student|teacher] [--dtype float32|bfloat16]
 
 ``CHECKPOINT`` is a run directory (its newest complete checkpoint is used), a checkpoint
-directory or its ``state.pt``. The output holds ``config.json``, ``model.safetensors`` with
-exactly the base-model keys (pooler included, freshly initialised: pretraining has none)
-and the tokenizer files, and loads offline with ``Data2VecTextModel.from_pretrained`` and
-``AutoTokenizer.from_pretrained``. Needs only safetensors and tokenizers.
+directory or a file in one. Only the checkpoint's ``model.safetensors`` and ``config.json``
+are read, checked against the recorded checksum and the encoder config; nothing in them
+runs. The output holds ``config.json``, ``model.safetensors`` with exactly the base-model
+keys (pooler included, freshly initialised: pretraining has none) and the tokenizer files,
+and loads offline with ``Data2VecTextModel.from_pretrained`` and ``AutoTokenizer.from_pretrained``. Needs only safetensors and tokenizers.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # ----------------------------------------------------------------------------- finding things
 def resolve_checkpoint(path: str | os.PathLike, *, flag: str = "CHECKPOINT") -> Path:
-    """A checkpoint directory (holding state.pt) from a run dir, checkpoint dir or state.pt."""
+    """A checkpoint directory (holding state.pt) from a run dir, checkpoint dir or a file in one."""
     path = Path(path)
-    if path.is_file() and path.name == "state.pt":
+    if path.is_file() and path.name in (ckpt.STATE_FILE, ckpt.MODEL_FILE, ckpt.META_FILE) \
+            and (path.parent / ckpt.STATE_FILE).is_file():
         return path.parent
     if not path.exists():
         raise UsageError(f"{flag} {path}: no such file or directory; give a run directory or a checkpoint")
@@ -53,11 +55,26 @@ def resolve_checkpoint(path: str | os.PathLike, *, flag: str = "CHECKPOINT") -> 
 
 
 def _load_state(ckpt_dir: Path) -> dict:
+    """The checkpoint's config.json fields and its weights (``model``); state.pt is not needed."""
+    state = ckpt.load_checkpoint(ckpt_dir, train_state=False)
+    expected = _encoder_spec(state["encoder_config"], ckpt_dir / ckpt.META_FILE)
+    fix = f"use an earlier checkpoint than {ckpt_dir.name}"
+    ckpt.check_tensors(ckpt.tensor_spec(encoder_weights(state, "student")), expected, ckpt_dir / ckpt.MODEL_FILE, fix)
+    ckpt.check_tensors(ckpt.tensor_spec(encoder_weights(state, "teacher")), expected, ckpt_dir / ckpt.MODEL_FILE, fix)
+    return state
+
+
+def _encoder_spec(encoder_config: dict, where) -> dict:
+    """{name: (shape, dtype)} of the Encoder that ``encoder_config`` describes, built on the meta
+    device so that a config with absurd sizes costs no memory before it is refused."""
     try:
-        return torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UsageError(f"{ckpt_dir / 'state.pt'}: unreadable ({type(err).__name__}); the checkpoint is "
-                         f"damaged, use an earlier one") from None
+        cfg = EncoderConfig(**encoder_config)
+        with torch.device("meta"):
+            model = Encoder(cfg)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UsageError(f"{where}: its encoder_config does not describe an encoder ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); the file is damaged or was edited") from None
+    return ckpt.tensor_spec(model.state_dict())
 
 
 def encoder_weights(state: dict, which: str = "student") -> dict[str, torch.Tensor]:
@@ -172,18 +189,26 @@ def read_hf_model(path: str | os.PathLike, *, flag: str = "--init-from") -> tupl
     """(config.json, encoder weights under our names) of a local Data2VecTextModel/RobertaModel dir."""
     path = Path(path)
     if not path.is_dir():
-        raise UsageError(f"{flag} {path}: no such directory; give a local Hugging Face model directory")
+        what = "not a directory" if path.exists() else "no such directory"
+        raise UsageError(f"{flag} {path}: {what}; give a local Hugging Face model directory")
+    if (path / ckpt.CKPT_DIR).is_dir() or (path / ckpt.ENCODER_META).is_file() or (path / ckpt.STATE_FILE).is_file():
+        raise UsageError(f"{flag} {path}: a d2v_fast run or checkpoint, not a Hugging Face model directory; export "
+                         f"it first (python -m d2v_fast.export {path} HF_DIR) and give HF_DIR")
     if not (path / "config.json").is_file():
         raise UsageError(f"{flag} {path}: no config.json; give a Hugging Face model directory")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{flag} {path / 'config.json'}: not valid JSON ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{flag} {path / 'config.json'}: not a JSON object; give a Hugging Face model directory")
     if config.get("model_type") not in ("data2vec-text", "roberta"):
         raise UsageError(f"{flag} {path}: model_type {config.get('model_type')!r}; expected data2vec-text or roberta")
+    fix = "give a complete Hugging Face model directory"
     if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path / "model.safetensors"))
+        raw = ckpt.read_safetensors(path / "model.safetensors", fix)
     elif (path / "pytorch_model.bin").is_file():
-        raw = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        raw = ckpt.load_plain(path / "pytorch_model.bin", fix)  # weights_only: a crafted pickle runs nothing
     else:
         raise UsageError(f"{flag} {path}: no model.safetensors or pytorch_model.bin")
     weights = {}
@@ -192,7 +217,7 @@ def read_hf_model(path: str | os.PathLike, *, flag: str = "--init-from") -> tupl
             if k.startswith(p):
                 k = k[len(p):]
                 break
-        if k.startswith(("embeddings.", "encoder.layer.")):
+        if k.startswith(("embeddings.", "encoder.layer.")) and isinstance(v, torch.Tensor):
             weights[k] = v
     return config, weights
 
@@ -215,26 +240,37 @@ def check_hf_fits(config: dict, enc: EncoderConfig, path, *, flag: str = "--init
 
 # ----------------------------------------------------------------------------- load_pretrained
 def load_pretrained(path, map_location="cpu") -> Encoder:
+    """The student encoder of a run directory (its encoder.safetensors, else its newest complete
+    checkpoint), a checkpoint directory, or an encoder.safetensors / encoder.json file. Every file
+    is checked (format version, checksum, keys, shapes, dtypes) and none can run code."""
     path = Path(path)
-    if path.is_dir() and (path / "encoder.pt").is_file():
-        f = path / "encoder.pt"
-    elif path.is_file() and path.name != "state.pt":
-        f = path
+    legacy = "python -m d2v_fast.checkpoint convert"
+    if path.is_dir() and (path / ckpt.ENCODER_META).is_file():
+        meta = path / ckpt.ENCODER_META
+    elif path.is_dir() and (path / ckpt.LEGACY_ENCODER).is_file():
+        raise UsageError(f"load_pretrained {path}: its {ckpt.LEGACY_ENCODER} is in the older pickle format, which "
+                         f"d2v_fast no longer opens (a pickle can run code when loaded); convert the run once (the "
+                         f"conversion reads only tensors and plain values): {legacy} {path}")
+    elif path.is_file() and path.suffix in (".safetensors", ".json") and path.parent.joinpath(
+            path.stem + ".json").is_file() and path.name not in (ckpt.MODEL_FILE, ckpt.META_FILE):
+        meta = path.with_suffix(".json")
+    elif path.is_file() and path.name not in (ckpt.STATE_FILE, ckpt.MODEL_FILE, ckpt.META_FILE):
+        raise UsageError(f"load_pretrained {path}: not a d2v_fast encoder (encoder.safetensors + encoder.json) or "
+                         f"checkpoint; d2v_fast opens no pickle files (they can run code); an encoder.pt of an older "
+                         f"d2v_fast converts once with: {legacy} {path}")
     else:
-        f = resolve_checkpoint(path, flag="load_pretrained") / "state.pt"
-    try:
-        obj = torch.load(f, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise UsageError(f"{f}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if isinstance(obj, dict) and obj.get("format") == "d2v_fast.encoder":
-        cfg, state = obj["encoder_config"], obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj and "encoder_config" in obj:
-        cfg, state = obj["encoder_config"], encoder_weights(obj, "student")
+        meta = None
+    if meta is not None:
+        cfg, weights = ckpt.read_encoder(meta, _encoder_spec)
     else:
-        raise UsageError(f"{f}: not a d2v_fast checkpoint or encoder export")
+        ckpt_dir = resolve_checkpoint(path, flag="load_pretrained")
+        state = ckpt.load_checkpoint(ckpt_dir, train_state=False)
+        cfg, weights = state["encoder_config"], encoder_weights(state, "student")
+        ckpt.check_tensors(ckpt.tensor_spec(weights), _encoder_spec(cfg, ckpt_dir / ckpt.META_FILE),
+                           ckpt_dir / ckpt.MODEL_FILE, f"use an earlier checkpoint than {ckpt_dir.name}")
     model = Encoder(EncoderConfig(**cfg))
-    model.load_state_dict(state)
-    return model.eval()
+    model.load_state_dict(weights)
+    return model.to(map_location).eval()
 
 
 # ----------------------------------------------------------------------------- CLI

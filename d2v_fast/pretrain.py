@@ -134,7 +134,7 @@ def run(argv=None) -> int:
             first, last = history[0], history[-1]
             say(f"done: step {trainer.step}, loss {first['loss']:.4f} (step {first['step']}) -> "
                 f"{last['loss']:.4f} (step {last['step']}), {last['tokens_per_s']:,.0f} tokens/s; "
-                f"{trainer.skipped} update(s) skipped; encoder saved to {out / 'encoder.pt'}", file=sys.stderr)
+                f"{trainer.skipped} update(s) skipped; encoder saved to {out / ckpt.ENCODER_FILE}", file=sys.stderr)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -356,13 +356,24 @@ class Trainer:
                              f"use the config they were trained with") from None
 
     def load(self, path: Path) -> None:
-        state = ckpt.load_state(path, "cpu")
+        """Resume from a checkpoint directory. Its files are checked against this model (keys,
+        shapes, dtypes, format version) and read as tensors and plain values: nothing in them runs."""
+        from .errors import UsageError
+
+        state = ckpt.load_checkpoint(
+            path, model=ckpt.tensor_spec(self.model.state_dict()),
+            params={k: tuple(v.shape) for k, v in self.model.student.state_dict().items()},
+            scheduler=self.scheduler.state_dict())
         self._set_model_state(state["model"], path)
-        set_optimizer_state_dict(self.model.student, self.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        try:
+            set_optimizer_state_dict(self.model.student, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise UsageError(f"{Path(path) / ckpt.STATE_FILE}: the optimizer state does not fit this run "
+                             f"({type(err).__name__}); use the config it was trained with") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.attempts, self.skipped = state.get("attempts", self.step), state.get("skipped", 0)
+        self.attempts, self.skipped = state["attempts"], state["skipped"]
         self.resumed_from = path
         rng = ckpt.load_rng(path, self.rank) if state.get("world_size") == self.world_size else None
         if rng is not None:
@@ -389,15 +400,14 @@ class Trainer:
         self._set_model_state(full, f"--init-from {path}")
 
     def export_encoder(self) -> Path:
-        """Single-file export of the student encoder for ``d2v_fast.load_pretrained``."""
-        path = self.run_dir / "encoder.pt"
+        """The student encoder for ``d2v_fast.load_pretrained``: ``encoder.safetensors`` with
+        ``encoder.json`` (config, step, checksum) beside it."""
+        path = self.run_dir / ckpt.ENCODER_FILE
         full = get_model_state_dict(self.model, options=self._FULL)
         if self.rank != 0:
             return path
         enc = {k[len("student.encoder."):]: v for k, v in full.items() if k.startswith("student.encoder.")}
-        ckpt.atomic_torch_save({"format": "d2v_fast.encoder", "encoder_config": dataclasses.asdict(self.enc_cfg),
-                                "state_dict": enc, "step": self.step}, path)
-        return path
+        return ckpt.save_encoder(path, enc, dataclasses.asdict(self.enc_cfg), self.step)
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:

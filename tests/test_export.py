@@ -9,6 +9,7 @@ import torch
 
 from d2v_fast import export as ex
 from d2v_fast import load_pretrained, pretrain
+from d2v_fast.checkpoint import load_checkpoint
 from d2v_fast.data.tokenizer import load_tokenizer
 
 from .helpers import ROOT
@@ -83,7 +84,7 @@ def test_teacher_export_holds_the_teacher(run_dir, tmp_path, capsys):
     assert export_cli([str(run_dir), str(tmp_path / "s")], capsys)[0] == 0
     t, s = load_file(str(tmp_path / "t" / "model.safetensors")), load_file(str(tmp_path / "s" / "model.safetensors"))
     assert t.keys() == s.keys()
-    state = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)["model"]
+    state = load_checkpoint(sorted((run_dir / "checkpoints").iterdir())[-1])["model"]
     k = "encoder.layer.0.intermediate.dense.weight"
     assert torch.equal(t[k], state["teacher.0.intermediate.dense.weight"]) and not torch.equal(t[k], s[k])
     assert torch.equal(t["embeddings.word_embeddings.weight"], s["embeddings.word_embeddings.weight"])

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from d2v_fast.checkpoint import load_checkpoint
+
 from .helpers import ROOT, losses, subprocess_env
 
 SMALL = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
@@ -31,7 +33,7 @@ def pretrain(args, cache, *, nproc=None, cwd=None, timeout=300, **extra):
 
 def final_state(run_dir):
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-*"))
-    return torch.load(ckpts[-1] / "state.pt", weights_only=False)
+    return load_checkpoint(ckpts[-1])
 
 
 def one_error_line(res):
@@ -110,7 +112,7 @@ def test_sigkill_at_random_points_always_resumes(builtin_cache, tmp_path):
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         for ck in (run / "checkpoints").glob("step-*"):  # every complete-looking checkpoint is complete
-            assert (ck / "state.pt").is_file() and (ck / "rng-rank0.pt").is_file() and (ck / "config.json").is_file()
+            assert all((ck / f).is_file() for f in ("state.pt", "model.safetensors", "rng-rank0.pt", "config.json"))
     res = pretrain(args + ["--out", str(run)], builtin_cache)
     assert res.returncode == 0, res.stderr
     assert losses(run) == losses(tmp_path / "ref")

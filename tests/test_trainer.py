@@ -12,9 +12,11 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from d2v_fast import load_pretrained
 from d2v_fast import pretrain
+from d2v_fast.checkpoint import load_checkpoint
 from d2v_fast.config import preset
 from d2v_fast.data.corpus import open_corpus
 from d2v_fast.models import Encoder, EncoderConfig
@@ -163,7 +165,7 @@ def test_cli_run_writes_config_metrics_checkpoints_and_export(builtin_cache, tmp
     assert "mfu" not in recs[0]  # CPU
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     enc = load_pretrained(out)
-    state = torch.load(out / "checkpoints" / "step-00000006" / "state.pt", weights_only=False)
+    state = load_checkpoint(out / "checkpoints" / "step-00000006")
     x = torch.randint(5, 8192, (2, 20))
     x[1, 12:] = 1
     ref = Encoder(EncoderConfig(**state["encoder_config"])).eval()
@@ -185,9 +187,14 @@ def test_stop_and_resume_is_bitwise_identical(builtin_cache, tmp_path, capsys):
     assert rc == 0, err
     assert "resumed from" in err and "step 4" in err
     assert losses(part) == losses(full)  # exact float equality, every step
-    a = torch.load(full / "encoder.pt", weights_only=False)["state_dict"]
-    b = torch.load(part / "encoder.pt", weights_only=False)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = load_file(str(full / "encoder.safetensors")), load_file(str(part / "encoder.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the whole checkpoint too: weights, Adam moments, schedule, counters
+    sa, sb = load_checkpoint(full / "checkpoints" / "step-00000008"), load_checkpoint(part / "checkpoints" / "step-00000008")
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    for name, st in sa["optimizer"]["state"].items():
+        assert all(torch.equal(v, sb["optimizer"]["state"][name][k]) for k, v in st.items()), name
+    assert sa["scheduler"] == sb["scheduler"] and (sa["step"], sa["position"]) == (sb["step"], sb["position"])
 
 
 def test_rerun_resumes_automatically_and_a_different_config_is_refused(builtin_cache, tmp_path, capsys):
