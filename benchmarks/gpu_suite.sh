@@ -13,12 +13,13 @@
 #   step      python -m d2v_fast.bench, data2vec base: d2v_fast, hf, reference at batch 32
 #             and 64; data2vec2 base (8 clones): d2v_fast, reference at batch 8 (and 16,
 #             last, if time is left), i.e. 64 and 128 clone rows; hf has no data2vec2
-#   ablation  data2vec base batch 64: every switch of d2v_fast.bench.ABLATION on, each off
-#             in turn, all at their defaults
+#   ablation  data2vec base batch 64, one process: hf, then d2v_fast with every switch of
+#             d2v_fast.bench.ABLATION on, each off in turn, all at their defaults
 #   kernels   benchmarks/test_kernels.py (not the torch.compile rows)
 #   pretrain  the default job, 100 steps on the GPU
-#   last, if time is left: data2vec2 at batch 16, then reference+compile at batch 32 (it
-#             compiles for about a minute and was slower than reference on 2026-11-28)
+#   last, if time is left: hf and d2v_fast with every switch on at batch 32; data2vec2 at
+#             batch 16; reference+compile at batch 32 (it compiles for about a minute and was
+#             slower than reference on 2026-11-28)
 #
 # OUTDIR gets at most 6 files: suite.log (everything printed), step.jsonl (one JSON object
 # per bench run: device, versions, date, rows), ablation.json, kernels.json,
@@ -87,7 +88,7 @@ BENCH=($PY -m d2v_fast.bench --config base --seq-len 512 --data.num_workers 0)
 TIMED=(--steps 10 --warmup 3)
 stage step-d2v-32 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
 stage step-d2v-64 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
-stage ablation 150 "${BENCH[@]}" --batch-size 64 --ablation --steps 6 --warmup 2 --json "$OUTDIR/ablation.json"
+stage ablation 170 "${BENCH[@]}" --batch-size 64 --ablation --providers hf --steps 6 --warmup 2 --json "$OUTDIR/ablation.json"
 stage step-d2v2 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 
 stage kernels 60 bash -c "D2V_BENCH_WRITE=1 $PY -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py -k 'not compiled' \
@@ -98,6 +99,8 @@ rm -rf "$RUN"
 stage pretrain 90 bash -c "$PY -m d2v_fast.pretrain --max-steps 100 --out $RUN --train.progress false \
   && cp $RUN/metrics.jsonl '$OUTDIR/pretrain-metrics.jsonl'"
 
+stage step-d2v-32-all 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers hf,d2v_fast --train.skip_on_device true \
+  --train.compile blocks --train.fused_qkv true --train.bf16_teacher true --json "$OUTDIR/step.jsonl"
 stage step-d2v2-16 40 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 
 stage step-d2v-32-compile 100 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers reference+compile --json "$OUTDIR/step.jsonl"
