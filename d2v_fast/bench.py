@@ -6,7 +6,7 @@
 
 ``--ablation`` times the ``d2v_fast`` step with every performance switch of ``ABLATION`` on,
 then with each one off in turn, then with all of them at their defaults (one process, so
-compiled graphs are shared between the rows).
+compiled graphs are shared between the rows), after the ``--providers`` named explicitly.
 
 A step is student forward/backward, teacher forward, targets, loss, optimizer and EMA, on
 synthetic batches (random token ids, real span masks) so no corpus is needed. Providers:
@@ -36,7 +36,7 @@ PROVIDERS = ("d2v_fast", "hf", "reference", "reference+compile")
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 # The step's performance switches (issue 13): --train.<name>, (value when on, value when off).
 ABLATION = {"skip_on_device": (True, False), "compile": ("blocks", "none"), "fused_qkv": (True, False),
-            "kernels": ("triton", "torch")}
+            "bf16_teacher": (True, False), "kernels": ("triton", "torch")}
 
 
 @dataclasses.dataclass
@@ -163,8 +163,11 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
 
 def ablation_configs(cfg: Config, device: torch.device) -> list[tuple[str, Config]]:
     """(row label, config): all switches on, each off in turn, all at the config's values.
-    On the CPU the Triton kernels would run in the interpreter, so ``kernels`` stays as set."""
-    switches = {k: v for k, v in ABLATION.items() if k != "kernels" or device.type == "cuda"}
+    On the CPU the Triton kernels would run in the interpreter, so ``kernels`` stays as set,
+    and ``bf16_teacher`` is left out unless ``--train.dtype bfloat16``."""
+    cuda = device.type == "cuda"
+    switches = {k: v for k, v in ABLATION.items()
+                if (k != "kernels" or cuda) and (k != "bf16_teacher" or cuda or cfg.train.dtype == "bfloat16")}
     on = {k: v[0] for k, v in switches.items()}
     rows = [("d2v_fast[all]", on)] + [(f"d2v_fast[-{k}]", {**on, k: switches[k][1]}) for k in switches]
     out = []
@@ -225,8 +228,10 @@ def main(argv=None) -> int:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
     device = torch.device("cuda") if torch.cuda.is_available() and cfg.train.device != "cpu" else torch.device("cpu")
     providers = [p.strip() for p in own["--providers"].split(",") if p.strip()]
-    if ablation:
-        rows = []
+    if ablation:  # --providers given too: those first, in the same process (same warm GPU)
+        explicit = "--providers" in argv
+        rows = [measure(p, cfg, device=device, batch_size=cfg.train.batch_size, steps=steps, warmup=warmup)
+                for p in (providers if explicit else [])]
         for label, c in ablation_configs(cfg, device):
             rows.append({**measure("d2v_fast", c, device=device, batch_size=cfg.train.batch_size, steps=steps,
                                    warmup=warmup), "provider": label})

@@ -66,6 +66,7 @@ class TrainConfig:
     skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
     compile: str = "none"  # none | blocks (torch.compile of every student and teacher encoder block)
     fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
+    bf16_teacher: bool = False  # the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
     progress: bool = True
 
 

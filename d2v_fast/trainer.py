@@ -140,11 +140,25 @@ class Trainer:
             from .models.encoder import fuse_qkv_
 
             fuse_qkv_([*self.model.student.encoder.encoder.layer, *self.model.teacher])
+        self._teacher_shadow = None
         if self.fsdp:
+            if t.bf16_teacher:
+                from .errors import UsageError
+
+                raise UsageError("--train.bf16_teacher true: not with --parallel fsdp (the teacher is sharded, not "
+                                 "one flat buffer); use --parallel ddp or --train.bf16_teacher false")
             self._shard(use_bf16)
         else:
             # Teacher blocks and student blocks each in one flat buffer: the EMA is one launch.
-            ops.flatten_params_(self.model.teacher)
+            teacher_flat = ops.flatten_params_(self.model.teacher)
+            if t.bf16_teacher:
+                from .errors import UsageError
+                from .models.encoder import shadow_linears_
+
+                if not use_bf16:
+                    raise UsageError("--train.bf16_teacher true: needs bf16 autocast (--train.dtype bfloat16, or auto "
+                                     "on a GPU); use --train.bf16_teacher false")
+                self._teacher_shadow = shadow_linears_(self.model.teacher, teacher_flat, torch.bfloat16)
             ops.flatten_params_(self.model.student.encoder.encoder.layer)
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
@@ -281,7 +295,12 @@ class Trainer:
             finite = bool(torch.isfinite(gnorm))
             if finite:
                 self.optimizer.step()
-                self.model.ema_step(decay)  # exactly one EMA step per optimizer update
+                if self._teacher_shadow is not None:  # the same update, also writing the bf16 copy
+                    ops.ema_update_(self.model.teacher.parameters(),
+                                    self.model.student.encoder.encoder.layer.parameters(), decay,
+                                    shadow=self._teacher_shadow)
+                else:
+                    self.model.ema_step(decay)  # exactly one EMA step per optimizer update
         if finite:
             self.scheduler.step()
             self.step += 1
@@ -318,7 +337,8 @@ class Trainer:
             del self.optimizer.found_inf
         local = lambda ps: [p.to_local() if hasattr(p, "to_local") else p for p in ps]
         ops.ema_update_(local(self.model.teacher.parameters()),
-                        local(self.model.student.encoder.encoder.layer.parameters()), decay, skip=~finite_t)
+                        local(self.model.student.encoder.encoder.layer.parameters()), decay, skip=~finite_t,
+                        shadow=self._teacher_shadow)
         if ready is not None:
             ready.synchronize()
         return bool(self._flag_host[0])
@@ -362,7 +382,8 @@ class Trainer:
 
         state = ckpt.load_checkpoint(
             path, model=ckpt.tensor_spec(self.model.state_dict()),
-            params={k: tuple(v.shape) for k, v in self.model.student.state_dict().items()},
+            # the optimizer's names: parameters (a fused qkv is one), not the state dict's HF names
+            params={k: tuple(v.shape) for k, v in self.model.student.named_parameters()},
             scheduler=self.scheduler.state_dict())
         self._set_model_state(state["model"], path)
         try:

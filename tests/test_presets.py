@@ -85,6 +85,7 @@ BASE_V1 = {
     "train.skip_on_device": (False, OURS + " (performance switch, same math)"),
     "train.compile": ("none", OURS + " (performance switch, same math)"),
     "train.fused_qkv": (False, OURS + " (performance switch, same math)"),
+    "train.bf16_teacher": (False, OURS + " (performance switch, same math)"),
     "train.progress": (True, OURS),
 }
 

@@ -172,7 +172,9 @@ def test_fused_qkv_training_step_checkpoint_and_export(builtin_cache, tmp_path):
     fused, tr = run(tmp_path / "fused", fused_qkv=True)
     for step, (a, b) in enumerate(zip(plain, fused), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: separate {a} fused {b}"
-    enc = torch.load(tmp_path / "fused" / "encoder.pt", weights_only=False)["state_dict"]
+    from safetensors.torch import load_file
+
+    enc = load_file(tmp_path / "fused" / "encoder.safetensors")
     assert "encoder.layer.0.attention.self.query.weight" in enc and not any("qkv" in k for k in enc)
     assert load_pretrained(tmp_path / "fused") is not None
     ckpt = sorted((tmp_path / "fused" / "checkpoints").glob("step-*"))[-1]
@@ -228,6 +230,59 @@ def test_all_switches_on_gpu_compute_the_same_losses(builtin_cache, tmp_path):
         return [r["loss"] for r in Trainer(cfg, open_corpus(builtin_cache), out, device="cuda").fit()]
 
     plain = losses(tmp_path / "plain")
-    fast = losses(tmp_path / "fast", skip_on_device=True, compile="blocks", fused_qkv=True)
+    fast = losses(tmp_path / "fast", skip_on_device=True, compile="blocks", fused_qkv=True, bf16_teacher=True)
     for step, (a, b) in enumerate(zip(plain, fast), 1):
         assert abs(a - b) <= 1e-2 * abs(a), f"step {step}: defaults {a} all switches {b}"
+
+
+# ----------------------------------------------------------------------------- bf16 teacher copy
+@pytest.mark.parametrize("side", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="the Triton side on CPU needs TRITON_INTERPRET=1 before import"))])
+@pytest.mark.parametrize("layout", ["flat", "lists"])
+def test_ema_writes_the_shadow_copy(side, layout):
+    shapes = [(5, 3), (7,), (4097,), (1,)]
+    t = [torch.randn(9001)] if layout == "flat" else [torch.randn(sh) for sh in shapes]
+    s = [torch.randn(x.shape) for x in t]
+    shadow = torch.cat([x.reshape(-1) for x in t]).bfloat16()
+    plain = [x.clone() for x in t]
+    ops.set_kernels(side)
+    try:
+        ops.ema_update_(plain, s, 0.9)
+        ops.ema_update_(t, s, 0.9, shadow=shadow)
+        assert all(torch.equal(a, b) for a, b in zip(t, plain))  # the teacher update is unchanged
+        want = torch.cat([x.reshape(-1) for x in t]).bfloat16()  # round to nearest even, as autocast casts
+        assert torch.equal(shadow, want)
+        ops.ema_update_(t, s, 0.9, skip=torch.tensor(True), shadow=shadow)
+        assert torch.equal(shadow, want)
+        if side == "triton":
+            with pytest.raises(ValueError, match="shadow is"):
+                ops.ema_update_(t, s, 0.9, shadow=shadow[1:])
+    finally:
+        ops.set_kernels("auto")
+
+
+def test_bf16_teacher_computes_the_same_step(builtin_cache, tmp_path):
+    """bf16 autocast on the CPU: the teacher reads the EMA's bf16 copy instead of casting its
+    fp32 weights, and every loss is bit for bit the same; a checkpoint load refreshes the copy."""
+    from d2v_fast.models.encoder import ShadowedLinear
+
+    def run(out, **train):
+        cfg = small_cfg(builtin_cache, max_steps=3, dtype="bfloat16", **train)
+        tr = Trainer(cfg, open_corpus(builtin_cache), out)
+        return [r["loss"] for r in tr.fit()], tr
+
+    plain, _ = run(tmp_path / "plain")
+    shadowed, tr = run(tmp_path / "shadow", bf16_teacher=True)
+    assert plain == shadowed
+    lin = tr.model.teacher[0].intermediate.dense
+    assert isinstance(lin, ShadowedLinear) and torch.equal(lin.weight_shadow, lin.weight.detach().bfloat16())
+    assert not any("shadow" in k for k in tr.model.state_dict())
+    tr2 = Trainer(tr.cfg, open_corpus(builtin_cache), tmp_path / "again")
+    tr2.load(sorted((tmp_path / "shadow" / "checkpoints").glob("step-*"))[-1])
+    lin2 = tr2.model.teacher[0].intermediate.dense
+    assert torch.equal(lin2.weight_shadow, lin.weight_shadow) and torch.equal(tr2._teacher_shadow, tr._teacher_shadow)
+
+
+def test_bf16_teacher_needs_bf16_autocast(builtin_cache, tmp_path):
+    with pytest.raises(UsageError, match="--train.bf16_teacher true: needs bf16 autocast"):
+        Trainer(small_cfg(builtin_cache, bf16_teacher=True), open_corpus(builtin_cache), tmp_path)

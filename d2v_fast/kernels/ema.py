@@ -57,14 +57,28 @@ def _ema_store_mask(offs, n, skip_ptr, SKIP_PTR: tl.constexpr):
 
 
 @triton.jit
-def _ema_flat_kernel(teacher, student, decay_ptr, decay, one_minus, n, skip_ptr,
-                     DECAY_PTR: tl.constexpr, SKIP_PTR: tl.constexpr, BLOCK: tl.constexpr):
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype`` rounding to nearest even, as torch's casts (and so autocast's) do. bf16
+    by integer arithmetic, because Triton's interpreter truncates that conversion."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _ema_flat_kernel(teacher, student, decay_ptr, decay, one_minus, n, skip_ptr, shadow,
+                     DECAY_PTR: tl.constexpr, SKIP_PTR: tl.constexpr, SHADOW: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = _ema_store_mask(offs, n, skip_ptr, SKIP_PTR)
     d, w = _ema_coefficients(decay_ptr, decay, one_minus, DECAY_PTR)
     t = tl.load(teacher + offs, mask=m).to(tl.float32)
     s = tl.load(student + offs, mask=m).to(tl.float32)
-    tl.store(teacher + offs, (t * d + s * w).to(teacher.dtype.element_ty), mask=m)
+    new = (t * d + s * w).to(teacher.dtype.element_ty)
+    tl.store(teacher + offs, new, mask=m)
+    if SHADOW:  # the low-precision copy the teacher's forward reads: 2 more bytes, no second pass
+        tl.store(shadow + offs, _round_to(new.to(tl.float32), shadow.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -110,14 +124,15 @@ def _decay_args(decay: Optional[torch.Tensor], decay_f: float, like: torch.Tenso
 
 
 def _launch_flat(teacher: torch.Tensor, student: torch.Tensor, decay: Optional[torch.Tensor], decay_f: float,
-                 skip: Optional[torch.Tensor] = None):
+                 skip: Optional[torch.Tensor] = None, shadow: Optional[torch.Tensor] = None):
     n = teacher.numel()
     if n == 0:
         return
     ptr, d, w, on_device = _decay_args(decay, decay_f, teacher)
     _ema_flat_kernel[(triton.cdiv(n, BLOCK),)](teacher, student, ptr, d, w, n, teacher if skip is None else skip,
+                                              teacher if shadow is None else shadow,
                                               DECAY_PTR=on_device, SKIP_PTR=skip is not None,
-                                              BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                              SHADOW=shadow is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def _tables(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -142,7 +157,7 @@ def _tables(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> tuple[t
 
 
 def _update(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Optional[torch.Tensor],
-            decay_f: float, skip: Optional[torch.Tensor] = None) -> None:
+            decay_f: float, skip: Optional[torch.Tensor] = None, shadow: Optional[torch.Tensor] = None) -> None:
     if len(teacher) != len(student):
         raise ValueError(f"ema_update_: {len(teacher)} teacher tensors but {len(student)} student tensors")
     for i, (t, s) in enumerate(zip(teacher, student)):
@@ -158,11 +173,19 @@ def _update(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Opt
     if skip is not None and (skip.device != teacher[0].device or skip.numel() != 1):
         raise ValueError(f"ema_update_: skip is {tuple(skip.shape)} on {skip.device}; expected a 0-dim bool "
                          f"tensor on the parameters' device ({teacher[0].device})")
+    total = sum(t.numel() for t in teacher)
+    if shadow is not None and (shadow.dim() != 1 or shadow.numel() != total or shadow.device != teacher[0].device):
+        raise ValueError(f"ema_update_: shadow is {tuple(shadow.shape)} on {shadow.device}; expected one 1-D buffer "
+                         f"of {total} elements (the teacher's, in order) on {teacher[0].device}")
     if skip is not None:
         skip = skip.reshape(1).to(torch.uint8)  # Triton loads no bool pointers; a one-byte copy, on the device
     t_flat, s_flat = _flat_view(teacher), _flat_view(student)
     if t_flat is not None and s_flat is not None and t_flat.numel() == s_flat.numel():
-        return _launch_flat(t_flat, s_flat, decay, decay_f, skip)
+        return _launch_flat(t_flat, s_flat, decay, decay_f, skip, shadow)
+    if shadow is not None:  # the other layouts: update, then one cast pass into the shadow
+        _update(teacher, student, decay, decay_f, None if skip is None else skip.bool())
+        shadow.copy_(torch.cat([t.reshape(-1) for t in teacher]))
+        return
     dtypes_t, dtypes_s = {t.dtype for t in teacher}, {s.dtype for s in student}
     if len(dtypes_t) > 1 or len(dtypes_s) > 1 or any(not t.is_contiguous() or not s.is_contiguous()
                                                      for t, s in zip(teacher, student)):
@@ -183,14 +206,14 @@ def _update(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Opt
 
 
 # ----------------------------------------------------------------------------- custom op
-@torch.library.custom_op("d2v_fast::ema_update_", mutates_args=("teacher",))
+@torch.library.custom_op("d2v_fast::ema_update_", mutates_args=("teacher", "shadow"))
 def ema_update_op(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Optional[torch.Tensor],
-                  decay_f: float, skip: Optional[torch.Tensor] = None) -> None:
-    _update(teacher, student, decay, decay_f, skip)
+                  decay_f: float, skip: Optional[torch.Tensor] = None, shadow: Optional[torch.Tensor] = None) -> None:
+    _update(teacher, student, decay, decay_f, skip, shadow)
 
 
 @ema_update_op.register_fake
-def _(teacher, student, decay, decay_f, skip=None):
+def _(teacher, student, decay, decay_f, skip=None, shadow=None):
     return None
 
 
@@ -200,10 +223,13 @@ def _tensor_list(params) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.Tensor | Iterable[torch.Tensor],
-                decay: float | torch.Tensor, skip: Optional[torch.Tensor] = None) -> None:
+                decay: float | torch.Tensor, skip: Optional[torch.Tensor] = None,
+                shadow: Optional[torch.Tensor] = None) -> None:
     """Fused EMA step; same contract as ``d2v_fast.reference.ops.ema_update_``, plus ``skip``:
     an optional 0-dim bool tensor on the parameters' device; where it is true the teacher is
-    left untouched (read inside the kernel: no host sync)."""
+    left untouched (read inside the kernel: no host sync); and ``shadow``: an optional 1-D
+    buffer (one element per teacher element, in order; e.g. bf16) that receives the new
+    teacher values in its dtype, in the same pass when the teacher is flat."""
     teacher = [t.detach() for t in _tensor_list(teacher)]
     student = [s.detach() for s in _tensor_list(student)]
     if isinstance(decay, torch.Tensor):
@@ -213,9 +239,9 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
             decay = float(decay)  # a host scalar: reading it costs no device sync
     skip = None if skip is None else skip.reshape(())
     if isinstance(decay, torch.Tensor):
-        ema_update_op(teacher, student, decay.reshape(()), 0.0, skip)
+        ema_update_op(teacher, student, decay.reshape(()), 0.0, skip, shadow)
     else:
-        ema_update_op(teacher, student, None, float(decay), skip)
+        ema_update_op(teacher, student, None, float(decay), skip, shadow)
 
 
 # ----------------------------------------------------------------------------- flat buffers

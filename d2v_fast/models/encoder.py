@@ -132,6 +132,54 @@ def fuse_qkv_(layers) -> None:
             layer.attention.self = FusedSelfAttention.from_separate(layer.attention.self)
 
 
+class ShadowedLinear(nn.Linear):
+    """A Linear that, under autocast to its shadow's dtype, reads low-precision copies of its
+    weight and bias (non-persistent buffers ``weight_shadow``/``bias_shadow``) instead of
+    letting autocast cast the fp32 parameters on every forward: the same rounded values
+    (both round to nearest even), no cast kernels. The EMA writes the copies
+    (``--train.bf16_teacher``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shadow = getattr(self, "weight_shadow", None)
+        if shadow is not None and torch.is_autocast_enabled(x.device.type) \
+                and torch.get_autocast_dtype(x.device.type) == shadow.dtype:
+            return F.linear(x.to(shadow.dtype), shadow, self.bias_shadow)
+        return super().forward(x)
+
+
+def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Give every ``nn.Linear`` in ``layers`` (whose parameters ``flatten_params_`` laid out
+    in ``flat``) a ``dtype`` copy of its weight and bias, as views of one new buffer with
+    ``flat``'s layout, so that ``ema_update_(..., shadow=buffer)`` writes it in its own pass.
+    The Linears become ``ShadowedLinear`` (same Parameter objects, same state-dict names);
+    loading a state dict into ``layers`` refreshes the copy. Returns the buffer."""
+    shadow = flat.detach().to(dtype)
+    base, size = flat.data_ptr(), flat.element_size()
+
+    def view_of(p: torch.Tensor) -> torch.Tensor:
+        start = (p.data_ptr() - base) // size
+        same_storage = p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        if not same_storage or not 0 <= start <= flat.numel() - p.numel():
+            raise ValueError("shadow_linears_: a parameter is not in the given flat buffer; call flatten_params_ first")
+        return shadow[start:start + p.numel()].view_as(p)
+
+    for parent in list(layers.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                new = ShadowedLinear(child.in_features, child.out_features, device="meta")
+                new.weight, new.bias = child.weight, child.bias  # the same Parameters: flat views, optimizer, EMA
+                new.register_buffer("weight_shadow", view_of(child.weight), persistent=False)
+                new.register_buffer("bias_shadow", view_of(child.bias), persistent=False)
+                setattr(parent, name, new)
+
+    def refresh(module, incompatible_keys):
+        with torch.no_grad():
+            shadow.copy_(flat)
+
+    layers.register_load_state_dict_post_hook(refresh)
+    return shadow
+
+
 class AttentionOutput(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()

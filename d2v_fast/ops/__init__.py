@@ -122,24 +122,30 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, sc
 
 
 def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.Tensor | Iterable[torch.Tensor],
-                decay: float | torch.Tensor, skip: Optional[torch.Tensor] = None) -> None:
+                decay: float | torch.Tensor, skip: Optional[torch.Tensor] = None,
+                shadow: Optional[torch.Tensor] = None) -> None:
     """``teacher = decay * teacher + (1 - decay) * student`` in place, over two flat buffers
     (see ``flatten_params_``) or two parameter lists; ``decay`` a float or a 0-dim tensor
     on the parameters' device (read on the device: no host sync). ``skip``: an optional
     0-dim bool tensor on that device; where true the teacher stays as it was, bit for bit
-    (a non-finite update skipped on the device, ``--train.skip_on_device``)."""
+    (a non-finite update skipped on the device, ``--train.skip_on_device``). ``shadow``: an
+    optional 1-D buffer, one element per teacher element in order, given the new teacher
+    values in its own dtype (``--train.bf16_teacher``: the copy the teacher's forward reads)."""
     teacher = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher)
     student = [student] if isinstance(student, torch.Tensor) else list(student)
     if teacher and kernels_backend(teacher[0]) == "triton":
-        return _ema.ema_update_(teacher, student, decay, skip)
+        return _ema.ema_update_(teacher, student, decay, skip, shadow)
     if skip is None:
-        return _twin.ema_update_(teacher, student, decay)
-    # The eager side has no store mask: update, then put the old values back where skipped.
-    before = [t.detach().clone() for t in teacher]
-    _twin.ema_update_(teacher, student, decay)
-    with torch.no_grad():
-        for t, b in zip(teacher, before):
-            t.copy_(torch.where(skip, b, t))
+        _twin.ema_update_(teacher, student, decay)
+    else:  # the eager side has no store mask: update, then put the old values back where skipped
+        before = [t.detach().clone() for t in teacher]
+        _twin.ema_update_(teacher, student, decay)
+        with torch.no_grad():
+            for t, b in zip(teacher, before):
+                t.copy_(torch.where(skip, b, t))
+    if shadow is not None:
+        with torch.no_grad():
+            shadow.copy_(torch.cat([t.detach().reshape(-1) for t in teacher]))
 
 
 def representation_std(x: torch.Tensor) -> torch.Tensor:
