@@ -58,6 +58,8 @@ class TrainConfig:
     min_pred_var: float = 0.01
     max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
     progress: bool = True
+    probe_task: str = "builtin"  # linear probe at the end (d2v_fast.probe): builtin | FILE.jsonl | none
+    probe_every: int = 0  # also probe every N steps into metrics.jsonl; 0 = only at the end
 
 
 @dataclass
@@ -297,3 +299,6 @@ def validate(cfg: Config) -> None:
     need(t.device in ("auto", "cpu", "cuda"), "--train.device", t.device, "expected auto, cpu or cuda")
     need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")
     need(t.kernels in ("auto", "triton", "torch"), "--train.kernels", t.kernels, "expected auto, triton or torch")
+    need(t.probe_every >= 0, "--train.probe_every", t.probe_every, "must be >= 0 (0 = only at the end)")
+    need(t.probe_every == 0 or t.probe_task != "none", "--train.probe_every", t.probe_every,
+         "needs a probe task; drop --train.probe_task none or set --train.probe_every 0")
