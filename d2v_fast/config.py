@@ -68,6 +68,8 @@ class TrainConfig:
     fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     bf16_teacher: bool = False  # the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
     progress: bool = True
+    probe_task: str = "builtin"  # linear probe at the end (d2v_fast.probe): builtin | FILE.jsonl | none
+    probe_every: int = 0  # also probe every N steps into metrics.jsonl; 0 = only at the end
 
 
 @dataclass
@@ -320,3 +322,6 @@ def validate(cfg: Config) -> None:
     need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")
     need(t.kernels in ("auto", "triton", "torch"), "--train.kernels", t.kernels, "expected auto, triton or torch")
     need(t.compile in ("none", "blocks"), "--train.compile", t.compile, "expected none or blocks")
+    need(t.probe_every >= 0, "--train.probe_every", t.probe_every, "must be >= 0 (0 = only at the end)")
+    need(t.probe_every == 0 or t.probe_task != "none", "--train.probe_every", t.probe_every,
+         "needs a probe task; drop --train.probe_task none or set --train.probe_every 0")

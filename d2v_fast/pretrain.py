@@ -74,6 +74,10 @@ def run(argv=None) -> int:
         else torch.device("cpu")
 
     corpus = open_corpus(cfg.data.path) if cfg.data.path else open_corpus(builtin_corpus(progress=rank == 0))
+    if cfg.train.probe_task not in ("builtin", "none"):  # a bad task file stops now, not after training
+        from .data.probe_task import read_task
+
+        read_task(cfg.train.probe_task, flag="--train.probe_task")
     if cfg.data.verify == "start" and rank == 0:
         verify_corpus(corpus)
 
@@ -135,6 +139,12 @@ def run(argv=None) -> int:
             say(f"done: step {trainer.step}, loss {first['loss']:.4f} (step {first['step']}) -> "
                 f"{last['loss']:.4f} (step {last['step']}), {last['tokens_per_s']:,.0f} tokens/s; "
                 f"{trainer.skipped} update(s) skipped; encoder saved to {out / ckpt.ENCODER_FILE}", file=sys.stderr)
+        if rank == 0 and cfg.train.probe_task != "none":
+            from .probe import details, probe_path, summary
+
+            result = probe_path(out, task=cfg.train.probe_task, seed=cfg.train.seed, device=str(device))
+            print(summary(result), flush=True)
+            say(f"{details(result)}; written to {out / 'probe.json'}", file=sys.stderr)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -563,6 +563,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
                     self._guard(rec)
                     window_t0, window_steps = time.perf_counter(), 0
+                if metrics["finite"] and t.probe_every and self.step % t.probe_every == 0:
+                    self.probe()
                 if bar is not None and metrics["finite"]:
                     bar.update(1)
                 if stop:
@@ -583,6 +585,35 @@ class Trainer:
             if self._tb:
                 self._tb.close()
         return history
+
+    def probe(self) -> dict | None:
+        """Linear probe (``d2v_fast.probe``, no random-init floor) of the student encoder as
+        it is now; rank 0 logs ``probe_accuracy``/``probe_macro_f1`` to metrics.jsonl and
+        returns the result. Collective under FSDP (the weights are gathered). It draws no
+        random numbers and leaves the encoder in training mode, so probing does not change
+        the run."""
+        from .models.encoder import Encoder
+        from .probe import load_task, probe_encoder
+
+        if self.fsdp:
+            full = get_model_state_dict(self.model, options=self._FULL)
+            if self.rank != 0:
+                return None
+            encoder = Encoder(self.enc_cfg)
+            encoder.load_state_dict({k[len("student.encoder."):]: v for k, v in full.items()
+                                     if k.startswith("student.encoder.")})
+            encoder.to(self.device)
+        elif self.rank != 0:
+            return None
+        else:
+            encoder = self.model.student.encoder
+        if getattr(self, "_probe_inputs", None) is None:
+            self._probe_inputs = (load_task(self.cfg.train.probe_task), self.corpus.tokenizer())
+        task, tokenizer = self._probe_inputs
+        result = probe_encoder(encoder, tokenizer, task, floor=False, device=self.device)
+        self._log({"step": self.step, "probe_accuracy": result["accuracy"], "probe_macro_f1": result["macro_f1"],
+                   "probe_s": result["seconds"]})
+        return result
 
     def _guard(self, rec: dict) -> None:
         t = self.cfg.train

@@ -20,8 +20,9 @@ def small_cfg(corpus_path, recipe="data2vec", seq_len=64, batch_size=8, **train)
 
 
 def losses(run_dir):
-    """{step: loss} from a run's metrics.jsonl."""
-    return {r["step"]: r["loss"] for r in map(json.loads, Path(run_dir, "metrics.jsonl").read_text().splitlines())}
+    """{step: loss} from a run's metrics.jsonl (probe records, which have no loss, left out)."""
+    records = map(json.loads, Path(run_dir, "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def subprocess_env(cache, **extra):

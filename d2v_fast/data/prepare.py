@@ -157,9 +157,12 @@ def prepare_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = Non
                    tokenizer: str | os.PathLike | None = None, vocab_size: int | None = None,
                    workers: int | None = None, txt_docs: str = "block", text_field: str = "text",
                    shard_tokens: int = DEFAULT_SHARD_TOKENS, min_frequency: int = 2,
-                   force: bool = False, progress: bool = True) -> Path:
+                   force: bool = False, progress: bool = True, extra_files: dict[str, bytes] | None = None,
+                   extra_meta: dict | None = None) -> Path:
     """Build a corpus directory from input files (``inputs``) or an in-memory document
-    iterable (``documents`` with a stable ``source_id``). Returns the corpus path."""
+    iterable (``documents`` with a stable ``source_id``). Returns the corpus path.
+    ``extra_files`` (name -> content) and ``extra_meta`` (merged into ``meta.json``) are
+    published with the corpus, atomically with it."""
     out = Path(out)
     if (inputs is None) == (documents is None):
         raise ValueError("pass exactly one of inputs= or documents=")
@@ -247,8 +250,13 @@ def prepare_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = Non
             "num_tokens": n_tokens, "num_documents": n_docs,
             "document_separator": "</s> after every document",
             "tokenizer": {"dir": "tokenizer", "sha256": checksum},
-            "shards": shards, "source": source,
+            "shards": shards, "source": source, **(extra_meta or {}),
         }
+        for name, content in (extra_files or {}).items():
+            with open(staging / name, "wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
         for shard in shards:  # data must be on disk before meta.json says it is complete
             with open(staging / shard["tokens"], "rb+") as f:
                 os.fsync(f.fileno())

@@ -1,0 +1,120 @@
+"""Labelled text tasks for the linear probe (``d2v_fast.probe``): a JSON-lines file of
+``{"text": ..., "label": ..., "split": "train"|"val"|"test"}`` objects (``split`` optional),
+and the seeded split by document.
+
+Kept free of torch: the built-in corpus writes its task from the preparation processes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UsageError
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = {"test": 0.2, "val": 0.2}  # the rest is train
+SPLIT_SEED = 0
+
+
+@dataclass
+class Task:
+    texts: list[str]
+    labels: list[int]  # index into classes
+    splits: list[str]
+    classes: list[str]
+    source: str
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+
+def split_by_document(labels: Sequence, *, seed: int = SPLIT_SEED, max_per_label: int | None = None) -> list[str | None]:
+    """A split name for every document, stratified by label: per label a seeded permutation
+    puts the first 20% in test, the next 20% in val, the rest in train. With
+    ``max_per_label`` only that many documents of a label take part (the others get None).
+    Documents are never shared between splits, so nothing tested was fitted on."""
+    out: list[str | None] = [None] * len(labels)
+    by_label: dict = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    for label in sorted(by_label, key=str):
+        docs = by_label[label]
+        order = [docs[j] for j in rng.permutation(len(docs))]
+        if max_per_label is not None:
+            order = order[:max_per_label]
+        n_test = round(len(order) * SPLIT_FRACTIONS["test"])
+        n_val = round(len(order) * SPLIT_FRACTIONS["val"])
+        for k, i in enumerate(order):
+            out[i] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    return out
+
+
+def task_lines(texts: Sequence[str], labels: Sequence[str], splits: Sequence[str | None]) -> bytes:
+    """The JSON-lines content of a task (documents without a split are left out)."""
+    rows = (json.dumps({"text": t, "label": l, "split": s}) for t, l, s in zip(texts, labels, splits) if s)
+    return ("\n".join(rows) + "\n").encode()
+
+
+def read_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> Task:
+    """Read a task file; documents without a ``split`` field are split by ``split_by_document``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with 'text' and 'label' fields")
+    texts, raw_labels, given = [], [], []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line") from None
+                if not isinstance(obj, dict):
+                    raise UsageError(f"{path}:{n}: not a JSON object; one object per line with 'text' and 'label'")
+                for field in ("text", "label"):
+                    if field not in obj:
+                        found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+                        raise UsageError(f"{path}:{n}: no {field!r} field (found {found}); every line needs "
+                                         f"'text' and 'label'")
+                text, label, split = obj["text"], obj["label"], obj.get("split")
+                if not isinstance(text, str) or not text.strip():
+                    raise UsageError(f"{path}:{n}: 'text' must be a non-empty string")
+                if not isinstance(label, (str, int)) or isinstance(label, bool):
+                    raise UsageError(f"{path}:{n}: 'label' {label!r} must be a string or an integer")
+                if split is not None and split not in SPLITS:
+                    raise UsageError(f"{path}:{n}: 'split' {split!r}: expected one of {', '.join(SPLITS)} "
+                                     f"or no split field")
+                texts.append(text)
+                raw_labels.append(str(label))
+                given.append(split)
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8 JSON lines") from None
+    classes = sorted(set(raw_labels))
+    if len(classes) < 2:
+        what = f"only the label {classes[0]!r}" if classes else "no documents"
+        raise UsageError(f"{flag} {path}: {what}; a probe needs at least 2 classes")
+    if all(s is not None for s in given):
+        splits = given
+    elif all(s is None for s in given):
+        splits = split_by_document(raw_labels, seed=seed)
+    else:
+        raise UsageError(f"{path}: some lines have a 'split' field and some do not; give it on every line or none")
+    if "val" not in splits:  # a file with train/test only: the classifier's validation set comes from train
+        train = [i for i, s in enumerate(splits) if s == "train"]
+        carved = split_by_document([raw_labels[i] for i in train], seed=seed)
+        splits = list(splits)
+        for i, c in zip(train, carved):
+            if c == "val":
+                splits[i] = "val"
+    for s in ("train", "val", "test"):
+        if s not in splits:
+            raise UsageError(f"{flag} {path}: no {s} documents ({len(texts)} in all); give more documents per label")
+    index = {c: i for i, c in enumerate(classes)}
+    return Task(texts=texts, labels=[index[l] for l in raw_labels], splits=list(splits), classes=classes,
+                source=str(path))
