@@ -2,11 +2,19 @@
 import pytest
 import torch
 
-from d2v_fast.models.vision import (VisionEncoder, attention_backend, config_from_hf, hf_config_dict,
-                                    keep_visible, relative_position_index, sincos_positions_2d, vision_config)
+from d2v_fast.models.vision import (
+    VisionEncoder,
+    attention_backend,
+    config_from_hf,
+    hf_config_dict,
+    keep_visible,
+    relative_position_index,
+    sincos_positions_2d,
+    vision_config,
+)
 
 transformers = pytest.importorskip("transformers")
-from transformers import Data2VecVisionConfig, Data2VecVisionModel  # noqa: E402
+from transformers import Data2VecVisionConfig, Data2VecVisionModel
 
 RECIPES = ("data2vec", "data2vec2")
 
@@ -43,7 +51,8 @@ def test_state_dict_keys_match_hf_and_load_both_ways(recipe):
     ours.load_state_dict(hf.state_dict(), strict=True)
     for name in ours.state_dict():
         assert "gamma" not in name and "beta" not in name  # renamed by HF's loader
-    assert ("encoder.relative_position_bias.relative_position_bias_table" in ours.state_dict()) == (recipe == "data2vec")
+    table = "encoder.relative_position_bias.relative_position_bias_table"
+    assert (table in ours.state_dict()) == (recipe == "data2vec")
     assert ("encoder.layer.0.lambda_1" in ours.state_dict()) == (recipe == "data2vec")
     assert ("embeddings.position_embeddings" in ours.state_dict()) == (recipe == "data2vec2")
     assert "encoder.layer.0.attention.attention.key.bias" not in ours.state_dict()

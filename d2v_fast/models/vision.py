@@ -342,12 +342,13 @@ def keep_visible(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, 1 + N, C] -> [B, 1 + V, C]: CLS and the unmasked patches of each row, in
     order (data2vec 2.0: only visible patches enter the student). Every row must mask
     the same number of patches (the inverse block mask guarantees it)."""
-    B, T, C = h.shape
+    B, _, C = h.shape
     visible = ~mask
     counts = visible.sum(1)
     V = int(counts[0])
     if bool((counts != V).any()):
-        raise ValueError(f"keep_visible: rows keep {sorted(set(counts.tolist()))} patches; every row must keep the same number")
+        raise ValueError(f"keep_visible: rows keep {sorted(set(counts.tolist()))} patches; "
+                         f"every row must keep the same number")
     rows = torch.cat([visible.new_ones(B, 1), visible], dim=1)
     return h[rows].view(B, 1 + V, C)
 
