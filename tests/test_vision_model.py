@@ -180,3 +180,34 @@ def test_attention_backend_on_gpu_is_not_math():
     model = VisionEncoder(vision_config("base", "data2vec")).cuda()
     backend = attention_backend(model, "cuda", torch.bfloat16, batch=8, backward=True)
     assert backend in ("memory-efficient", "cudnn", "flash"), backend
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_saved_directory_loads_with_from_pretrained_on_real_photos(tmp_path, monkeypatch, recipe):
+    """config.json + model.safetensors as the exporter will write them: from_pretrained finds
+    no missing or unexpected keys and matches on Fashion-MNIST photos (the built-in corpus)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from d2v_fast.data.images import builtin
+    from d2v_fast.data.images.augment import AugmentConfig, augment_batch, draw_params
+    from d2v_fast.data.images.corpus import open_images
+
+    if not (builtin.source_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not installed: {builtin.INSTALL_HINT}")
+    monkeypatch.setenv("D2V_FAST_CACHE", str(tmp_path / "cache"))
+    corpus = open_images(builtin.builtin_images(limit=60, progress=False))
+    pixels = torch.from_numpy(corpus.batch(range(60, 68))).permute(0, 3, 1, 2)  # t10k photos
+    cfg = AugmentConfig(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
+    images = augment_batch(pixels, draw_params(32, 32, cfg, seed=0, epoch=0, indices=torch.arange(8)), cfg)
+
+    model = perturbed(vision_config("tiny", recipe))
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(hf_config_dict(model.config)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    hf, info = Data2VecVisionModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), hf.eval()(images).last_hidden_state, rtol=0, atol=1e-5)
