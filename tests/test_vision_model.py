@@ -211,3 +211,54 @@ def test_saved_directory_loads_with_from_pretrained_on_real_photos(tmp_path, mon
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
         torch.testing.assert_close(model(images), hf.eval()(images).last_hidden_state, rtol=0, atol=1e-5)
+
+
+def test_keep_visible_gathers_clones_without_repeating():
+    model = perturbed(vision_config("tiny", "data2vec2"))
+    pixels = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(6, 64, generator=torch.Generator().manual_seed(3)).argsort(1) < 50  # 3 clones, 14 kept each
+    h = model.embeddings(pixels)
+    kept = keep_visible(h, mask)
+    assert kept.shape == (6, 15, 128)
+    for r in range(6):
+        rows = [0] + [1 + t for t in range(64) if not mask[r, t]]
+        torch.testing.assert_close(kept[r], h[r // 3, rows])
+
+
+def test_grid_decoder_shapes_residuals_and_gradients():
+    from d2v_fast.models.vision import GridDecoder
+
+    dec = GridDecoder(128, (8, 8), layers=6, kernel=3, groups=16)
+    assert dec.convs[0].weight.shape == (128, 8, 3, 3)  # grouped: 128 / 16 input channels per group
+    x = torch.randn(4, 64, 128, requires_grad=True)
+    mask = torch.zeros(4, 64, dtype=torch.bool)
+    mask[:, ::3] = True
+    out = dec(x, mask)
+    assert out.shape == (int(mask.sum()), 128)
+    out.square().sum().backward()
+    assert x.grad[~mask].abs().sum() > 0  # visible patches feed the masked predictions (3x3 convs)
+    # the convolutions see the grid: moving a patch's input changes only predictions nearby
+    x2 = x.detach().clone()
+    x2[0, 0] += 10
+    delta = (dec(x2, mask) - dec(x.detach(), mask)).abs().sum(1).view(4, -1)[0]
+    masked_positions = mask[0].nonzero().squeeze(1)
+    far = [i for i, t in enumerate(masked_positions.tolist()) if max(t // 8, t % 8) > 6]  # > 6 convs away
+    assert delta[0] > 0 and all(delta[i] == 0 for i in far)
+
+
+def test_hf_image_processor_config():
+    import numpy as np
+    from PIL import Image
+    from transformers import BeitImageProcessor
+
+    from d2v_fast.data.images.augment import IMAGENET_MEAN, IMAGENET_STD
+    from d2v_fast.models.vision import hf_image_processor_dict
+
+    d = hf_image_processor_dict(vision_config("base", "data2vec"), IMAGENET_MEAN, IMAGENET_STD)
+    assert d["size"] == {"height": 256, "width": 256} and d["crop_size"] == {"height": 224, "width": 224}
+    proc = BeitImageProcessor(**{k: v for k, v in d.items() if k != "image_processor_type"})
+    colour = np.array([200, 100, 50], np.uint8)
+    out = proc(Image.fromarray(np.broadcast_to(colour, (300, 400, 3)).copy()), return_tensors="pt")["pixel_values"]
+    assert out.shape == (1, 3, 224, 224)
+    want = (torch.tensor(colour / 255.0) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(out[0, :, 100, 100].double(), want, rtol=0, atol=1e-5)

@@ -165,6 +165,23 @@ def config_from_hf(hf: dict) -> VisionConfig:
         drop_path=float(hf.get("drop_path_rate", 0.0)), init_std=float(hf.get("initializer_range", 0.02)))
 
 
+def hf_image_processor_dict(cfg: VisionConfig, mean: tuple[float, float, float],
+                            std: tuple[float, float, float]) -> dict:
+    """``preprocessor_config.json`` for ``transformers.BeitImageProcessor`` (what the
+    data2vec-vision checkpoints on the Hub use): evaluation-time resize to 256/224 of the
+    image size (bicubic), centre crop to the image size, rescale to [0, 1], and the mean/std
+    we trained with."""
+    resize = round(cfg.image_size * 256 / 224)
+    return {
+        "image_processor_type": "BeitImageProcessor",
+        "do_resize": True, "size": {"height": resize, "width": resize}, "resample": 3,  # PIL bicubic
+        "do_center_crop": True, "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [float(v) for v in mean], "image_std": [float(v) for v in std],
+        "do_reduce_labels": False,
+    }
+
+
 def sincos_positions_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position table [1 + H*W, dim] (MAE / data2vec 2.0 images): the
     first half of the channels encodes the column, the second half the row, each as
@@ -339,18 +356,55 @@ class LayerStack(nn.Module):
 
 
 def keep_visible(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1 + N, C] -> [B, 1 + V, C]: CLS and the unmasked patches of each row, in
-    order (data2vec 2.0: only visible patches enter the student). Every row must mask
-    the same number of patches (the inverse block mask guarantees it)."""
-    B, _, C = h.shape
-    visible = ~mask
-    counts = visible.sum(1)
+    """[B, 1 + N, C] -> [R, 1 + V, C]: CLS and the unmasked patches of each mask row, in
+    order (data2vec 2.0: only visible patches enter the student). ``mask`` is [R, N] with
+    R = clones * B (clones of a sample adjacent), so the clones are gathered straight from
+    ``h`` without materialising ``h.repeat_interleave(clones, 0)``. Every row must keep the
+    same number of patches (the inverse block mask guarantees it)."""
+    from .. import ops  # the fused gather on CUDA, its eager twin elsewhere
+
+    R, C = mask.shape[0], h.shape[-1]
+    counts = (~mask).sum(1)
     V = int(counts[0])
     if bool((counts != V).any()):
         raise ValueError(f"keep_visible: rows keep {sorted(set(counts.tolist()))} patches; "
                          f"every row must keep the same number")
-    rows = torch.cat([visible.new_ones(B, 1), visible], dim=1)
-    return h[rows].view(B, 1 + V, C)
+    keep = torch.cat([mask.new_ones(R, 1), ~mask], dim=1)
+    return ops.masked_gather(h, keep).view(R, 1 + V, C)
+
+
+class GridDecoder(nn.Module):
+    """The data2vec 2.0 image decoder (fairseq ``Decoder2d``): ``layers`` x [Conv2d(k,
+    groups) on the patch grid -> LayerNorm over channels (no affine) -> GELU], each added to
+    its input (a residual wherever the widths match), then Linear(decoder_dim -> dim) at
+    the masked patches only. Input: [R, N, C] patch rows (no CLS), with the student's
+    outputs at visible patches and mask noise elsewhere."""
+
+    def __init__(self, dim: int, grid: tuple[int, int], layers: int = 6, kernel: int = 3, groups: int = 16,
+                 decoder_dim: int = 0, eps: float = 1e-5, init_std: float = 0.02):
+        super().__init__()
+        d = decoder_dim or dim
+        if dim % groups or d % groups:
+            raise ValueError(f"decoder widths {dim}, {d} must be multiples of groups={groups}")
+        self.grid, self.eps = grid, eps
+        self.convs = nn.ModuleList(nn.Conv2d(dim if i == 0 else d, d, kernel, padding=kernel // 2, groups=groups)
+                                   for i in range(layers))
+        self.proj = nn.Linear(d, dim)
+        for m in [*self.convs, self.proj]:
+            nn.init.normal_(m.weight, std=init_std)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predictions [M, dim] for the M true entries of ``mask`` [R, N], row-major."""
+        from .. import ops
+
+        R, N, C = x.shape
+        h = x.transpose(1, 2).reshape(R, C, *self.grid)
+        for conv in self.convs:
+            y = conv(h)
+            y = F.gelu(F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2], eps=self.eps).permute(0, 3, 1, 2))
+            h = y + h if y.shape == h.shape else y
+        return self.proj(ops.masked_gather(h.flatten(2).transpose(1, 2), mask))
 
 
 class VisionEncoder(nn.Module):
@@ -475,5 +529,5 @@ def attention_backend(model: VisionEncoder, device: torch.device | str = "cpu",
 
 
 __all__ = ["VisionConfig", "VisionEncoder", "VISION_PRESETS", "RECIPE_FLAVOURS", "vision_config",
-           "hf_config_dict", "config_from_hf", "sincos_positions_2d", "relative_position_index",
-           "keep_visible", "attention_backend"]
+           "hf_config_dict", "config_from_hf", "hf_image_processor_dict", "sincos_positions_2d",
+           "relative_position_index", "keep_visible", "GridDecoder", "attention_backend"]
