@@ -17,7 +17,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 # build input changed since the last install.
 install:
 	@if [ -f $(STAMP) ] && [ -z "$$(find $(SOURCES) -newer $(STAMP) 2>/dev/null)" ] \
-	   && (cd / && $(PYTHON) -c "import d2v_fast._C, pytest, pytest_benchmark, tokenizers, transformers, accelerate, soundfile, espeakng_loader") >/dev/null 2>&1; then \
+	   && (cd / && $(PYTHON) -c "import d2v_fast._C, pytest, pytest_benchmark, tokenizers, transformers, accelerate, soundfile, espeakng_loader, PIL") >/dev/null 2>&1; then \
 	  echo "d2v_fast is installed and up to date"; \
 	else \
 	  $(MAKE) --no-print-directory _install; \

@@ -2,6 +2,7 @@
 // d2v_fast/data/masking.py, which validate arguments with user-facing messages.
 #include <torch/extension.h>
 
+#include "image_masking.h"
 #include "masking.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,4 +14,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("random_mask", &d2v::random_mask, py::call_guard<py::gil_scoped_release>(),
         "Random (MAE-style) masks of a batch, clones adjacent: bool [B * clones, T].", py::arg("maskable"),
         py::arg("mask_prob"), py::arg("seed"), py::arg("epoch"), py::arg("indices"), py::arg("clones"));
+  m.def("block_mask", &d2v::block_mask, py::call_guard<py::gil_scoped_release>(),
+        "BEiT block masks of a batch of images: bool [B, height * width].", py::arg("height"), py::arg("width"),
+        py::arg("num_masked"), py::arg("min_block"), py::arg("max_block"), py::arg("min_aspect"),
+        py::arg("max_aspect"), py::arg("seed"), py::arg("epoch"), py::arg("indices"));
+  m.def("inverse_block_mask", &d2v::inverse_block_mask, py::call_guard<py::gil_scoped_release>(),
+        "data2vec 2.0 inverse block masks, clones adjacent: bool [B * clones, height * width].", py::arg("height"),
+        py::arg("width"), py::arg("mask_prob"), py::arg("block"), py::arg("mask_prob_adjust"), py::arg("seed"),
+        py::arg("epoch"), py::arg("indices"), py::arg("clones"));
 }

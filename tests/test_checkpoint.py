@@ -17,7 +17,7 @@ from d2v_fast.errors import UsageError
 
 from .helpers import losses
 
-ARGS = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
+ARGS = ["--train.probe_task", "none", "--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
         "--train.progress", "false", "--train.log_every", "1", "--optim.total_steps", "4"]
 
 

@@ -17,7 +17,7 @@ from d2v_fast.trainer import Trainer
 
 from .helpers import ROOT, losses, small_cfg, subprocess_env
 
-SMALL = ["--config", "tiny", "--recipe", "data2vec2", "--seq-len", "32", "--batch-size", "4",
+SMALL = ["--train.probe_task", "none", "--config", "tiny", "--recipe", "data2vec2", "--seq-len", "32", "--batch-size", "4",
          "--data.num_workers", "0", "--train.progress", "false", "--train.log_every", "1"]
 
 

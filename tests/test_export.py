@@ -16,7 +16,7 @@ from .helpers import ROOT
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev extra (pip install -e '.[dev]')")
 
-ARGS = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
+ARGS = ["--train.probe_task", "none", "--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
         "--train.progress", "false", "--train.log_every", "1"]
 
 

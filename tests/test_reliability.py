@@ -18,7 +18,7 @@ from d2v_fast.checkpoint import load_checkpoint
 
 from .helpers import ROOT, losses, subprocess_env
 
-SMALL = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
+SMALL = ["--train.probe_task", "none", "--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
          "--train.progress", "false", "--train.log_every", "1", "--optim.total_steps", "400"]
 NODROP = ["--model.dropout", "0", "--model.attention_dropout", "0"]
 

@@ -26,7 +26,7 @@ from d2v_fast.trainer import Trainer, lr_factor
 
 from .helpers import losses, small_cfg, subprocess_env
 
-SMALL = ["--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
+SMALL = ["--train.probe_task", "none", "--config", "tiny", "--seq-len", "64", "--batch-size", "8", "--data.num_workers", "0",
          "--train.progress", "false", "--train.log_every", "1"]
 
 

@@ -1,0 +1,113 @@
+"""Image augmentation split in two: parameters drawn per image on the CPU (in the loader
+workers, keyed by (seed, epoch, index) like the masks, so a resumed or re-sharded run sees
+the same crops), pixels transformed for the whole batch on any device (the GPU in
+training) from the stored uint8 images.
+
+What it does (SPEC §1c): RandomResizedCrop (area ``scale``, aspect ``ratio`` log-uniform,
+torchvision's 10 tries then a centre-crop fallback), horizontal flip with p = 0.5, colour
+jitter (brightness, contrast, saturation factors uniform in [1 - j, 1 + j]; hue untouched,
+as BEiT's ColorJitter(0.4, 0.4, 0.4)), then mean/std normalisation. Greyscale images are
+repeated to RGB.
+
+Differences from torchvision, on purpose: the crop is resampled by one bicubic
+``grid_sample`` (no antialiasing when shrinking: at 256 -> 224 the scale is >= 0.875 for
+the largest crops; small crops are enlarged, where antialiasing does nothing), and the
+jitter runs in the fixed order brightness, contrast, saturation instead of a random order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..masking import _as_u64, _row_key, _RowRng
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_AUGMENT_KIND = 0x4155474D  # "AUGM": independent of the mask streams of the same image
+# columns of the parameter tensor
+TOP, LEFT, HEIGHT, WIDTH, FLIP, BRIGHTNESS, CONTRAST, SATURATION = range(8)
+
+
+@dataclass
+class AugmentConfig:
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)  # v1 (BEiT); 2.0: (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    color_jitter: float = 0.4  # v1; 2.0: 0 (none)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def draw_params(height: int, width: int, cfg: AugmentConfig, *, seed: int, epoch: int,
+                indices: torch.Tensor) -> torch.Tensor:
+    """float64 [B, 8]: crop (top, left, height, width) in source pixels, flip (0/1), then
+    the brightness, contrast and saturation factors of each image."""
+    seed, epoch = _as_u64("seed", seed), _as_u64("epoch", epoch)
+    area = height * width
+    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    rows = []
+    for index in indices.tolist():
+        rng = _RowRng(_row_key(_AUGMENT_KIND, seed, epoch, index, 0))
+        crop = None
+        for _ in range(10):
+            target = area * (cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * rng.uniform())
+            aspect = math.exp(log_lo + (log_hi - log_lo) * rng.uniform())
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                crop = (rng.bounded(height - h + 1), rng.bounded(width - w + 1), h, w)
+                break
+        if crop is None:  # torchvision's fallback: the largest centred crop within the ratio range
+            in_ratio = width / height
+            if in_ratio < cfg.ratio[0]:
+                w, h = width, round(width / cfg.ratio[0])
+            elif in_ratio > cfg.ratio[1]:
+                h, w = height, round(height * cfg.ratio[1])
+            else:
+                h, w = height, width
+            crop = ((height - h) // 2, (width - w) // 2, h, w)
+        flip = float(cfg.flip and rng.uniform() < 0.5)
+        j = cfg.color_jitter
+        factors = [1.0 - j + 2.0 * j * rng.uniform() for _ in range(3)]
+        rows.append([*crop, flip, *factors])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 8)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def augment_batch(pixels: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """uint8 [B, C, H, W] (C = 1 or 3, any device) -> normalised float32 [B, 3, size, size]."""
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
+        raise ValueError(f"pixels must be uint8 [B, 1 or 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+    B, C, H, W = pixels.shape
+    p = params.to(device=pixels.device, dtype=torch.float32)
+    x = pixels.float().div_(255.0)
+    # Affine grid in normalised coordinates (align_corners=False: -1 and 1 are the outer
+    # pixel edges), mapping each output pixel centre into its crop box.
+    theta = torch.zeros(B, 2, 3, device=pixels.device)
+    sx, sy = p[:, WIDTH] / W, p[:, HEIGHT] / H
+    theta[:, 0, 0] = torch.where(p[:, FLIP] > 0, -sx, sx)
+    theta[:, 0, 2] = (2 * p[:, LEFT] + p[:, WIDTH]) / W - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * p[:, TOP] + p[:, HEIGHT]) / H - 1
+    grid = F.affine_grid(theta, [B, C, cfg.size, cfg.size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+    if C == 1:
+        x = x.expand(B, 3, cfg.size, cfg.size)
+    if cfg.color_jitter > 0:
+        f = p[:, BRIGHTNESS:].view(B, 3, 1, 1, 1)
+        x = (x * f[:, 0]).clamp(0, 1)
+        m = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - m) * f[:, 1] + m).clamp(0, 1)
+        g = _grey(x)
+        x = ((x - g) * f[:, 2] + g).clamp(0, 1)
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,110 @@
+"""Images for the loader: a map-style dataset over a prepared image corpus and the
+collator that stacks uint8 pixels and draws, per image, the patch mask and the
+augmentation parameters (both keyed by (seed, epoch, index)). The pixels stay uint8 until
+``augment.augment_batch`` runs on the training device, so a batch crosses PCIe at one
+byte per sample value.
+
+Sampling reuses the text ``BlockSampler`` (a (seed, epoch) permutation, global batches,
+rank slices), so resume and world-size changes work the same way for images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ...errors import UsageError
+from ..dataset import BlockSampler, _worker_init
+from .augment import AugmentConfig, draw_params
+from .corpus import ImageCorpus
+from .masking import block_mask, inverse_block_mask
+
+MASK_KINDS = ("block", "inverse_block")
+
+
+class ImageDataset(Dataset):
+    """Items are requested as ``(epoch, index)`` pairs (see ``BlockSampler``)."""
+
+    def __init__(self, corpus: ImageCorpus):
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        # a copy out of the memory map, channels first: [C, H, W]
+        pixels = torch.from_numpy(np.array(self.corpus.image(index))).permute(2, 0, 1)
+        return {"pixels": pixels, "index": index, "epoch": epoch, "label": int(self.corpus.labels[index])}
+
+
+@dataclass
+class ImageMaskingConfig:
+    """``block``: BEiT block masking (v1: 120 of 196, blocks >= 16, aspect 0.3-3.3).
+    ``inverse_block``: data2vec 2.0 (visible 3x3 blocks, 80% masked, equal count per clone)."""
+
+    kind: str = "block"
+    num_masked: int = 120
+    min_block: int = 16
+    max_block: int | None = None
+    min_aspect: float = 0.3
+    mask_prob: float = 0.8
+    block: int = 3
+    mask_prob_adjust: float = 0.07
+    clones: int = 1
+
+
+class ImageCollator:
+    """Returns ``pixels`` uint8 [B, C, H, W], ``augment`` float64 [B, 8] (see
+    ``augment.draw_params``), ``mask`` bool [B * clones, patches], ``labels``, ``indices``
+    and ``epoch``."""
+
+    def __init__(self, grid: tuple[int, int], masking: ImageMaskingConfig, augment: AugmentConfig, seed: int):
+        if masking.kind not in MASK_KINDS:
+            raise UsageError(f"image masking kind {masking.kind!r}: expected one of {', '.join(MASK_KINDS)}")
+        self.grid, self.masking, self.augment, self.seed = grid, masking, augment, seed
+
+    def __call__(self, items: list[dict]) -> dict:
+        pixels = torch.stack([it["pixels"] for it in items])
+        indices = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        epochs = {it["epoch"] for it in items}
+        if len(epochs) != 1:
+            raise RuntimeError(f"a batch mixes epochs {sorted(epochs)}")
+        epoch = epochs.pop()
+        m = self.masking
+        if m.kind == "block":
+            mask = block_mask(self.grid, num_masked=m.num_masked, min_block=m.min_block, max_block=m.max_block,
+                              min_aspect=m.min_aspect, seed=self.seed, epoch=epoch, indices=indices)
+        else:
+            mask = inverse_block_mask(self.grid, mask_prob=m.mask_prob, block=m.block,
+                                      mask_prob_adjust=m.mask_prob_adjust, clones=m.clones, seed=self.seed,
+                                      epoch=epoch, indices=indices)
+        params = draw_params(pixels.shape[2], pixels.shape[3], self.augment, seed=self.seed, epoch=epoch,
+                             indices=indices)
+        return {"pixels": pixels, "augment": params, "mask": mask, "indices": indices, "epoch": epoch,
+                "labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
+
+
+def build_image_dataloader(corpus: ImageCorpus, *, grid: tuple[int, int], micro_batch_size: int,
+                           global_batch_size: int, masking: ImageMaskingConfig | None = None,
+                           augment: AugmentConfig | None = None, seed: int = 0, epoch: int = 0, start: int = 0,
+                           rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                           pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader of masked uint8 micro-batches for this rank (as the text one)."""
+    local = global_batch_size // max(world_size, 1)
+    if micro_batch_size < 1 or local % micro_batch_size:
+        raise UsageError(f"micro batch {micro_batch_size}: must divide the per-rank batch {local} "
+                         f"(--batch-size {global_batch_size} over {world_size} rank(s))")
+    dataset = ImageDataset(corpus)
+    sampler = BlockSampler(len(dataset), global_batch_size=global_batch_size, rank=rank, world_size=world_size,
+                           seed=seed, epoch=epoch, start=start)
+    collate = ImageCollator(grid, masking or ImageMaskingConfig(), augment or AugmentConfig(), seed)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False, generator=generator,
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)

@@ -1,0 +1,302 @@
+"""Image corpus preparation: folders of JPEG/PNG -> uint8 shards + labels + meta.json.
+
+    python -m d2v_fast.data.images.prepare --input DIR... --out DIR [--size 256] [--workers N]
+
+Each image is decoded once with Pillow (EXIF orientation applied, converted to RGB, alpha
+dropped), its shorter side resized to ``--size`` (bicubic) and centre-cropped to
+``--size`` x ``--size``, so training crops (RandomResizedCrop to 224) come from a
+256 x 256 image as in the usual ImageNet pipelines. When every image sits in a
+first-level subfolder of its input directory (``DIR/<class>/<file>``, torchvision's
+ImageFolder layout), the sorted folder names are the classes and each image's label is
+its folder's index; otherwise there are no labels (-1).
+
+Everything is written into a hidden staging directory beside ``--out`` and renamed into
+place when complete (``meta.json`` last); a bad image (unreadable, truncated, 16-bit or
+float pixels) stops the run with one line naming the file, and nothing is left behind.
+Re-running with the same inputs and options is a no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ... import __version__
+from ...errors import UsageError, cli_entry
+from ...files import fsync_dir
+from ..prepare import _clean_stale_staging, _publish, default_workers
+from .corpus import FORMAT, FORMAT_VERSION, META, read_meta
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_SIZE = 256
+SHARD_BYTES = 1 << 30  # images per shard: as many as fit in 1 GiB
+# Pillow modes with 8-bit samples that convert("RGB") maps without loss of meaning.
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+
+
+# ----------------------------------------------------------------------------- inputs
+def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[int], list[str] | None, list[str]]:
+    """(files, labels, class names or None, names for files.txt) for directories and image files."""
+    entries: list[tuple[Path, Path]] = []  # (root, file)
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UsageError(f"--input {p}: no {'/'.join(IMAGE_SUFFIXES)} images in this directory or below; "
+                                 f"check the path")
+            entries += [(p, f) for f in found]
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UsageError(f"--input {p}: not a {'/'.join(IMAGE_SUFFIXES)} file; pass images or directories")
+            entries.append((p.parent, p))
+        else:
+            raise UsageError(f"--input {p}: no such file or directory")
+    rel = [f.relative_to(root) for root, f in entries]
+    labelled = all(len(r.parts) >= 2 for r in rel) and all(Path(raw).is_dir() for raw in inputs)
+    if labelled:
+        classes = sorted({r.parts[0] for r in rel})
+        lookup = {c: i for i, c in enumerate(classes)}
+        labels = [lookup[r.parts[0]] for r in rel]
+    else:
+        classes, labels = None, [-1] * len(rel)
+    return [f for _, f in entries], labels, classes, [r.as_posix() for r in rel]
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: decoded, oriented, RGB, shorter side resized, centre-cropped."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    fix = "re-save it as an 8-bit JPEG/PNG or remove it"
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later
+            if im.mode not in _EIGHT_BIT_MODES:
+                raise UsageError(f"{path}: pixel mode {im.mode} (16-bit or float samples) is not supported; "
+                                 f"convert it to 8-bit RGB or greyscale")
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise UsageError(f"{path}: not an image Pillow can read; {fix}") from None
+    except Image.DecompressionBombError as err:
+        raise UsageError(f"{path}: too large to decode safely ({err}); downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+        raise UsageError(f"{path}: cannot be decoded ({err}); {fix}") from None
+
+
+def _decode_task(args: tuple[str, int]) -> bytes:
+    return decode_image(Path(args[0]), args[1]).tobytes()
+
+
+def _decoded(files: Sequence[Path], size: int, workers: int) -> Iterator[np.ndarray]:
+    tasks = [(str(f), size) for f in files]
+    if workers <= 1 or len(files) < 64:
+        for t in tasks:
+            yield np.frombuffer(_decode_task(t), dtype=np.uint8)
+        return
+    # spawn: the parent may hold torch/OpenMP threads that fork would copy half-alive
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for data in pool.imap(_decode_task, tasks, chunksize=16):
+            yield np.frombuffer(data, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- writing
+class ImageShardWriter:
+    """Appends fixed-size uint8 images to numbered shards in a staging directory."""
+
+    def __init__(self, directory: Path, image_bytes: int, shard_images: int):
+        self.directory, self.image_bytes, self.shard_images = Path(directory), image_bytes, shard_images
+        self.shards: list[dict] = []
+        self._file = None
+
+    def add(self, pixels: np.ndarray) -> None:
+        data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+        if len(data) != self.image_bytes:
+            raise ValueError(f"image of {len(data)} bytes, this corpus stores {self.image_bytes}")
+        if self._file is not None and self._count >= self.shard_images:
+            self._close()
+        if self._file is None:
+            self._name = f"images-{len(self.shards):05d}.bin"
+            self._file = open(self.directory / self._name, "wb")
+            self._hash, self._count = hashlib.sha256(), 0
+        self._file.write(data)
+        self._hash.update(data)
+        self._count += 1
+
+    def _close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())  # data on disk before meta.json says it is complete
+        self._file.close()
+        self.shards.append({"images": self._name, "num_images": self._count, "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def finish(self) -> list[dict]:
+        if self._file is not None:
+            self._close()
+        return self.shards
+
+
+def _fingerprint(source: dict) -> str:
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+
+
+def _already_there(out: Path, fingerprint: str, force: bool) -> bool:
+    """True when ``out`` already holds this very corpus (nothing to do)."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory; choose another path")
+    if (out / META).is_file():
+        try:
+            meta = read_meta(out, flag="--out")
+        except UsageError:
+            meta = {}
+        if meta.get("source", {}).get("fingerprint") == fingerprint:
+            return True
+        if force:
+            return False
+        raise UsageError(f"--out {out}: holds a different corpus (other inputs or options); choose another --out, "
+                         f"delete it, or pass --force to replace it")
+    if any(out.iterdir()):
+        raise UsageError(f"--out {out}: not empty and holds no corpus; choose a new or empty directory")
+    return False
+
+
+def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequence[str], labels: Sequence[int],
+                       size: tuple[int, int], channels: int, classes: list[str] | None, source: dict,
+                       extra: dict | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Write ``images`` (uint8 [h, w, channels] each, in the order of ``names``/``labels``)
+    as a corpus at ``out``, atomically. ``source`` identifies the inputs (its fingerprint
+    makes a re-run a no-op)."""
+    out = Path(out)
+    source = dict(source, fingerprint=_fingerprint(source))
+    if _already_there(out, source["fingerprint"], force):
+        _say(progress, f"{out}: already holds this corpus, nothing to do")
+        return out
+    if not names:
+        raise UsageError(f"no images to write to {out}; check the inputs")
+    h, w = size
+    image_bytes = h * w * channels
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_staging(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        t0 = time.perf_counter()
+        writer = ImageShardWriter(staging, image_bytes, max(1, SHARD_BYTES // image_bytes))
+        bar = _bar(progress, len(names))
+        n = 0
+        for pixels in images:
+            writer.add(pixels)
+            n += 1
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if n != len(names):
+            raise RuntimeError(f"wrote {n} images for {len(names)} names")
+        shards = writer.finish()
+        np.save(staging / "labels.npy", np.asarray(labels, dtype=np.int64))
+        (staging / "files.txt").write_text("".join(name + "\n" for name in names))
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "d2v_fast_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "num_images": n, "size": [h, w], "channels": channels, "dtype": "uint8", "layout": "NHWC",
+            "classes": classes, "labels": "labels.npy", "index": "files.txt",
+            "shards": shards, **(extra or {}), "source": source,
+        }
+        for name in ("labels.npy", "files.txt"):
+            with open(staging / name, "rb+") as f:
+                os.fsync(f.fileno())
+        tmp = staging / (META + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, staging / META)
+        fsync_dir(staging)
+        _publish(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _say(progress, f"wrote {out}: {n:,} images of {h}x{w}x{channels}"
+                   f"{f', {len(classes)} classes' if classes else ', no labels'}, {len(shards)} shard(s) "
+                   f"in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def prepare_images(out: str | os.PathLike, inputs: Sequence[str], *, size: int = DEFAULT_SIZE,
+                   workers: int | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Build an image corpus from directories / image files. Returns the corpus path."""
+    if size < 1:
+        raise UsageError(f"--size {size}: must be a positive number of pixels (e.g. 256)")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: must be at least 1")
+    files, labels, classes, names = find_images(inputs)
+    described = []
+    for f in files:
+        st = f.stat()
+        described.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    source = {"inputs": described, "size": size, "decoder": "Pillow RGB, shorter side bicubic, centre crop"}
+    return write_image_corpus(Path(out), _decoded(files, size, workers), names=names, labels=labels,
+                              size=(size, size), channels=3, classes=classes, source=source, force=force,
+                              progress=progress)
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="decoding", unit=" images", total=total, file=sys.stderr, dynamic_ncols=True)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m d2v_fast.data.images.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="directories (searched recursively; DIR/<class>/<image> gives labels) or image files")
+    p.add_argument("--out", required=True, metavar="DIR", help="corpus directory to write")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="stored side in pixels (shorter side, centre crop)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--force", action="store_true", help="replace a different corpus already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    prepare_images(args.out, args.input, size=args.size, workers=args.workers, force=args.force,
+                   progress=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
