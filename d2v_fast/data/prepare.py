@@ -101,23 +101,24 @@ def _describe_files(files: Sequence[Path]) -> list[dict]:
     return out
 
 
-def _check_out_dir(out: Path, fingerprint: str, force: bool) -> bool:
-    """True when ``out`` already holds this very corpus (nothing to do)."""
+def _check_out_dir(out: Path, fingerprint: str, force: bool, read=read_meta) -> bool:
+    """True when ``out`` already holds this very corpus (nothing to do); ``read`` reads the
+    modality's meta.json (text, audio and image corpora share this check)."""
     if not out.exists():
         return False
     if not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory; choose another path")
     if (out / META).is_file():
         try:
-            meta = read_meta(out, flag="--out")
+            meta = read(out, flag="--out")
         except UsageError:
             meta = {}
         if meta.get("source", {}).get("fingerprint") == fingerprint:
             return True
         if force:
             return False
-        raise UsageError(f"--out {out}: holds a different corpus (other inputs, tokenizer or "
-                         f"options); choose another --out, delete it, or pass --force to replace it")
+        raise UsageError(f"--out {out}: holds a different corpus (other inputs or options); choose another "
+                         f"--out, delete it, or pass --force to replace it")
     if any(out.iterdir()):
         raise UsageError(f"--out {out}: not empty and holds no corpus; choose a new or empty directory")
     return False

@@ -35,7 +35,8 @@ import numpy as np
 from ... import __version__
 from ...errors import UsageError, cli_entry
 from ...files import fsync_dir
-from ..prepare import _clean_stale_staging, _describe_files, _fingerprint, _publish, _say, default_workers
+from ..prepare import (_check_out_dir, _clean_stale_staging, _describe_files, _fingerprint, _publish, _say,
+                       default_workers)
 from .corpus import DTYPES, FORMAT, FORMAT_VERSION, META, SAMPLE_RATE, AudioShardWriter, read_audio_meta
 from .resample import MAX_FILTER_TAPS, filter_taps, resample
 
@@ -150,29 +151,6 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one process per core already
 
 
-# ----------------------------------------------------------------------------- output dir
-def _check_out_dir(out: Path, fingerprint: str, force: bool) -> bool:
-    """True when ``out`` already holds this very corpus (nothing to do)."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory; choose another path")
-    if (out / META).is_file():
-        try:
-            meta = read_audio_meta(out, flag="--out")
-        except UsageError:
-            meta = {}
-        if meta.get("source", {}).get("fingerprint") == fingerprint:
-            return True
-        if force:
-            return False
-        raise UsageError(f"--out {out}: holds a different corpus (other inputs or options); choose another "
-                         f"--out, delete it, or pass --force to replace it")
-    if any(out.iterdir()):
-        raise UsageError(f"--out {out}: not empty and holds no corpus; choose a new or empty directory")
-    return False
-
-
 # ----------------------------------------------------------------------------- main entry
 def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = None,
                          utterances: Iterable[tuple[str, np.ndarray, int]] | None = None,
@@ -205,7 +183,7 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
               "shard_samples": shard_samples, "skip_bad": skip_bad}
     fingerprint = _fingerprint(source)
     source["fingerprint"] = fingerprint
-    if _check_out_dir(out, fingerprint, force):
+    if _check_out_dir(out, fingerprint, force, read=read_audio_meta):
         _say(progress, f"{out}: already holds this corpus, nothing to do")
         return out
 

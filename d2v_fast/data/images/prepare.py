@@ -33,7 +33,7 @@ import numpy as np
 from ... import __version__
 from ...errors import UsageError, cli_entry
 from ...files import fsync_dir
-from ..prepare import _clean_stale_staging, _publish, default_workers
+from ..prepare import _check_out_dir, _clean_stale_staging, _fingerprint, _publish, default_workers
 from .corpus import FORMAT, FORMAT_VERSION, META, read_meta
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -153,32 +153,6 @@ class ImageShardWriter:
         return self.shards
 
 
-def _fingerprint(source: dict) -> str:
-    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
-
-
-def _already_there(out: Path, fingerprint: str, force: bool) -> bool:
-    """True when ``out`` already holds this very corpus (nothing to do)."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory; choose another path")
-    if (out / META).is_file():
-        try:
-            meta = read_meta(out, flag="--out")
-        except UsageError:
-            meta = {}
-        if meta.get("source", {}).get("fingerprint") == fingerprint:
-            return True
-        if force:
-            return False
-        raise UsageError(f"--out {out}: holds a different corpus (other inputs or options); choose another --out, "
-                         f"delete it, or pass --force to replace it")
-    if any(out.iterdir()):
-        raise UsageError(f"--out {out}: not empty and holds no corpus; choose a new or empty directory")
-    return False
-
-
 def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequence[str], labels: Sequence[int],
                        size: tuple[int, int], channels: int, classes: list[str] | None, source: dict,
                        extra: dict | None = None, force: bool = False, progress: bool = True) -> Path:
@@ -187,7 +161,7 @@ def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequen
     makes a re-run a no-op)."""
     out = Path(out)
     source = dict(source, fingerprint=_fingerprint(source))
-    if _already_there(out, source["fingerprint"], force):
+    if _check_out_dir(out, source["fingerprint"], force, read=read_meta):
         _say(progress, f"{out}: already holds this corpus, nothing to do")
         return out
     if not names:
