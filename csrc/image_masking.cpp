@@ -1,4 +1,5 @@
 #include "image_masking.h"
+#include "row_rng.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,38 +8,9 @@
 namespace d2v {
 namespace {
 
-// The row stream of csrc/masking.cpp (splitmix64 keyed by (kind, seed, epoch, index,
-// clone)), repeated here so this file merges without touching masking.cpp; the Python
-// twin imports the single Python definition, so any divergence fails the bit-identity
-// tests. TODO(after merge): move both copies into one header.
+// Domain separation from the text masks' kinds (csrc/masking.cpp).
 constexpr uint64_t kBlockKind = 0x42454954ULL;    // "BEIT"
 constexpr uint64_t kInverseKind = 0x49424C4BULL;  // "IBLK"
-
-inline uint64_t mix(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-inline uint64_t row_key(uint64_t kind, uint64_t seed, uint64_t epoch, uint64_t index, uint64_t clone) {
-  uint64_t k = mix(seed ^ kind);
-  k = mix(k ^ epoch);
-  k = mix(k ^ index);
-  return mix(k ^ clone);
-}
-
-struct RowRng {
-  uint64_t s;
-  uint64_t next() {
-    s += 0x9E3779B97F4A7C15ULL;
-    return mix(s);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-  uint64_t bounded(uint64_t r) {
-    __extension__ typedef unsigned __int128 u128;
-    return static_cast<uint64_t>((static_cast<u128>(next()) * r) >> 64);
-  }
-};
 
 // Python's round(): to nearest, ties to even (std::nearbyint in the default rounding mode).
 inline int64_t round_half_even(double x) { return static_cast<int64_t>(std::nearbyint(x)); }
