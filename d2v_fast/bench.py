@@ -151,6 +151,7 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
     flops_per_token = model_flops_per_token(cfg)
     peak = peak_flops(device)
     row = {"provider": provider, "preset": cfg.preset, "batch_size": batch_size, "seq_len": cfg.data.seq_len,
+           "attention": cfg.train.attention if provider == "d2v_fast" else None,
            "step_s": seconds, "tokens_per_s": tokens / seconds,
            "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
            "model_tflops": tokens / seconds * flops_per_token / 1e12,

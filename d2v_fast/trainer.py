@@ -37,6 +37,29 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def attention_backend(name: str, device: torch.device, dtype: torch.dtype):
+    """A factory of contexts that pin SDPA to one backend (``--train.attention``), or of null
+    contexts for ``auto``. A backend this device cannot run is refused now, in one line,
+    rather than at the first step."""
+    if name == "auto":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .errors import UsageError
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    q = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel(backend), torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--train.attention {name}: not available on {device.type} with {dtype} ({first}); "
+                         f"use --train.attention auto") from None
+    return lambda: sdpa_kernel(backend)
+
+
 class Trainer:
     def __init__(self, cfg: Config, corpus, run_dir: Path, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
@@ -116,6 +139,7 @@ class Trainer:
 
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
+        self.attention = attention_backend(t.attention, self.device, torch.bfloat16 if use_bf16 else torch.float32)
         self.step, self.epoch, self.position = 0, 0, 0
         self.attempts, self.skipped, self.consecutive_skips = 0, 0, 0
         self.resumed_from = None
@@ -193,7 +217,7 @@ class Trainer:
                 sync = contextlib.nullcontext()
             else:
                 sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
-            with sync, self.autocast:
+            with sync, self.autocast, self.attention():
                 # student first: under FSDP its root forward unshards the embeddings the teacher shares
                 pred, teacher_input = self.student(mb)
                 target = self.model.targets(mb, teacher_input)

@@ -286,3 +286,24 @@ def test_bf16_teacher_computes_the_same_step(builtin_cache, tmp_path):
 def test_bf16_teacher_needs_bf16_autocast(builtin_cache, tmp_path):
     with pytest.raises(UsageError, match="--train.bf16_teacher true: needs bf16 autocast"):
         Trainer(small_cfg(builtin_cache, bf16_teacher=True), open_corpus(builtin_cache), tmp_path)
+
+
+# ----------------------------------------------------------------------------- attention backend
+def test_pinned_attention_backend_computes_the_same_step(builtin_cache, tmp_path):
+    """``--train.attention math`` against PyTorch's own pick: the same losses for three
+    updates (pack mode: no padding mask; no attention dropout, whose masks differ by backend)."""
+    def losses(attention):
+        cfg = small_cfg(builtin_cache, batch_size=4, attention=attention)
+        cfg.model.num_layers, cfg.recipe.top_k, cfg.data.seq_len, cfg.data.block_mode = 2, 2, 32, "pack"
+        cfg.model.attention_dropout = 0.0
+        tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / attention)
+        stream = tr.batches()
+        return [float(tr.train_step(next(stream))["loss"]) for _ in range(3)]
+
+    assert losses("math") == pytest.approx(losses("auto"), rel=1e-5, abs=1e-6)
+
+
+def test_attention_backend_the_device_lacks_is_refused(builtin_cache, tmp_path):
+    cfg = small_cfg(builtin_cache, attention="cudnn")  # cuDNN attention is CUDA only
+    with pytest.raises(UsageError, match="--train.attention cudnn: not available on cpu"):
+        Trainer(cfg, open_corpus(builtin_cache), tmp_path)
