@@ -67,6 +67,7 @@ class TrainConfig:
     compile: str = "none"  # none | blocks (torch.compile of every student and teacher encoder block)
     fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     bf16_teacher: bool = False  # the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
+    cast_once: bool = False  # bf16: one autocast region per update, so weights are cast once, not per micro-batch
     attention: str = "auto"  # SDPA backend: auto (PyTorch's pick) | flash | cudnn | efficient | math (flash: no padding mask)
     progress: bool = True
     probe_task: str = "builtin"  # linear probe at the end (d2v_fast.probe): builtin | FILE.jsonl | none

@@ -137,8 +137,15 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total))
         torch.manual_seed(t.seed + 1000 * rank + 1)  # dropout differs between ranks
 
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
-                         else contextlib.nullcontext())
+        self.use_bf16 = use_bf16
+        # a factory: nested uses (--train.cast_once) need their own context objects
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
+            else contextlib.nullcontext
+        if t.cast_once and self.fsdp:
+            from .errors import UsageError
+
+            raise UsageError("--train.cast_once true: FSDP casts the weights itself (MixedPrecisionPolicy); use "
+                             "--train.cast_once false with --parallel fsdp")
         self.attention = attention_backend(t.attention, self.device, torch.bfloat16 if use_bf16 else torch.float32)
         self.step, self.epoch, self.position = 0, 0, 0
         self.attempts, self.skipped, self.consecutive_skips = 0, 0, 0
@@ -206,33 +213,48 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tvar = torch.zeros((), device=self.device)
         pvar = torch.zeros((), device=self.device)
-        for i, mb in enumerate(micro_batches):
-            pad = mb.get("padding_mask")
-            if pad is not None and not bool(pad.any()):  # checked on the CPU copy: no sync
-                mb = dict(mb, padding_mask=None)
-            mb = self._to_device(mb)
-            last = i == len(micro_batches) - 1
-            if self.fsdp:
-                self.student.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext()
-            else:
-                sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
-            with sync, self.autocast, self.attention():
-                # student first: under FSDP its root forward unshards the embeddings the teacher shares
-                pred, teacher_input = self.student(mb)
-                target = self.model.targets(mb, teacher_input)
-                if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
-                    for layer in self._teacher_blocks():
-                        layer.reshard()
-                loss = self.model.loss_sum(pred, target)
-                if self.attempts + 1 in self._inject_nan:
-                    loss = loss * float("nan")
-            # DDP averages gradients over ranks; the loss is already normalised globally
+        # --train.cast_once: one autocast region around every micro-batch of the update, so the
+        # bf16 copies autocast makes of the student's fp32 weights (its cache lives until the
+        # outermost region ends) are made once per update instead of once per micro-batch.
+        # Backward runs with autocast off inside it, as it does outside.
+        cast_once = self.cfg.train.cast_once and self.use_bf16
+        with self.autocast() if cast_once else contextlib.nullcontext():
+            for i, mb in enumerate(micro_batches):
+                loss, pred, target = self._micro_step(mb, i == len(micro_batches) - 1, denom, cast_once)
+                tv, pv = self.model.stats(pred, target)
+                loss_sum += loss.detach()
+                tvar += tv
+                pvar += pv
+        return self._finish_step(micro_batches, count, denom, loss_sum, tvar, pvar)
+
+    def _micro_step(self, mb: dict, last: bool, denom: torch.Tensor, cast_once: bool):
+        """Forward and backward of one micro-batch; returns (summed loss, predictions, targets)."""
+        pad = mb.get("padding_mask")
+        if pad is not None and not bool(pad.any()):  # checked on the CPU copy: no sync
+            mb = dict(mb, padding_mask=None)
+        mb = self._to_device(mb)
+        if self.fsdp:
+            self.student.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext()
+        else:
+            sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
+        with sync, self.autocast(), self.attention():
+            # student first: under FSDP its root forward unshards the embeddings the teacher shares
+            pred, teacher_input = self.student(mb)
+            target = self.model.targets(mb, teacher_input)
+            if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
+                for layer in self._teacher_blocks():
+                    layer.reshard()
+            loss = self.model.loss_sum(pred, target)
+            if self.attempts + 1 in self._inject_nan:
+                loss = loss * float("nan")
+        # DDP averages gradients over ranks; the loss is already normalised globally
+        with torch.autocast(self.device.type, enabled=False) if cast_once else contextlib.nullcontext():
             (loss * (self.world_size / denom)).backward()
-            tv, pv = self.model.stats(pred, target)
-            loss_sum += loss.detach()
-            tvar += tv
-            pvar += pv
+        return loss, pred, target
+
+    def _finish_step(self, micro_batches, count, denom, loss_sum, tvar, pvar) -> dict:
+        """Clip, then the optimizer update and one EMA step (or the skip of a non-finite one)."""
         if self.cfg.optim.clip_norm > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), self.cfg.optim.clip_norm)
         else:
