@@ -343,6 +343,18 @@ def test_build_targets_shapes(triton_side, K, B, T, C, padded):
 
 
 @cpu_triton
+def test_build_targets_speech_length_time_axis(triton_side):
+    """Speech targets normalise over time at T = 2,000 frames (40 s at 50 frames/s) and
+    more: the kernel (not the fallback) against fp64, padded, with an odd length too."""
+    for T in (2000, 2051):
+        x, pad, mask = targets_case(2, 2, T, 12, padded=True)
+        assert T <= ktargets.MAX_T  # the fused path, not the eager fallback
+        kw = dict(padding_mask=pad, mask=mask, layer_norm="instance", final_norm="instance")
+        close(ops.build_targets(list(x), **kw), targets_f64(x, pad, mask, "instance", "instance"),
+              atol=5e-5, rtol=1e-5)
+
+
+@cpu_triton
 def test_build_targets_more_layers_than_pointer_arguments(triton_side):
     x, pad, mask = targets_case(ktargets.MAX_LIST_LAYERS + 2, 2, 5, 6, padded=True)
     close(ops.build_targets(list(x), padding_mask=pad, mask=mask), targets_f64(x, pad, mask, "instance", None),
