@@ -77,6 +77,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.enc_cfg = self.modality.encoder_config(cfg, corpus)
         self.model = build_model(self.enc_cfg, cfg.recipe, cfg.modality).to(self.device)
+        self._teacher_block_list = None
+        self._teacher_blocks()
         self.model.train()
         use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.fsdp = self.distributed and t.parallel == "fsdp"
@@ -177,9 +179,12 @@ class Trainer:
             fully_shard(layer, mp_policy=mp)
 
     def _teacher_blocks(self) -> list[torch.nn.Module]:
-        """The teacher's copies of the student's blocks (the same block class, in order)."""
-        kinds = {type(b) for b in self.model.student.blocks()}
-        return [m for m in self.model.teacher.modules() if type(m) in kinds]
+        """The teacher's copies of the student's blocks (the same block class, in order),
+        found once, before FSDP gives the sharded blocks classes of their own."""
+        if getattr(self, "_teacher_block_list", None) is None:
+            kinds = {type(b) for b in self.model.student.blocks()}
+            self._teacher_block_list = [m for m in self.model.teacher.modules() if type(m) in kinds]
+        return self._teacher_block_list
 
     # ------------------------------------------------------------------ data
     def loader(self):
