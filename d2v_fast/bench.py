@@ -35,7 +35,7 @@ from .errors import UsageError, cli_entry
 PROVIDERS = ("d2v_fast", "hf", "reference", "reference+compile")
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 # The step's performance switches (issue 13): --train.<name>, (value when on, value when off).
-ABLATION = {"skip_on_device": (True, False), "compile": ("blocks", "none"), "fused_qkv": (True, False),
+ABLATION = {"skip_on_device": (True, False), "cast_once": (True, False), "compile": ("blocks", "none"), "fused_qkv": (True, False),
             "bf16_teacher": (True, False), "kernels": ("triton", "torch")}
 
 
@@ -60,7 +60,7 @@ def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> 
         ids = torch.randint(len(SPECIAL), vocab, (T,), generator=g)
         ids[0], ids[-1] = SPECIAL["bos"], SPECIAL["eos"]
         items.append({"input_ids": ids, "index": i, "epoch": 0})
-    from .trainer import masking_for
+    from .modalities.text import masking_for
 
     return MaskCollator(SPECIAL, masking_for(cfg.recipe), seed)(items)
 
@@ -121,7 +121,8 @@ def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
 def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
             vocab: int = 50265) -> dict:
     """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
-    from .trainer import model_flops_per_token, peak_flops
+    from .modalities.text import model_flops_per_token
+    from .schedule import peak_flops
 
     batch = synthetic_batch(cfg, batch_size, vocab)
     step = make_step(provider, cfg, device, vocab)
@@ -150,6 +151,7 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
     flops_per_token = model_flops_per_token(cfg)
     peak = peak_flops(device)
     row = {"provider": provider, "preset": cfg.preset, "batch_size": batch_size, "seq_len": cfg.data.seq_len,
+           "attention": cfg.train.attention if provider == "d2v_fast" else None,
            "step_s": seconds, "tokens_per_s": tokens / seconds,
            "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
            "model_tflops": tokens / seconds * flops_per_token / 1e12,
