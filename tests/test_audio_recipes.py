@@ -149,14 +149,18 @@ def cli_args(corpus, recipe, out, *extra):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_stop_and_resume_is_exact(speech_corpus, tmp_path, recipe, capsys):
-    full = cli_args(speech_corpus, recipe, tmp_path / "full", "--max-steps", "6")
-    assert pretrain.main(full) == 0
-    first = cli_args(speech_corpus, recipe, tmp_path / "split", "--max-steps", "3")
-    assert pretrain.main(first) == 0
-    # the same run continued: only --max-steps differs, which a resume allows
-    assert pretrain.main(cli_args(speech_corpus, recipe, tmp_path / "split", "--max-steps", "6")) == 0
+    fixed = ("--optim.total_steps", "6")  # the same lr schedule whatever --max-steps says
+    assert pretrain.main(cli_args(speech_corpus, recipe, tmp_path / "full", "--max-steps", "6", *fixed)) == 0
+    assert pretrain.main(cli_args(speech_corpus, recipe, tmp_path / "split", "--max-steps", "3", *fixed)) == 0
+    # the same run continued (only --max-steps differs, which a resume allows)
+    assert pretrain.main(cli_args(speech_corpus, recipe, tmp_path / "split", "--max-steps", "6", *fixed)) == 0
+    assert "resumed from" in capsys.readouterr().err
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
-    assert sorted(a) == sorted(b) == list(range(1, 7)) and a == b
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and a == b  # exact float equality, every step
+    from safetensors.torch import load_file
+
+    ea, eb = (load_file(str(tmp_path / d / "encoder.safetensors")) for d in ("full", "split"))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
 def test_two_processes_match_one(speech_corpus, tmp_path):

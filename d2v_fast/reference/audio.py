@@ -207,7 +207,7 @@ class ReferenceAudioData2Vec2(ReferenceAudioData2Vec):
         for layer in self.encoder.encoder.layers:
             h, _ = block(layer, enc, h, self.training)
         h = F.dropout(h, cfg.decoder_dropout, self.training)
-        full = torch.randn(R, x.shape[1], x.shape[2], dtype=h.dtype) * cfg.mask_noise_std
+        full = torch.randn(R, x.shape[1], x.shape[2], dtype=h.dtype, device=h.device) * cfg.mask_noise_std
         for r in range(R):
             full[r][~mask[r]] = h[r]
         pred = self.decode(full, mask)
@@ -230,7 +230,7 @@ class ReferenceAudioStep:
     learning-rate schedule, optional clipping and the EMA loop; one call = one update over a
     list of micro-batches, returning the loss."""
 
-    def __init__(self, cfg, engine_state: dict | None = None):
+    def __init__(self, cfg, engine_state: dict | None = None, *, device: torch.device | str = "cpu"):
         from ..schedule import lr_schedule  # the schedule is shared, not under test
 
         t, o, r = cfg.train, cfg.optim, cfg.recipe
@@ -240,7 +240,8 @@ class ReferenceAudioStep:
         self.model = (ReferenceAudioData2Vec2 if r.name == "data2vec2" else ReferenceAudioData2Vec)(enc, r)
         if engine_state is not None:
             self.model.load_engine_state(engine_state)
-        self.model.train()
+        self.device = torch.device(device)
+        self.model.to(self.device).train()
         torch.manual_seed(t.seed + 1)  # the engine's rank-0 dropout seed
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
@@ -253,9 +254,9 @@ class ReferenceAudioStep:
 
     def __call__(self, micro_batches: list[dict]) -> torch.Tensor:
         n = sum(int(mb["mask"].sum()) for mb in micro_batches)
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            loss = self.model(mb["waveform"], mb["mask"])[0]
+            loss = self.model(mb["waveform"].to(self.device), mb["mask"].to(self.device))[0]
             (loss / n).backward()
             total += loss.detach()
         if self.clip > 0:
