@@ -1,0 +1,492 @@
+"""Images: data2vec (v1, the BEiT recipe of facebookresearch/data2vec_vision ``beit/``) and
+data2vec 2.0 (fairseq ``config/v2/base_images_only_task.yaml``, ``models/data2vec2.py``,
+``models/modalities/images.py``) on the modality-agnostic core, exported as Hugging Face
+``Data2VecVisionModel`` (SPEC §1c).
+
+What this module supplies to the core: the presets of both recipes (``tiny`` for CPU,
+``base`` = ViT-B/16 at 224 with the published values), the corpus (a prepared image
+corpus, or the built-in Fashion-MNIST photos), a loader whose workers make the patch masks
+(C++ extension) and the augmentation parameters (and, when training on the CPU, the
+augmented pixels), the two students, the FLOP count per patch and the Hugging Face export.
+
+Where our 2.0 image model differs from the published one (README "Images"): it runs on
+the Hugging Face pre-LN block (``Data2VecVisionLayer``: no post-LN blocks, layer scale off,
+fixed sin-cos positions in ``embeddings.position_embeddings``), so that export stays an
+exact save; the published model uses post-LN blocks that ``Data2VecVisionModel`` cannot
+express.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..data.images.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch
+from ..data.images.corpus import ImageCorpus, open_images, verify_images
+from ..data.images.dataset import ImageMaskingConfig, build_image_dataloader
+from ..errors import UsageError
+from ..models.vision import (VISION_PRESETS, GridDecoder, VisionConfig, VisionEncoder, config_from_hf,
+                             hf_config_dict, hf_image_processor_dict, keep_visible)
+
+# fairseq Decoder2d's decoder_groups of the published 2.0 image model (not a recipe field:
+# every published 2.0 decoder uses 16 groups).
+DECODER_GROUPS = 16
+
+# ---------------------------------------------------------------------------- presets
+# Sizes of the encoder (the ``model`` section); the block flavour comes from the recipe.
+ENCODER_PRESETS = {name: dict(values) for name, values in VISION_PRESETS.items()}
+
+# ImageNet-1k: 1,281,167 training images; BEiT drops the last partial batch.
+_IMAGENET = 1_281_167
+
+RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
+    # data2vec v1 images: data2vec_vision beit/README.md ViT-B command (run_cyclical.py,
+    # 16 GPUs x batch 128) and SPEC §1c.
+    "data2vec": {
+        "*": {
+            "model": {"position_encoding": "relative", "layer_scale_init": 1e-4, "use_mask_token": True,
+                      "dropout": 0.0, "attention_dropout": 0.05, "drop_path": 0.25, "layer_norm_eps": 1e-6},
+            "recipe": {"name": "data2vec", "top_k": 6,  # --target_layers [6..11], --layer_results end
+                       "layer_norm": "layer", "final_norm": "layer",  # target_layer_norm_last, --post_target_layer_norm
+                       "head_hidden_mult": 0,  # one Linear(768 -> 768)
+                       "loss_beta": 2.0,  # --l1_beta 2; F.smooth_l1_loss averages over elements:
+                       "loss_scale": 1 / 768,  # the engine sums over channels, so 1/C is that mean
+                       # --ema_decay 0.9998 --ema_start_at 0: constant (fairseq's port anneals from 0.999;
+                       # set --recipe.ema_decay 0.999 --recipe.ema_anneal_end_step N for that)
+                       "ema_decay": 0.9998, "ema_end_decay": 0.9998, "ema_anneal_end_step": 0,
+                       "mask_patches": 120, "mask_min_block": 16,  # --num_mask_patches, --min_mask_patches_per_block
+                       "clones": 1},
+            # AdamW (0.9, 0.999) eps 1e-8 (BEiT's defaults), wd 0.05 on matrices only, lr 2e-3,
+            # cosine, 10 of 800 epochs warmup at batch 2048, clip 3
+            "optim": {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05,
+                      "decay_biases_and_norms": False, "warmup_steps": 10 * (_IMAGENET // 2048),
+                      "total_steps": 800 * (_IMAGENET // 2048), "clip_norm": 3.0},
+            # RandomResizedCrop(224, 0.08-1, bicubic) + flip + ColorJitter(0.4, 0.4, 0.4)
+            "data": {"crop_scale": (0.08, 1.0), "color_jitter": 0.4},
+            "train": {"batch_size": 2048, "max_steps": 800 * (_IMAGENET // 2048)},
+        },
+        "tiny": {
+            # 32 x 32 photos in 4 x 4 patches (8 x 8 = 64): BEiT's ~61% masked and minimum
+            # block of 16/196 scaled to 64 patches; no stochastic depth at 4 layers
+            "model": {"drop_path": 0.0, "attention_dropout": 0.0},
+            "recipe": {"top_k": 3, "loss_scale": 1 / 128, "mask_patches": 39, "mask_min_block": 4,
+                       "ema_decay": 0.998, "ema_end_decay": 0.9995, "ema_anneal_end_step": 300},
+            "optim": {"lr": 1e-3, "warmup_steps": 30, "total_steps": 0},
+            "data": {"crop_scale": (0.35, 1.0)},
+            "train": {"batch_size": 32, "max_steps": 300, "log_every": 10, "ckpt_every": 100,
+                      "collapse_warmup": 100},
+        },
+    },
+    # data2vec 2.0 images: fairseq config/v2/base_images_only_task.yaml (16 GPUs x batch 16 x
+    # 16 clones), prenet_depth 2 + depth 10 = 12 blocks.
+    "data2vec2": {
+        "*": {
+            "model": {"position_encoding": "sincos", "layer_scale_init": 0.0, "use_mask_token": False,
+                      "dropout": 0.0, "attention_dropout": 0.0, "drop_path": 0.0, "layer_norm_eps": 1e-6},
+            "recipe": {"name": "data2vec2", "top_k": 10,  # average_top_k_layers; end_of_block_targets false
+                       "layer_norm": "instance", "final_norm": "layer",  # instance_norm_target_layer, layer_norm_targets
+                       "head_hidden_mult": 0,  # the decoder's projection: one Linear(768 -> 768)
+                       "loss_beta": 0.0, "loss_scale": 0.0,  # MSE x 1/sqrt(768)
+                       "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100_000,
+                       "mask_prob": 0.8, "mask_span": 3, "mask_prob_adjust": 0.07,  # inverse_mask, mask_length 3
+                       "clones": 16, "decoder_layers": 6, "decoder_kernel": 3, "decoder_dim": 0,  # 768
+                       "decoder_dropout": 0.0, "mask_noise_std": 0.01,
+                       # cls_loss 0.01: fairseq multiplies each clone's CLS loss by 0.01 x the masked-patch
+                       # count of the GPU's batch (16 images x 16 clones) before dividing by that count,
+                       # so per clone row the CLS loss weighs 0.01 x 256 against the mean patch loss. We
+                       # keep that weight without tying it to the split of the batch over GPUs.
+                       "cls_loss_weight": 0.01 * 256},
+            # Adam (0.9, 0.95) eps 1e-8, wd 0.05 (not on biases, norms), lr 1e-3 cosine, 50,040
+            # warmup of 375,300 updates, clip 4
+            "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
+                      "decay_biases_and_norms": False, "warmup_steps": 50_040, "total_steps": 375_300,
+                      "clip_norm": 4.0},
+            # mae_image_pretraining: RandomResizedCrop(224, 0.2-1, bicubic) + flip, no colour jitter
+            "data": {"crop_scale": (0.2, 1.0), "color_jitter": 0.0},
+            "train": {"batch_size": 256, "max_steps": 375_300},
+        },
+        "tiny": {
+            "recipe": {"top_k": 3, "clones": 4, "decoder_layers": 3, "cls_loss_weight": 0.01 * 16,
+                       "ema_decay": 0.998, "ema_end_decay": 0.9995, "ema_anneal_end_step": 300},
+            "optim": {"lr": 1e-3, "warmup_steps": 30, "total_steps": 0},
+            "data": {"crop_scale": (0.35, 1.0)},
+            "train": {"batch_size": 16, "max_steps": 300, "log_every": 10, "ckpt_every": 100,
+                      "collapse_warmup": 100},
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------- students
+def pixels_of(batch: dict) -> torch.Tensor:
+    """The normalised float pixels of a micro-batch: as the loader workers made them (CPU
+    training), or augmented here on the batch's device from the uint8 photos and the
+    per-image parameters the workers drew (GPU training: one byte per value over PCIe)."""
+    pixels = batch["pixels"]
+    if pixels.dtype == torch.uint8:
+        pixels = augment_batch(pixels, batch["augment"], batch["augment_cfg"])
+    return pixels
+
+
+def _with_cls(mask: torch.Tensor, value: bool) -> torch.Tensor:
+    """A patch mask [R, N] widened to the encoder's [R, 1 + N] rows (CLS first)."""
+    return torch.cat([mask.new_full((mask.shape[0], 1), value), mask], dim=1)
+
+
+class _ImageStudentMixin:
+    """What both image students share: the encoder is the whole ``VisionEncoder`` (exported
+    as ``Data2VecVisionModel``) and the teacher is an EMA of all of it (patch embedding,
+    CLS, position bias, blocks, final norm), run on the unmasked image
+    (data2vec_vision ``model_ema``; fairseq ``ema_encoder_only: false, ema_local_encoder: true``)."""
+
+    encoder: VisionEncoder
+
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.encoder.layer
+
+    def ema_source(self) -> nn.Module:
+        return self.encoder
+
+    def target_padding(self, batch: dict):
+        return None  # images are never padded
+
+
+class ImageStudent(_ImageStudentMixin, nn.Module):
+    """data2vec v1 images (BEiT): the student encodes the image with the masked patches
+    replaced by the mask token; a Linear head maps its final-layernorm output at the masked
+    patches to the targets. The teacher's targets are its top-K block outputs (after the
+    residual), CLS dropped."""
+
+    def __init__(self, enc: VisionConfig, cfg):
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.encoder = VisionEncoder(enc)
+        try:
+            from ..recipes.common import regression_head
+        except ImportError:  # TEMP before the core lands
+            from ..recipes.data2vec import regression_head
+
+        self.head = regression_head(enc.hidden_size, cfg.head_hidden_mult, enc.init_std)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions [M, C] at the masked patches, row-major; the augmented pixels, which
+        the teacher encodes unmasked)."""
+        pixels = pixels_of(batch)
+        mask = batch["mask"]
+        h, _ = self.encoder.encode(pixels, mask)
+        return self.head(ops.masked_gather(h, _with_cls(mask, False))), pixels.detach()
+
+    @torch.no_grad()
+    def teacher_layers(self, teacher: nn.Module, batch: dict, teacher_input: torch.Tensor) -> list[torch.Tensor]:
+        _, blocks = teacher.encode(teacher_input, collect="block")
+        return [b[:, 1:] for b in blocks]
+
+    def extra_loss(self, pred_extra, layers, batch):
+        return None
+
+
+class ImageStudent2(_ImageStudentMixin, nn.Module):
+    """data2vec 2.0 images: patch embeddings + fixed sin-cos positions for the whole image
+    once; per clone only CLS and the visible patches enter the blocks; the final layernorm
+    output's patches (mask noise at the masked ones) go through the grid decoder, which
+    predicts the teacher's targets (mean of its top-K FFN outputs, each instance-normed over
+    the patches, then layer-normed) at the masked patches. The CLS output of every clone
+    regresses the patch mean of its sample's targets (``cls_loss_weight``)."""
+
+    def __init__(self, enc: VisionConfig, cfg):
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.encoder = VisionEncoder(enc)
+        self.decoder = GridDecoder(enc.hidden_size, enc.grid, layers=cfg.decoder_layers, kernel=cfg.decoder_kernel,
+                                   groups=DECODER_GROUPS, decoder_dim=cfg.decoder_dim, init_std=enc.init_std)
+        self.cls_pred: torch.Tensor | None = None  # the last forward's CLS outputs, for extra_loss
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = pixels_of(batch)
+        mask = batch["mask"]  # [clones * B, N], clones of a sample adjacent
+        enc, cfg = self.encoder, self.cfg
+        x = F.dropout(enc.embeddings(pixels), enc.config.dropout, self.training)
+        h, _ = enc.run_layers(keep_visible(x, mask))  # [R, 1 + V, C]
+        h = enc.layernorm(h)
+        R, V1, C = h.shape
+        self.cls_pred = h[:, 0]
+        rows = F.dropout(h[:, 1:], cfg.decoder_dropout, self.training).reshape(R * (V1 - 1), C)
+        noise = torch.randn(R, mask.shape[1], C, device=h.device, dtype=rows.dtype) * cfg.mask_noise_std
+        full = ops.masked_scatter(rows, ~mask, noise)
+        return self.decoder(full, mask), pixels.detach()
+
+    @torch.no_grad()
+    def teacher_layers(self, teacher: nn.Module, batch: dict, teacher_input: torch.Tensor) -> list[torch.Tensor]:
+        _, ffn = teacher.encode(teacher_input, collect="ffn")
+        return [f[:, 1:] for f in ffn]
+
+    def extra_loss(self, pred_extra, layers, batch) -> torch.Tensor | None:
+        """The CLS loss, summed like the patch loss (the trainer divides by the global count
+        of masked patches): each clone row's MSE x 1/sqrt(C) times ``cls_loss_weight`` times
+        the row's masked-patch count, so the normalised loss gets ``cls_loss_weight`` x the
+        mean CLS loss over rows."""
+        w = self.cfg.cls_loss_weight
+        cls = self.cls_pred if pred_extra is None else pred_extra
+        if w <= 0 or cls is None:
+            return None
+        cfg, mask = self.cfg, batch["mask"]
+        with torch.no_grad():
+            full = ops.build_targets(list(layers)[-cfg.top_k:], layer_norm=cfg.norm(cfg.layer_norm),
+                                     final_norm=cfg.norm(cfg.final_norm))  # [B, N, C]
+            target = full.mean(1).repeat_interleave(mask.shape[0] // full.shape[0], 0)
+        per_row = ops.regression_loss(cls.float(), target, beta=cfg.loss_beta,
+                                      scale=cfg.loss_scale if cfg.loss_scale > 0 else None, reduction="none")
+        return w * (per_row * mask.sum(1).to(per_row.dtype)).sum()
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def flops_per_patch(cfg) -> float:
+    """Model FLOPs of one training step per input patch (SPEC §3 conventions: 2 per
+    multiply-add forward, x3 with backward; N = block parameters). T = 1 + patches.
+
+    data2vec: student fwd+bwd and teacher fwd over all T tokens (blocks 8N per token,
+    attention 16·L·T·C), patch embedding likewise, the head at the masked patches.
+    data2vec2: the teacher as above; per clone the student on 1 + visible tokens, the grid
+    decoder's grouped convs at every patch and its projection at the masked ones."""
+    m, r = cfg.model, cfg.recipe
+    C, L, Fd, P = m.hidden_size, m.num_layers, m.ffn_size, m.patch_size
+    N = (m.image_size // P) ** 2
+    T = N + 1
+    n = L * (4 * C * C + 2 * C * Fd + 9 * C + Fd)
+    embed = 2 * m.num_channels * P * P * C  # forward FLOPs per patch
+    if r.name != "data2vec2":
+        masked = min(r.mask_patches, N) / N
+        head = 6 * C * C * masked
+        return (T * (8 * n + 16 * L * T * C)) / N + 4 * embed + head
+    D = r.decoder_dim or C
+    visible = int(N * (1 - r.mask_prob))
+    Tv = visible + 1
+    teacher = T * (2 * n + 4 * L * T * C) / N + embed
+    student = r.clones * Tv * (6 * n + 12 * L * Tv * C) / N + 3 * embed
+    k2 = r.decoder_kernel ** 2
+    convs = 2 * k2 * (C * D + (r.decoder_layers - 1) * D * D) / DECODER_GROUPS
+    decoder = r.clones * 3 * (convs + 2 * D * C * (N - visible) / N)
+    return teacher + student + decoder
+
+
+# ---------------------------------------------------------------------------- the modality
+def _flag_error(flag: str, value, fix: str) -> UsageError:
+    return UsageError(f"{flag} {value!r}: {fix}")
+
+
+class ImagesModality:
+    """The image modality of the core (``d2v_fast.modalities``)."""
+
+    name = "images"
+    model_config_class = VisionConfig
+    encoder_presets = ENCODER_PRESETS
+    recipe_presets = RECIPE_PRESETS
+    unit = "patches"
+
+    # ---- corpus
+    def open_corpus(self, cfg, *, rank: int = 0, world_size: int = 1, barrier=None) -> ImageCorpus:
+        path = cfg.data.path
+        if not path:
+            from ..data.images.builtin import builtin_images
+
+            path = builtin_images(progress=rank == 0)  # a file lock makes concurrent builds safe
+        return open_images(path)
+
+    def corpus_fingerprint(self, corpus: ImageCorpus) -> str:
+        shards = hashlib.sha256("".join(s["sha256"] for s in corpus.meta["shards"]).encode()).hexdigest()
+        return f"{corpus.meta.get('source', {}).get('fingerprint', '')}:{shards}"
+
+    def corpus_path(self, corpus: ImageCorpus) -> str:
+        return str(corpus.path)
+
+    def verify_corpus(self, corpus: ImageCorpus) -> None:
+        verify_images(corpus)
+
+    @staticmethod
+    def train_split(corpus: ImageCorpus) -> tuple[int, int]:
+        """(first, count) of the images pretraining sees: a corpus with a ``train`` split
+        (the built-in one) trains on it alone, so its held-out photos stay unseen."""
+        split = (corpus.meta.get("splits") or {}).get("train")
+        if split is None:
+            return 0, len(corpus)
+        return int(split[0]), int(split[1]) - int(split[0])
+
+    def encoder_config(self, cfg, corpus: ImageCorpus) -> VisionConfig:
+        return dataclasses.replace(cfg.model)
+
+    # ---- model
+    def build_encoder(self, enc_cfg: VisionConfig) -> VisionEncoder:
+        return VisionEncoder(enc_cfg)
+
+    def build_student(self, enc_cfg: VisionConfig, recipe_cfg) -> nn.Module:
+        return (ImageStudent2 if recipe_cfg.name == "data2vec2" else ImageStudent)(enc_cfg, recipe_cfg)
+
+    # ---- data
+    @staticmethod
+    def masking_config(cfg) -> ImageMaskingConfig:
+        r = cfg.recipe
+        if r.name == "data2vec2":
+            return ImageMaskingConfig(kind="inverse_block", mask_prob=r.mask_prob, block=r.mask_span,
+                                      mask_prob_adjust=r.mask_prob_adjust, clones=r.clones)
+        return ImageMaskingConfig(kind="block", num_masked=r.mask_patches, min_block=r.mask_min_block)
+
+    @staticmethod
+    def augment_config(cfg) -> AugmentConfig:
+        d = cfg.data
+        return AugmentConfig(size=cfg.model.image_size, scale=tuple(d.crop_scale), color_jitter=d.color_jitter,
+                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    @staticmethod
+    def augment_on_device(cfg) -> bool:
+        """Augment on the training device (GPU) or in the loader workers (CPU training)."""
+        device = cfg.train.device
+        return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+    def loader(self, corpus: ImageCorpus, cfg, *, micro_batch_size: int, epoch: int, start: int, rank: int,
+               world_size: int):
+        t, d = cfg.train, cfg.data
+        return build_image_dataloader(
+            corpus, grid=cfg.model.grid, micro_batch_size=micro_batch_size, global_batch_size=t.batch_size,
+            masking=self.masking_config(cfg), augment=self.augment_config(cfg), seed=t.seed, epoch=epoch,
+            start=start, rank=rank, world_size=world_size, num_workers=d.num_workers,
+            split=self.train_split(corpus), augment_in_worker=not self.augment_on_device(cfg))
+
+    def units(self, mb: dict) -> int:
+        p = mb["pixels"]
+        return int(mb["mask"].shape[1]) * int(p.shape[0])
+
+    def flops_per_unit(self, cfg) -> float:
+        return flops_per_patch(cfg)
+
+    def validate(self, cfg) -> None:
+        m, r, d = cfg.model, cfg.recipe, cfg.data
+
+        def need(ok, flag, value, fix):
+            if not ok:
+                raise _flag_error(flag, value, fix)
+
+        need(m.position_encoding in ("relative", "sincos"), "--model.position_encoding", m.position_encoding,
+             "expected relative (v1, BEiT) or sincos (2.0)")
+        need(m.patch_size >= 1 and m.image_size >= m.patch_size and m.image_size % m.patch_size == 0,
+             "--model.image_size", m.image_size, f"must be a multiple of --model.patch_size ({m.patch_size})")
+        need(m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0, "--model.hidden_size",
+             m.hidden_size, f"must be a positive multiple of --model.num_heads ({m.num_heads})")
+        need(m.position_encoding != "sincos" or m.hidden_size % 4 == 0, "--model.hidden_size", m.hidden_size,
+             "2-D sin-cos positions need a multiple of 4")
+        need(m.num_layers >= 1, "--model.num_layers", m.num_layers, "must be >= 1")
+        need(m.ffn_size >= 1, "--model.ffn_size", m.ffn_size, "must be >= 1")
+        need(m.num_channels == 3, "--model.num_channels", m.num_channels,
+             "the loader feeds RGB (greyscale photos are repeated to 3 channels)")
+        for flag, v in (("--model.dropout", m.dropout), ("--model.attention_dropout", m.attention_dropout),
+                        ("--model.drop_path", m.drop_path)):
+            need(0 <= v < 1, flag, v, "must be in [0, 1)")
+        need(m.layer_scale_init >= 0, "--model.layer_scale_init", m.layer_scale_init, "must be >= 0 (0 = off)")
+        need(1 <= r.top_k <= m.num_layers, "--recipe.top_k", r.top_k, f"must be in [1, {m.num_layers}] (the layer count)")
+        N = (m.image_size // m.patch_size) ** 2
+        if r.name == "data2vec2":
+            need(m.position_encoding == "sincos", "--model.position_encoding", m.position_encoding,
+                 "data2vec2 drops masked patches, which the relative position bias cannot; use sincos")
+            need(0 < r.mask_prob < 1 and int(N * (1 - r.mask_prob)) >= 1, "--recipe.mask_prob", r.mask_prob,
+                 f"must leave at least one of the {N} patches visible")
+            need(1 <= r.mask_span <= min(m.image_size // m.patch_size, 16), "--recipe.mask_span", r.mask_span,
+                 "the side of the visible blocks: 1 to the grid side")
+            need(r.mask_prob_adjust >= 0, "--recipe.mask_prob_adjust", r.mask_prob_adjust, "must be >= 0")
+            D = r.decoder_dim or m.hidden_size
+            need(m.hidden_size % DECODER_GROUPS == 0 and D % DECODER_GROUPS == 0, "--recipe.decoder_dim", r.decoder_dim,
+                 f"the decoder width and --model.hidden_size must be multiples of {DECODER_GROUPS} (conv groups)")
+            need(r.cls_loss_weight >= 0, "--recipe.cls_loss_weight", r.cls_loss_weight, "must be >= 0 (0 = off)")
+        else:
+            need(m.use_mask_token, "--model.use_mask_token", m.use_mask_token, "data2vec (v1) masks with the mask token")
+            need(1 <= r.mask_patches < N, "--recipe.mask_patches", r.mask_patches, f"must be in [1, {N - 1}] "
+                 f"({N} patches per image)")
+            need(1 <= r.mask_min_block <= r.mask_patches, "--recipe.mask_min_block", r.mask_min_block,
+                 f"must be in [1, --recipe.mask_patches {r.mask_patches}]")
+            need(r.cls_loss_weight == 0, "--recipe.cls_loss_weight", r.cls_loss_weight, "only data2vec2 has a CLS loss")
+        lo, hi = d.crop_scale
+        need(0 < lo <= hi <= 1, "--data.crop_scale", f"{lo},{hi}", "expected 0 < min <= max <= 1 (crop area fractions)")
+        need(0 <= d.color_jitter < 1, "--data.color_jitter", d.color_jitter, "must be in [0, 1)")
+
+    # ---- Hugging Face
+    def read_hf(self, path, *, flag: str = "--init-from") -> tuple[dict, dict[str, torch.Tensor]]:
+        """(config.json, weights under our encoder names) of a local Data2VecVisionModel
+        (or BeitModel-layout) directory."""
+        from .. import checkpoint as ckpt
+
+        path = Path(path)
+        if not path.is_dir():
+            what = "not a directory" if path.exists() else "no such directory"
+            raise UsageError(f"{flag} {path}: {what}; give a local Hugging Face model directory")
+        if (path / ckpt.CKPT_DIR).is_dir() or (path / ckpt.ENCODER_META).is_file():
+            raise UsageError(f"{flag} {path}: a d2v_fast run, not a Hugging Face model directory; export it first "
+                             f"(python -m d2v_fast.export {path} HF_DIR) and give HF_DIR")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{flag} {path}: no config.json; give a Hugging Face model directory")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"{flag} {path / 'config.json'}: not valid JSON ({type(err).__name__})") from None
+        if not isinstance(config, dict) or config.get("model_type") not in ("data2vec-vision", "beit"):
+            got = config.get("model_type") if isinstance(config, dict) else None
+            raise UsageError(f"{flag} {path}: model_type {got!r}; expected data2vec-vision (an image model)")
+        fix = "give a complete Hugging Face model directory"
+        if (path / "model.safetensors").is_file():
+            raw = ckpt.read_safetensors(path / "model.safetensors", fix)
+        elif (path / "pytorch_model.bin").is_file():
+            raw = ckpt.load_plain(path / "pytorch_model.bin", fix)
+        else:
+            raise UsageError(f"{flag} {path}: no model.safetensors or pytorch_model.bin")
+        weights = {}
+        for k, v in raw.items():
+            for prefix in ("data2vec_vision.", "beit."):
+                if k.startswith(prefix):
+                    k = k[len(prefix):]
+                    break
+            if k.startswith(("embeddings.", "encoder.", "layernorm.")) and isinstance(v, torch.Tensor):
+                weights[k] = v
+        return config, weights
+
+    def check_hf_fits(self, hf_config: dict, enc_cfg: VisionConfig, path, *, flag: str = "--init-from") -> None:
+        try:
+            theirs = config_from_hf(hf_config)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{flag} {path}: {err}") from None
+        for field in ("image_size", "patch_size", "num_channels", "hidden_size", "num_layers", "num_heads",
+                      "ffn_size", "position_encoding", "use_mask_token"):
+            a, b = getattr(theirs, field), getattr(enc_cfg, field)
+            if a != b:
+                raise UsageError(f"{flag} {path}: {field} is {a!r} there, this run has {b!r} (--model.{field}); "
+                                 f"they must match")
+        if (theirs.layer_scale_init > 0) != (enc_cfg.layer_scale_init > 0):
+            raise UsageError(f"{flag} {path}: layer scale is {'on' if theirs.layer_scale_init > 0 else 'off'} "
+                             f"there, {'on' if enc_cfg.layer_scale_init > 0 else 'off'} here "
+                             f"(--model.layer_scale_init); they must match")
+
+    def export_hf(self, weights: dict[str, torch.Tensor], enc_cfg_dict: dict, out_dir, *, dtype: str = "float32",
+                  run_dir=None) -> None:
+        """Writes ``config.json`` (``Data2VecVisionConfig``), ``model.safetensors`` and
+        ``preprocessor_config.json`` (``BeitImageProcessor`` with the mean/std we trained
+        with) into ``out_dir`` (the caller's staging directory: it publishes it atomically)."""
+        from safetensors.torch import save_file
+
+        enc = VisionConfig(**{k: v for k, v in enc_cfg_dict.items() if k in VisionConfig.__dataclass_fields__})
+        mean, std = IMAGENET_MEAN, IMAGENET_STD  # what augment_config normalises with, for every run
+        out = Path(out_dir)
+        tensors = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in sorted(weights.items())}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(hf_config_dict(enc, dtype=dtype), indent=2) + "\n")
+        (out / "preprocessor_config.json").write_text(
+            json.dumps(hf_image_processor_dict(enc, mean, std), indent=2) + "\n")
+
+
+IMAGES = ImagesModality()
+
+__all__ = ["ImagesModality", "IMAGES", "ImageStudent", "ImageStudent2", "RECIPE_PRESETS", "ENCODER_PRESETS",
+           "flops_per_patch", "pixels_of", "DECODER_GROUPS"]
