@@ -277,6 +277,88 @@ def flops_per_patch(cfg) -> float:
     return teacher + student + decoder
 
 
+# ---------------------------------------------------------------------------- probe
+PROBE_SIZES = {"train": 2000, "val": 1000, "test": 2000}  # photos per split, at most
+
+
+@dataclasses.dataclass
+class ImageProbeTask:
+    """What ``d2v_fast.probe.linear_probe`` reads off a task: labels, class names and the
+    indices of each split (into ``images``, corpus indices)."""
+
+    images: list[int]
+    labels: list[int]
+    classes: list[str]
+    splits: dict[str, list[int]]
+    source: str
+
+    def indices(self, split: str) -> list[int]:
+        return self.splits[split]
+
+
+def image_probe_task(corpus: ImageCorpus) -> ImageProbeTask:
+    """Train and validation photos from the start of the corpus's train split, test photos
+    from its held-out split (the built-in corpus's t10k photos, never seen in pretraining)."""
+    splits = corpus.meta.get("splits") or {}
+    if "train" not in splits or "t10k" not in splits or not corpus.classes:
+        raise UsageError(f"{corpus.path}: the image probe needs a labelled corpus with train and t10k splits "
+                         f"(the built-in Fashion-MNIST corpus has them)")
+    (a, b), (c, d) = splits["train"], splits["t10k"]
+    n_train = min(PROBE_SIZES["train"], (b - a) * 2 // 3)
+    n_val = min(PROBE_SIZES["val"], b - a - n_train)
+    n_test = min(PROBE_SIZES["test"], d - c)
+    images = list(range(a, a + n_train + n_val)) + list(range(c, c + n_test))
+    split_ix = {"train": list(range(n_train)), "val": list(range(n_train, n_train + n_val)),
+                "test": list(range(n_train + n_val, len(images)))}
+    return ImageProbeTask(images=images, labels=[int(corpus.labels[i]) for i in images],
+                          classes=list(corpus.classes), splits=split_ix, source=str(corpus.path))
+
+
+@torch.no_grad()
+def pooled_features(encoder: VisionEncoder, corpus: ImageCorpus, images: list[int], *, batch_size: int = 256,
+                    device="cpu") -> torch.Tensor:
+    """Mean over the patches of the final-layernorm output, for whole photos (no crop or
+    flip; resized to the encoder's image size and normalised as in training)."""
+    size = encoder.config.image_size
+    aug = AugmentConfig(size=size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            pixels = torch.from_numpy(corpus.batch(chunk)).permute(0, 3, 1, 2)
+            full = torch.tensor([[0, 0, pixels.shape[2], pixels.shape[3], 0, 1, 1, 1]] * len(chunk),
+                                dtype=torch.float64)
+            x = augment_batch(pixels.to(device), full, aug)
+            out.append(encoder(x)[:, 1:].mean(1).float().cpu())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(out)
+
+
+def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor: bool = True, seed: int = 0,
+                 device="cpu") -> dict:
+    """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.probe``'s
+    classifier), and with ``floor`` the same architecture at random initialisation."""
+    import time
+
+    from ..probe import linear_probe
+
+    t0 = time.perf_counter()
+    task = image_probe_task(corpus)
+    result = {"task": f"{task.source} (image classes)", "classes": len(task.classes),
+              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "seed": seed,
+              **linear_probe(pooled_features(encoder, corpus, task.images, device=device), task)}
+    if floor:
+        torch.manual_seed(seed)
+        rand = VisionEncoder(encoder.config).to(device)
+        result["random_init"] = linear_probe(pooled_features(rand, corpus, task.images, device=device), task)
+        result["margin"] = result["accuracy"] - result["random_init"]["accuracy"]
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
 # ---------------------------------------------------------------------------- the modality
 def _flag_error(flag: str, value, fix: str) -> UsageError:
     return UsageError(f"{flag} {value!r}: {fix}")
