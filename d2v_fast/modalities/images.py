@@ -33,6 +33,10 @@ from ..data.images.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, au
 from ..data.images.corpus import ImageCorpus, open_images, verify_images
 from ..data.images.dataset import ImageMaskingConfig, build_image_dataloader
 from ..errors import UsageError
+from ..files import staged_directory
+from ..recipes.data2vec import Student
+from ..recipes.data2vec2 import Student2
+from . import Modality
 from ..models.vision import (VISION_PRESETS, GridDecoder, VisionConfig, VisionEncoder, config_from_hf,
                              hf_config_dict, hf_image_processor_dict, keep_visible)
 
@@ -159,26 +163,24 @@ class _ImageStudentMixin:
         return None  # images are never padded
 
 
-class ImageStudent(_ImageStudentMixin, nn.Module):
+class ImageStudent(_ImageStudentMixin, Student):
     """data2vec v1 images (BEiT): the student encodes the image with the masked patches
     replaced by the mask token; a Linear head maps its final-layernorm output at the masked
     patches to the targets. The teacher's targets are its top-K block outputs (after the
     residual), CLS dropped."""
 
     def __init__(self, enc: VisionConfig, cfg):
-        nn.Module.__init__(self)
+        super().__init__(VisionEncoder(enc), cfg, enc.hidden_size, enc.init_std)
         self.cfg = cfg
-        self.encoder = VisionEncoder(enc)
-        try:
-            from ..recipes.common import regression_head
-        except ImportError:  # TEMP before the core lands
-            from ..recipes.data2vec import regression_head
 
-        self.head = regression_head(enc.hidden_size, cfg.head_hidden_mult, enc.init_std)
+    def masked_hidden(self, batch: dict) -> torch.Tensor:
+        """The final-layernorm output at the patches [B, N, C] (CLS left out)."""
+        return self.encoder.encode(pixels_of(batch), batch["mask"])[0][:, 1:]
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(predictions [M, C] at the masked patches, row-major; the augmented pixels, which
-        the teacher encodes unmasked)."""
+        the teacher encodes unmasked: augmented once for both). Overrides the generic
+        forward to hand the pixels on and to gather with the CLS column skipped in place."""
         pixels = pixels_of(batch)
         mask = batch["mask"]
         h, _ = self.encoder.encode(pixels, mask)
@@ -193,7 +195,7 @@ class ImageStudent(_ImageStudentMixin, nn.Module):
         return None
 
 
-class ImageStudent2(_ImageStudentMixin, nn.Module):
+class ImageStudent2(_ImageStudentMixin, Student2):
     """data2vec 2.0 images: patch embeddings + fixed sin-cos positions for the whole image
     once; per clone only CLS and the visible patches enter the blocks; the final layernorm
     output's patches (mask noise at the masked ones) go through the grid decoder, which
@@ -202,9 +204,7 @@ class ImageStudent2(_ImageStudentMixin, nn.Module):
     regresses the patch mean of its sample's targets (``cls_loss_weight``)."""
 
     def __init__(self, enc: VisionConfig, cfg):
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        self.encoder = VisionEncoder(enc)
+        super().__init__(VisionEncoder(enc), cfg)
         self.decoder = GridDecoder(enc.hidden_size, enc.grid, layers=cfg.decoder_layers, kernel=cfg.decoder_kernel,
                                    groups=DECODER_GROUPS, decoder_dim=cfg.decoder_dim, init_std=enc.init_std)
         self.cls_pred: torch.Tensor | None = None  # the last forward's CLS outputs, for extra_loss
@@ -364,17 +364,18 @@ def _flag_error(flag: str, value, fix: str) -> UsageError:
     return UsageError(f"{flag} {value!r}: {fix}")
 
 
-class ImagesModality:
+class ImagesModality(Modality):
     """The image modality of the core (``d2v_fast.modalities``)."""
 
     name = "images"
     model_config_class = VisionConfig
     encoder_presets = ENCODER_PRESETS
+    size_presets: dict = {}  # every size's values are per recipe (RECIPE_PRESETS)
     recipe_presets = RECIPE_PRESETS
     unit = "patches"
 
     # ---- corpus
-    def open_corpus(self, cfg, *, rank: int = 0, world_size: int = 1, barrier=None) -> ImageCorpus:
+    def open_corpus(self, cfg, *, rank: int = 0) -> ImageCorpus:
         path = cfg.data.path
         if not path:
             from ..data.images.builtin import builtin_images
@@ -410,6 +411,16 @@ class ImagesModality:
 
     def build_student(self, enc_cfg: VisionConfig, recipe_cfg) -> nn.Module:
         return (ImageStudent2 if recipe_cfg.name == "data2vec2" else ImageStudent)(enc_cfg, recipe_cfg)
+
+    def teacher_encoder_weights(self, student_encoder, teacher):
+        """The teacher is an EMA of the whole encoder: its state dict has the encoder's names."""
+        return dict(teacher)
+
+    def describe(self, cfg, corpus: ImageCorpus) -> str:
+        first, count = self.train_split(corpus)
+        h, w = corpus.size
+        return (f"{count:,} photos of {h}x{w} as {cfg.model.image_size}px crops in {cfg.model.num_patches} patches; "
+                f"global batch {cfg.train.batch_size}; corpus {corpus.path}")
 
     # ---- data
     @staticmethod
@@ -552,20 +563,23 @@ class ImagesModality:
                              f"(--model.layer_scale_init); they must match")
 
     def export_hf(self, weights: dict[str, torch.Tensor], enc_cfg_dict: dict, out_dir, *, dtype: str = "float32",
-                  run_dir=None) -> None:
+                  run_dir=None, state: dict | None = None) -> str:
         """Writes ``config.json`` (``Data2VecVisionConfig``), ``model.safetensors`` and
         ``preprocessor_config.json`` (``BeitImageProcessor`` with the mean/std we trained
-        with) into ``out_dir`` (the caller's staging directory: it publishes it atomically)."""
+        with) as ``out_dir``, atomically."""
         from safetensors.torch import save_file
 
         enc = VisionConfig(**{k: v for k, v in enc_cfg_dict.items() if k in VisionConfig.__dataclass_fields__})
         mean, std = IMAGENET_MEAN, IMAGENET_STD  # what augment_config normalises with, for every run
-        out = Path(out_dir)
         tensors = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in sorted(weights.items())}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(hf_config_dict(enc, dtype=dtype), indent=2) + "\n")
-        (out / "preprocessor_config.json").write_text(
-            json.dumps(hf_image_processor_dict(enc, mean, std), indent=2) + "\n")
+        with staged_directory(Path(out_dir)) as staging:
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            (staging / "config.json").write_text(json.dumps(hf_config_dict(enc, dtype=dtype), indent=2) + "\n")
+            (staging / "preprocessor_config.json").write_text(
+                json.dumps(hf_image_processor_dict(enc, mean, std), indent=2) + "\n")
+            if state is not None:
+                (staging / "d2v_fast.json").write_text(json.dumps({"step": state.get("step")}, indent=2) + "\n")
+        return "Data2VecVisionModel"
 
 
 IMAGES = ImagesModality()
