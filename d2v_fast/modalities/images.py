@@ -359,6 +359,32 @@ def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor: bool = T
     return result
 
 
+# ---------------------------------------------------------------------------- benchmark
+def synthetic_batch(cfg, batch_size: int, *, augment_on_device: bool, seed: int = 0) -> dict:
+    """A micro-batch as the loader makes it, from random uint8 photos of the model's image
+    size (real masks and augmentation parameters): ``d2v_fast.bench --modality images``."""
+    from ..data.images.dataset import ImageCollator
+
+    g = torch.Generator().manual_seed(seed)
+    S = cfg.model.image_size
+    items = [{"pixels": torch.randint(0, 256, (3, S, S), generator=g, dtype=torch.uint8), "index": i, "epoch": 0,
+              "label": -1} for i in range(batch_size)]
+    collate = ImageCollator(cfg.model.grid, ImagesModality.masking_config(cfg), ImagesModality.augment_config(cfg),
+                            seed, in_worker=not augment_on_device)
+    return collate(items)
+
+
+@dataclasses.dataclass
+class SyntheticImageCorpus:
+    """What the trainer reads off an image corpus, for benchmarking without data."""
+
+    path: Path = Path("<synthetic images>")
+    meta: dict = dataclasses.field(default_factory=lambda: {"source": {}, "shards": []})
+
+    def __len__(self) -> int:
+        return 0
+
+
 # ---------------------------------------------------------------------------- the modality
 def _flag_error(flag: str, value, fix: str) -> UsageError:
     return UsageError(f"{flag} {value!r}: {fix}")
@@ -384,7 +410,7 @@ class ImagesModality(Modality):
         return open_images(path)
 
     def corpus_fingerprint(self, corpus: ImageCorpus) -> str:
-        shards = hashlib.sha256("".join(s["sha256"] for s in corpus.meta["shards"]).encode()).hexdigest()
+        shards = hashlib.sha256("".join(s["sha256"] for s in corpus.meta.get("shards", [])).encode()).hexdigest()
         return f"{corpus.meta.get('source', {}).get('fingerprint', '')}:{shards}"
 
     def corpus_path(self, corpus: ImageCorpus) -> str:
@@ -417,6 +443,8 @@ class ImagesModality(Modality):
         return dict(teacher)
 
     def describe(self, cfg, corpus: ImageCorpus) -> str:
+        if not isinstance(corpus, ImageCorpus):
+            return f"global batch {cfg.train.batch_size}; {corpus.path}"
         first, count = self.train_split(corpus)
         h, w = corpus.size
         return (f"{count:,} photos of {h}x{w} as {cfg.model.image_size}px crops in {cfg.model.num_patches} patches; "

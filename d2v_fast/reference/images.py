@@ -182,7 +182,7 @@ class ReferenceImages2(_ReferenceBase):
         h, _, _ = _run(self.encoder, torch.stack(rows))
         C = h.shape[-1]
         cls = h[:, 0]
-        full = torch.randn(R, N, C, dtype=h.dtype) * cfg.mask_noise_std
+        full = torch.randn(R, N, C, device=h.device, dtype=h.dtype) * cfg.mask_noise_std
         full[~mask] = h[:, 1:].reshape(-1, C)
         g = full.transpose(1, 2).reshape(R, C, *self.grid)
         for conv in self.convs:
@@ -203,7 +203,7 @@ class ReferenceImageStep:
     warmup + cosine, clipping and the per-parameter EMA loop: one optimizer update over a
     list of micro-batches (pixels already augmented, as the CPU loader makes them)."""
 
-    def __init__(self, cfg, *, engine_state: dict | None = None):
+    def __init__(self, cfg, *, engine_state: dict | None = None, device: torch.device | str = "cpu"):
         try:
             from ..schedule import lr_factor  # after the core refactor
         except ImportError:
@@ -217,7 +217,8 @@ class ReferenceImageStep:
         self.model = (ReferenceImages2 if self.v2 else ReferenceImages)(enc, r)
         if engine_state is not None:
             self.model.load_engine_state(engine_state)
-        self.model.train()
+        self.device = torch.device(device)
+        self.model.to(self.device).train()
         torch.manual_seed(t.seed + 1)  # the engine's rank-0 seed for what the step draws
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
@@ -231,11 +232,16 @@ class ReferenceImageStep:
 
     def __call__(self, micro_batches: list[dict]) -> float:
         n = sum(int(mb["mask"].sum()) for mb in micro_batches)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            loss, _ = self.model(mb["pixels"], mb["mask"])
+            pixels = mb["pixels"].to(self.device)
+            if pixels.dtype == torch.uint8:  # augmented on the device, as the engine does on a GPU
+                from ..data.images.augment import augment_batch
+
+                pixels = augment_batch(pixels, mb["augment"], mb["augment_cfg"])
+            loss, _ = self.model(pixels, mb["mask"].to(self.device))
             (loss / n).backward()
-            total += float(loss.detach())
+            total += loss.detach()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
@@ -243,7 +249,7 @@ class ReferenceImageStep:
         self.opt.zero_grad()
         self.model.ema_step(self.recipe.decay_at(self.updates))
         self.updates += 1
-        return total / n
+        return total / n  # a 0-dim tensor on the device: reading it is the caller's choice
 
 
 def reference_image_losses(cfg, corpus, steps: int, engine_state: dict | None = None) -> list[float]:
@@ -261,4 +267,4 @@ def reference_image_losses(cfg, corpus, steps: int, engine_state: dict | None = 
     micro = t.micro_batch_size or t.batch_size
     loader = ImagesModality().loader(corpus, cfg, micro_batch_size=micro, epoch=0, start=0, rank=0, world_size=1)
     it = iter(loader)
-    return [step([next(it) for _ in range(t.batch_size // micro)]) for _ in range(steps)]
+    return [float(step([next(it) for _ in range(t.batch_size // micro)])) for _ in range(steps)]
