@@ -1,5 +1,5 @@
 """Fused kernels vs their eager twins (SPEC §3): providers `triton` (d2v_fast/kernels),
-`eager` (d2v_fast/reference/ops.py) and `compiled` (torch.compile of the eager twin).
+`eager` (d2v_fast/kernels/eager.py) and `compiled` (torch.compile of the eager twin).
 
     python -m pytest benchmarks/test_kernels.py -q
     D2V_BENCH_WRITE=1 python -m pytest benchmarks/test_kernels.py -q
@@ -44,7 +44,7 @@ from d2v_fast.kernels import ema as kema  # noqa: E402
 from d2v_fast.kernels import gather as kgather  # noqa: E402
 from d2v_fast.kernels import loss as kloss  # noqa: E402
 from d2v_fast.kernels import targets as ktargets  # noqa: E402
-from d2v_fast.reference import ops as twin  # noqa: E402
+from d2v_fast.kernels import eager as twin  # noqa: E402
 
 CUDA = torch.cuda.is_available() and kernels.AVAILABLE and not kernels.is_interpreted(kgather._move_rows_kernel)
 DEVICE = "cuda" if CUDA else "cpu"

@@ -60,7 +60,7 @@ def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> 
         ids = torch.randint(len(SPECIAL), vocab, (T,), generator=g)
         ids[0], ids[-1] = SPECIAL["bos"], SPECIAL["eos"]
         items.append({"input_ids": ids, "index": i, "epoch": 0})
-    from .trainer import masking_for
+    from .modalities.text import masking_for
 
     return MaskCollator(SPECIAL, masking_for(cfg.recipe), seed)(items)
 
@@ -121,7 +121,8 @@ def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
 def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
             vocab: int = 50265) -> dict:
     """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
-    from .trainer import model_flops_per_token, peak_flops
+    from .modalities.text import model_flops_per_token
+    from .schedule import peak_flops
 
     batch = synthetic_batch(cfg, batch_size, vocab)
     step = make_step(provider, cfg, device, vocab)

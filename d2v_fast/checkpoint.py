@@ -421,7 +421,8 @@ def load_rng(path: Path, rank: int) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- the encoder file
-def save_encoder(weights_path: Path, state_dict: dict, encoder_config: dict, step: int) -> Path:
+def save_encoder(weights_path: Path, state_dict: dict, encoder_config: dict, step: int,
+                 modality: str = "text") -> Path:
     """``NAME.safetensors`` (Hugging Face parameter names) and ``NAME.json`` beside it (config, step,
     sha256). The JSON is renamed last; a crash between the two renames leaves a pair whose
     checksums disagree, which the reader refuses."""
@@ -429,7 +430,7 @@ def save_encoder(weights_path: Path, state_dict: dict, encoder_config: dict, ste
     sha = atomic_save_safetensors(state_dict, weights_path,
                                   {"format": "d2v_fast.encoder", "format_version": str(FORMAT_VERSION)})
     atomic_write_json({"format": "d2v_fast.encoder", "format_version": FORMAT_VERSION, "weights": weights_path.name,
-                       "sha256": sha, "step": step, "encoder_config": encoder_config},
+                       "sha256": sha, "step": step, "modality": modality, "encoder_config": encoder_config},
                       weights_path.with_suffix(".json"))
     fsync_dir(weights_path.parent)
     return weights_path
@@ -588,6 +589,9 @@ RESUMABLE_CHANGES = {
 
 def config_difference(saved: dict, current: dict) -> str | None:
     """First field (``section.field: saved -> current``) that forbids resuming, else None."""
+    theirs, ours = saved.get("modality", "text"), current.get("modality", "text")  # older runs: text
+    if theirs != ours:
+        return f"modality: {theirs!r} there, {ours!r} now"
     for section, fields in current.items():
         if not isinstance(fields, dict):
             continue

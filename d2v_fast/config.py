@@ -18,8 +18,8 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .models.encoder import ENCODER_PRESETS, EncoderConfig
-from .recipes.data2vec import RecipeConfig
+from .models.encoder import EncoderConfig
+from .recipes.common import RecipeConfig
 
 
 @dataclass
@@ -80,13 +80,17 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "base"
+    modality: str = "text"  # text | audio | images (d2v_fast.modalities); ``model`` is that modality's config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        cfg = cls()
+        from .modalities import get_modality
+
+        modality = d.get("modality", "text")
+        cfg = cls(model=get_modality(modality, flag="config modality").model_config_class(), modality=modality)
         for section in SECTIONS:
             sub = getattr(cfg, section)
             for k, v in d.get(section, {}).items():
@@ -102,17 +106,24 @@ SECTIONS = ("model", "recipe", "optim", "data", "train")
 RECIPES = ("data2vec", "data2vec2")
 
 
-def preset(name: str, recipe: str = "data2vec") -> Config:
-    """The dataclass defaults (data2vec base), then the size's encoder, then what the size
-    sets for every recipe, then the recipe's own values, then the recipe's values at that size."""
-    if name not in PRESETS:
-        raise UsageError(f"--config {name!r}: unknown preset; choose one of {', '.join(PRESETS)}")
-    if recipe not in RECIPES:
-        raise UsageError(f"--recipe {recipe!r}: unknown recipe; choose one of {', '.join(RECIPES)}")
-    cfg = Config(preset=name)
-    for k, v in ENCODER_PRESETS[name].items():
+def preset(name: str, recipe: str = "data2vec", modality: str = "text") -> Config:
+    """The dataclass defaults (data2vec text base), then the modality's encoder at that size,
+    then what the size sets for every recipe of the modality, then the recipe's own values,
+    then the recipe's values at that size (each modality keeps its tables in its module;
+    text's are below)."""
+    from .modalities import get_modality
+
+    mod = get_modality(modality)
+    if name not in mod.encoder_presets:
+        raise UsageError(f"--config {name!r}: unknown preset; choose one of {', '.join(mod.encoder_presets)}")
+    if recipe not in RECIPES or recipe not in mod.recipe_presets:
+        known = [r for r in RECIPES if r in mod.recipe_presets]
+        raise UsageError(f"--recipe {recipe!r}: unknown recipe for {modality}; choose one of {', '.join(known)}")
+    cfg = Config(model=mod.model_config_class(), preset=name, modality=modality)
+    for k, v in mod.encoder_presets[name].items():
         setattr(cfg.model, k, v)
-    for layer in (PRESETS[name], RECIPE_PRESETS[recipe]["*"], RECIPE_PRESETS[recipe].get(name, {})):
+    table = mod.recipe_presets[recipe]
+    for layer in (mod.size_presets.get(name, {}), table.get("*", {}), table.get(name, {})):
         for section, values in layer.items():
             for k, v in values.items():
                 setattr(getattr(cfg, section), k, v)
@@ -178,6 +189,7 @@ SHORT_FLAGS = {
     "--batch-size": "train.batch_size", "--seq-len": "data.seq_len", "--seed": "train.seed",
     "--parallel": "train.parallel", "--recipe": "recipe.name",
 }
+TOP_LEVEL = ("preset", "modality")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,25 +219,31 @@ def _parse_value(flag: str, typ, text: str):
         raise UsageError(f"{flag} {text!r}: expected {want}") from None
 
 
-# Taken from the corpus, never from flags.
-_FROM_CORPUS = {("model", "vocab_size"), ("model", "pad_id")}
+def _fields(cfg: Config | None = None):
+    """(section, field, type) of every flag-settable field; the model section is the
+    modality's encoder config, less what the corpus sets."""
+    from .modalities import get_modality
 
-
-def _fields():
-    cfg = Config()
+    cfg = cfg or Config()
+    from_corpus = get_modality(cfg.modality).from_corpus
     for section in SECTIONS:
         sub = getattr(cfg, section)
         hints = typing.get_type_hints(type(sub))
         for f in dataclasses.fields(sub):
-            if (section, f.name) not in _FROM_CORPUS:
+            if not (section == "model" and f.name in from_corpus):
                 yield section, f.name, hints[f.name]
 
 
 def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentParser:
     p = _Parser(prog="torchrun -m d2v_fast.pretrain", description=description,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .modalities import MODALITIES, get_modality
+
+    p.add_argument("--modality", default=defaults.modality, choices=tuple(MODALITIES),
+                   help="what to pretrain on (default: %(default)s)")
     p.add_argument("--config", default=defaults.preset, metavar="PRESET",
-                   help=f"preset: {' | '.join(PRESETS)} (default: %(default)s)")
+                   help=f"preset: {' | '.join(get_modality(defaults.modality).encoder_presets)} "
+                        f"(default: %(default)s)")
     p.add_argument("--resume", nargs="?", const="auto", default="auto", choices=("auto", "no"),
                    help="auto (default): continue from the newest complete checkpoint in --out when its "
                         "config matches (a different config there is an error); no: refuse a --out with checkpoints")
@@ -237,7 +255,7 @@ def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentPa
         section, name = dotted.split(".")
         p.add_argument(flag, dest=dotted, metavar="V",
                        help=f"= --{dotted} (default: {getattr(getattr(defaults, section), name)!r})")
-    for section, name, typ in _fields():
+    for section, name, typ in _fields(defaults):
         value = getattr(getattr(defaults, section), name)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         p.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar="V",
@@ -250,10 +268,11 @@ def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Names
     pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="tiny")
     pre.add_argument("--recipe", "--recipe.name", dest="recipe", default="data2vec")
+    pre.add_argument("--modality", default="text")
     known, _ = pre.parse_known_args(argv)
-    cfg = preset(known.config, known.recipe)
+    cfg = preset(known.config, known.recipe, known.modality)
     args = build_parser(cfg, description).parse_args(argv)
-    hints = {f"{s}.{n}": t for s, n, t in _fields()}
+    hints = {f"{s}.{n}": t for s, n, t in _fields(cfg)}
     for dotted, text in vars(args).items():
         if "." not in dotted or text is None:
             continue
@@ -294,11 +313,6 @@ def validate(cfg: Config) -> None:
     need(m.ffn_size >= 1, "--model.ffn_size", m.ffn_size, "must be >= 1")
     need(0 <= m.dropout < 1, "--model.dropout", m.dropout, "must be in [0, 1)")
     need(0 <= m.attention_dropout < 1, "--model.attention_dropout", m.attention_dropout, "must be in [0, 1)")
-    need(3 <= d.seq_len, "--seq-len", d.seq_len, "must be at least 3")
-    need(d.seq_len <= m.max_seq_len, "--seq-len", d.seq_len,
-         f"longer than the position table (--model.max_seq_len {m.max_seq_len}); lower --seq-len "
-         f"or raise --model.max_seq_len")
-    need(d.block_mode in ("pack", "document"), "--data.block_mode", d.block_mode, "expected pack or document")
     need(d.num_workers >= 0, "--data.num_workers", d.num_workers, "must be >= 0")
     need(d.verify in ("background", "start", "off"), "--data.verify", d.verify, "expected background, start or off")
     need(1 <= r.top_k <= m.num_layers, "--recipe.top_k", r.top_k, f"must be in [1, {m.num_layers}] (the layer count)")
@@ -325,3 +339,6 @@ def validate(cfg: Config) -> None:
     need(t.probe_every >= 0, "--train.probe_every", t.probe_every, "must be >= 0 (0 = only at the end)")
     need(t.probe_every == 0 or t.probe_task != "none", "--train.probe_every", t.probe_every,
          "needs a probe task; drop --train.probe_task none or set --train.probe_every 0")
+    from .modalities import get_modality
+
+    get_modality(cfg.modality).validate(cfg)

@@ -1,11 +1,12 @@
-"""Hugging Face interop: export to ``Data2VecTextModel``, warm starts, ``load_pretrained``.
+"""Hugging Face interop: export (to ``Data2VecTextModel`` for text; each modality writes its
+own model class), text warm starts, ``load_pretrained``.
 
     python -m d2v_fast.export CHECKPOINT OUT_DIR [--weights student|teacher] [--dtype float32|bfloat16]
 
 ``CHECKPOINT`` is a run directory (its newest complete checkpoint is used), a checkpoint
 directory or a file in one. Only the checkpoint's ``model.safetensors`` and ``config.json``
 are read, checked against the recorded checksum and the encoder config; nothing in them
-runs. The output holds ``config.json``, ``model.safetensors`` with exactly the base-model
+runs. For text the output holds ``config.json``, ``model.safetensors`` with exactly the base-model
 keys (pooler included, freshly initialised: pretraining has none) and the tokenizer files,
 and loads offline with ``Data2VecTextModel.from_pretrained`` and ``AutoTokenizer.from_pretrained``. Needs only safetensors and tokenizers.
 """
@@ -22,7 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import UsageError, cli_entry
-from .models.encoder import Encoder, EncoderConfig
+from .models.encoder import EncoderConfig
 
 _STUDENT = "student.encoder."
 _TEACHER = "teacher."
@@ -54,23 +55,36 @@ def resolve_checkpoint(path: str | os.PathLike, *, flag: str = "CHECKPOINT") -> 
     raise UsageError(f"{flag} {path}: not a run directory or checkpoint")
 
 
+def modality_of(state_or_config: dict):
+    """The modality a checkpoint's state (or its saved config) was trained on; older runs are text."""
+    from .modalities import get_modality
+
+    config = state_or_config.get("config", state_or_config) if isinstance(state_or_config, dict) else {}
+    return get_modality((config or {}).get("modality", "text"), flag="config.json modality")
+
+
 def _load_state(ckpt_dir: Path) -> dict:
     """The checkpoint's config.json fields and its weights (``model``); state.pt is not needed."""
     state = ckpt.load_checkpoint(ckpt_dir, train_state=False)
-    expected = _encoder_spec(state["encoder_config"], ckpt_dir / ckpt.META_FILE)
+    modality = modality_of(state)
+    expected = _encoder_spec(state["encoder_config"], ckpt_dir / ckpt.META_FILE, modality)
     fix = f"use an earlier checkpoint than {ckpt_dir.name}"
     ckpt.check_tensors(ckpt.tensor_spec(encoder_weights(state, "student")), expected, ckpt_dir / ckpt.MODEL_FILE, fix)
     ckpt.check_tensors(ckpt.tensor_spec(encoder_weights(state, "teacher")), expected, ckpt_dir / ckpt.MODEL_FILE, fix)
     return state
 
 
-def _encoder_spec(encoder_config: dict, where) -> dict:
-    """{name: (shape, dtype)} of the Encoder that ``encoder_config`` describes, built on the meta
+def _encoder_spec(encoder_config: dict, where, modality=None) -> dict:
+    """{name: (shape, dtype)} of the encoder that ``encoder_config`` describes, built on the meta
     device so that a config with absurd sizes costs no memory before it is refused."""
+    if modality is None:
+        from .modalities import get_modality
+
+        modality = get_modality("text")
     try:
-        cfg = EncoderConfig(**encoder_config)
+        cfg = modality.encoder_config_from_dict(encoder_config)
         with torch.device("meta"):
-            model = Encoder(cfg)
+            model = modality.build_encoder(cfg)
     except (TypeError, ValueError, RuntimeError) as err:
         raise UsageError(f"{where}: its encoder_config does not describe an encoder ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); the file is damaged or was edited") from None
@@ -78,14 +92,14 @@ def _encoder_spec(encoder_config: dict, where) -> dict:
 
 
 def encoder_weights(state: dict, which: str = "student") -> dict[str, torch.Tensor]:
-    """Encoder parameters under Hugging Face names; the teacher shares the student's embeddings."""
+    """Encoder parameters under Hugging Face names: the student's, or the teacher's averaged
+    weights completed by what the modality's teacher shares with the student."""
     model = state["model"]
     student = {k[len(_STUDENT):]: v for k, v in model.items() if k.startswith(_STUDENT)}
     if which == "student":
         return student
-    out = {k: v for k, v in student.items() if k.startswith("embeddings.")}
-    out.update({f"encoder.layer.{k[len(_TEACHER):]}": v for k, v in model.items() if k.startswith(_TEACHER)})
-    return out
+    teacher = {k[len(_TEACHER):]: v for k, v in model.items() if k.startswith(_TEACHER)}
+    return modality_of(state).teacher_encoder_weights(student, teacher)
 
 
 def _run_dir(ckpt_dir: Path) -> Path:
@@ -136,30 +150,37 @@ def _pooler(hidden: int, std: float) -> dict[str, torch.Tensor]:
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, weights: str = "student",
            dtype: str = "float32") -> Path:
-    from safetensors.torch import save_file
-
+    """Write the checkpoint's encoder as a Hugging Face model directory of its modality."""
     if weights not in ("student", "teacher"):
         raise UsageError(f"--weights {weights!r}: expected student or teacher")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     ckpt_dir = resolve_checkpoint(checkpoint)
     state = _load_state(ckpt_dir)
-    enc = state["encoder_config"]
     tensors = encoder_weights(state, weights)
+    state = dict(state, _checkpoint_dir=ckpt_dir, _weights=weights)
+    out = Path(out_dir)
+    modality_of(state).export_hf(tensors, state["encoder_config"], out, dtype=dtype, run_dir=_run_dir(ckpt_dir),
+                                 state=state)
+    return out
+
+
+def write_text_hf_dir(tensors: dict[str, torch.Tensor], enc: dict, out: Path, *, dtype: str, run_dir: Path,
+                      state: dict) -> None:
+    """``Data2VecTextModel`` directory: weights (with a fresh pooler), config and tokenizer."""
+    from safetensors.torch import save_file
+
+    from .files import staged_directory
+
+    ckpt_dir = state["_checkpoint_dir"]
+    tensors = dict(tensors)
     tensors.update(_pooler(enc["hidden_size"], enc["init_std"]))
     tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in sorted(tensors.items())}
     tok = find_tokenizer(ckpt_dir, state)
     if tok is None:
-        raise UsageError(f"{ckpt_dir}: no tokenizer found (looked in {_run_dir(ckpt_dir) / 'tokenizer'}); "
+        raise UsageError(f"{ckpt_dir}: no tokenizer found (looked in {run_dir / 'tokenizer'}); "
                          f"copy the corpus's tokenizer/ directory there")
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"OUT_DIR {out}: exists and is not a directory")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(out) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config(enc, dtype), indent=2) + "\n")
         for f in tok.iterdir():
@@ -171,14 +192,8 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, weights
             conf["model_max_length"] = int(enc["max_seq_len"])
             tc.write_text(json.dumps(conf, indent=2) + "\n")
         (staging / "d2v_fast.json").write_text(json.dumps(
-            {"checkpoint": str(ckpt_dir.resolve()), "step": state.get("step"), "weights": weights}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+            {"checkpoint": str(ckpt_dir.resolve()), "step": state.get("step"), "weights": state["_weights"]},
+            indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- warm start
@@ -239,7 +254,7 @@ def check_hf_fits(config: dict, enc: EncoderConfig, path, *, flag: str = "--init
 
 
 # ----------------------------------------------------------------------------- load_pretrained
-def load_pretrained(path, map_location="cpu") -> Encoder:
+def load_pretrained(path, map_location="cpu") -> torch.nn.Module:
     """The student encoder of a run directory (its encoder.safetensors, else its newest complete
     checkpoint), a checkpoint directory, or an encoder.safetensors / encoder.json file. Every file
     is checked (format version, checksum, keys, shapes, dtypes) and none can run code."""
@@ -261,14 +276,22 @@ def load_pretrained(path, map_location="cpu") -> Encoder:
     else:
         meta = None
     if meta is not None:
-        cfg, weights = ckpt.read_encoder(meta, _encoder_spec)
+        try:
+            name = json.loads(meta.read_text()).get("modality", "text")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            name = "text"  # read_encoder below reports what is wrong with the file
+        from .modalities import get_modality
+
+        modality = get_modality(name if isinstance(name, str) else "text", flag=f"{meta} modality")
+        cfg, weights = ckpt.read_encoder(meta, lambda c, where: _encoder_spec(c, where, modality))
     else:
         ckpt_dir = resolve_checkpoint(path, flag="load_pretrained")
         state = ckpt.load_checkpoint(ckpt_dir, train_state=False)
+        modality = modality_of(state)
         cfg, weights = state["encoder_config"], encoder_weights(state, "student")
-        ckpt.check_tensors(ckpt.tensor_spec(weights), _encoder_spec(cfg, ckpt_dir / ckpt.META_FILE),
+        ckpt.check_tensors(ckpt.tensor_spec(weights), _encoder_spec(cfg, ckpt_dir / ckpt.META_FILE, modality),
                            ckpt_dir / ckpt.MODEL_FILE, f"use an earlier checkpoint than {ckpt_dir.name}")
-    model = Encoder(EncoderConfig(**cfg))
+    model = modality.build_encoder(modality.encoder_config_from_dict(cfg))
     model.load_state_dict(weights)
     return model.to(map_location).eval()
 
@@ -289,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = export(args.checkpoint, args.out_dir, weights=args.weights, dtype=args.dtype)
+    cls = json.loads((out / "config.json").read_text()).get("architectures", ["Data2VecTextModel"])[0]
     print(f"exported {args.weights} weights ({args.dtype}) to {out}; load with "
-          f"transformers.Data2VecTextModel.from_pretrained({str(out)!r})", file=sys.stderr)
+          f"transformers.{cls}.from_pretrained({str(out)!r})", file=sys.stderr)
     return 0
 
 

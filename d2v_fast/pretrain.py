@@ -1,11 +1,11 @@
-"""Pretrain a data2vec text encoder.
+"""Pretrain a data2vec encoder (text by default; --modality audio | images).
 
-    torchrun --standalone --nproc_per_node=N -m d2v_fast.pretrain [--config tiny|base|large]
+    torchrun --standalone --nproc_per_node=N -m d2v_fast.pretrain [--modality M] [--config tiny|base|large]
         [--data DIR] [--out DIR] [--max-steps N] [--batch-size SEQS] [--seq-len T] [--seed S]
         [--resume auto|no] [--verify-data] [--init-from HF_DIR] [--section.field VALUE ...]
 
-Plain ``python -m d2v_fast.pretrain`` runs a single process. With no --data the built-in
-corpus (Python standard-library docstrings) is prepared and used. Every config field can
+Plain ``python -m d2v_fast.pretrain`` runs a single process. With no --data the modality's
+built-in corpus (text: Python standard-library docstrings) is prepared and used. Every config field can
 be set as --section.field; --help lists them with the chosen preset's defaults.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -63,9 +62,8 @@ def run(argv=None) -> int:
     import torch.distributed as dist
 
     from . import checkpoint as ckpt
-    from .data.builtin import builtin_corpus
-    from .data.corpus import open_corpus, verify_corpus
-    from .trainer import CollapseError, NonFiniteError, Trainer, corpus_fingerprint
+    from .modalities import get_modality
+    from .trainer import CollapseError, NonFiniteError, Trainer
 
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
@@ -73,13 +71,15 @@ def run(argv=None) -> int:
     device = torch.device("cuda", local_rank) if want == "cuda" or (want == "auto" and torch.cuda.is_available()) \
         else torch.device("cpu")
 
-    corpus = open_corpus(cfg.data.path) if cfg.data.path else open_corpus(builtin_corpus(progress=rank == 0))
-    if cfg.train.probe_task not in ("builtin", "none"):  # a bad task file stops now, not after training
+    modality = get_modality(cfg.modality)
+    corpus = modality.open_corpus(cfg, rank=rank)
+    probing = modality.has_probe and cfg.train.probe_task != "none"
+    if probing and cfg.train.probe_task != "builtin":  # a bad task file stops now, not after training
         from .data.probe_task import read_task
 
         read_task(cfg.train.probe_task, flag="--train.probe_task")
     if cfg.data.verify == "start" and rank == 0:
-        verify_corpus(corpus)
+        modality.verify_corpus(corpus)
 
     if world > 1:
         if device.type == "cuda":
@@ -97,18 +97,15 @@ def run(argv=None) -> int:
                 raise UsageError(f"--out {out}: holds a run with a different config ({diff}); use the same "
                                  f"settings to resume it, or choose another --out")
             theirs = (saved.get("corpus") or {}).get("fingerprint")
-            if theirs and theirs != corpus_fingerprint(corpus):
+            if theirs and theirs != modality.corpus_fingerprint(corpus):
                 raise UsageError(f"--out {out}: was trained on another corpus ({saved['corpus'].get('path')}); "
                                  f"give that corpus with --data, or choose another --out")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            resolved = cfg.to_dict()
-            resolved["model"]["vocab_size"] = corpus.vocab_size
-            resolved.update(world_size=world, data_dir=str(corpus.path), device=str(device))
+            resolved = modality.resolved_config(cfg, corpus)
+            resolved.update(world_size=world, data_dir=str(modality.corpus_path(corpus)), device=str(device))
             (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-            tok = out / "tokenizer"  # beside the checkpoints, so export needs no corpus
-            if not tok.is_dir():
-                shutil.copytree(corpus.tokenizer_dir, tok)
+            modality.prepare_run_dir(corpus, out)
         trainer = Trainer(cfg, corpus, out, rank=rank, world_size=world, device=device)
         say = print if rank == 0 else (lambda *a, **k: None)
         if latest is not None:
@@ -121,10 +118,10 @@ def run(argv=None) -> int:
         if cfg.data.verify == "background" and rank == 0:
             trainer.verify_in_background()
         n = trainer.model.student.encoder.num_params()
-        say(f"d2v_fast: recipe {cfg.recipe.name}, preset {cfg.preset}, {n / 1e6:.2f}M non-embedding "
-            f"parameters, vocabulary {corpus.vocab_size:,}; {world} process(es) on {device.type}; global batch "
-            f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens ({trainer.accum} micro-batch(es) of "
-            f"{trainer.micro_batch_size} per rank); corpus {corpus.path}; run dir {out}", file=sys.stderr)
+        say(f"d2v_fast: recipe {cfg.recipe.name} on {cfg.modality}, preset {cfg.preset}, {n / 1e6:.2f}M "
+            f"non-embedding parameters; {world} process(es) on {device.type}; {modality.describe(cfg, corpus)} "
+            f"({trainer.accum} micro-batch(es) of {trainer.micro_batch_size} per rank); run dir {out}",
+            file=sys.stderr)
         try:
             history = trainer.fit()
         except (CollapseError, NonFiniteError) as err:
@@ -137,9 +134,9 @@ def run(argv=None) -> int:
         if history and rank == 0:
             first, last = history[0], history[-1]
             say(f"done: step {trainer.step}, loss {first['loss']:.4f} (step {first['step']}) -> "
-                f"{last['loss']:.4f} (step {last['step']}), {last['tokens_per_s']:,.0f} tokens/s; "
+                f"{last['loss']:.4f} (step {last['step']}), {last['tokens_per_s']:,.0f} {modality.unit}/s; "
                 f"{trainer.skipped} update(s) skipped; encoder saved to {out / ckpt.ENCODER_FILE}", file=sys.stderr)
-        if rank == 0 and cfg.train.probe_task != "none":
+        if rank == 0 and probing:
             from .probe import details, probe_path, summary
 
             result = probe_path(out, task=cfg.train.probe_task, seed=cfg.train.seed, device=str(device))

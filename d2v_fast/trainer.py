@@ -1,12 +1,12 @@
-"""The training loop: micro-batching with gradient accumulation, DDP, bf16 autocast on GPU,
-AdamW with warmup + cosine, clipping, one EMA step per optimizer update, metrics,
-checkpoints and the collapse guard."""
+"""The training loop: micro-batching with gradient accumulation, DDP/FSDP2, bf16 autocast on
+GPU, AdamW with warmup + cosine, clipping, one EMA step per optimizer update, metrics,
+checkpoints and the collapse guard. It knows no modality: the corpus, loader, student,
+FLOP count and Hugging Face interop come from ``d2v_fast.modalities``."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -24,13 +24,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from . import ops
 from .config import Config
-from .data.corpus import Corpus
-from .data.dataset import MaskingConfig, build_dataloader
-from .recipes.data2vec import Data2Vec
-
-# Dense bf16 peak FLOP/s by device name, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
+from .modalities import get_modality
+from .recipes import build_model
+from .schedule import build_optimizer, lr_factor, peak_flops
+from .testing_hooks import crash_at_step, inject_nan_attempts
 
 class CollapseError(RuntimeError):
     pass
@@ -40,84 +37,11 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def _crash_at_step() -> int | None:
-    """Testing hook: D2V_FAST_CRASH_AT_STEP=N makes the first process to reach step N die
-    (as a lost node would); its restart carries on."""
-    raw = os.environ.get("D2V_FAST_CRASH_AT_STEP")
-    return int(raw) if raw else None
-
-
-def _inject_nan_attempts() -> set[int]:
-    """Testing hook: D2V_FAST_INJECT_NAN=3,4 makes update attempts 3 and 4 produce a NaN loss."""
-    raw = os.environ.get("D2V_FAST_INJECT_NAN", "")
-    return {int(x) for x in raw.split(",") if x.strip()}
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup from 0, then cosine to 0 at ``total`` updates (then 0)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:  # biases and LayerNorm weights: decayed only if the recipe says so
-            (decay if cfg.decay_biases_and_norms or p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if cfg.fused:
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kw)
-        except (RuntimeError, TypeError):
-            pass  # this device or dtype has no fused AdamW
-    return torch.optim.AdamW(groups, foreach=True, **kw)
-
-
-def model_flops_per_token(cfg) -> float:
-    """Model FLOPs of one training step per input token (SPEC §3), N = non-embedding
-    encoder parameters. data2vec: student fwd+bwd 6N, teacher fwd 2N, attention
-    12·L·T·C (student) + 4·L·T·C (teacher). data2vec2: the teacher as above, the student
-    on clones·(1-p) of the tokens at length (1-p)·T, the conv decoder on every position of
-    every clone and its projection on the masked ones."""
-    m, r = cfg.model, cfg.recipe
-    C, L, F, T = m.hidden_size, m.num_layers, m.ffn_size, cfg.data.seq_len
-    n = L * (4 * C * C + 2 * C * F + 9 * C + F)
-    if r.name != "data2vec2":
-        return 8 * n + 16 * L * T * C
-    D = r.decoder_dim or C
-    head = r.head_hidden_mult * D * (D + C) if r.head_hidden_mult > 0 else D * C
-    convs = r.decoder_kernel * (C * D + (r.decoder_layers - 1) * D * D)
-    keep = 1 - r.mask_prob
-    student = r.clones * keep * (6 * n + 12 * L * keep * T * C)
-    decoder = r.clones * (6 * convs + r.mask_prob * 6 * head)
-    return 2 * n + 4 * L * T * C + student + decoder
-
-
-def masking_for(recipe) -> MaskingConfig:
-    if recipe.name == "data2vec2":
-        return MaskingConfig("random", recipe.mask_prob, clones=recipe.clones)
-    return MaskingConfig("span", recipe.mask_prob, recipe.mask_span)
-
-
-def corpus_fingerprint(corpus) -> str:
-    """What identifies a corpus's content: its preparation fingerprint and tokenizer checksum."""
-    return f"{corpus.meta.get('source', {}).get('fingerprint', '')}:{corpus.meta['tokenizer']['sha256']}"
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 class Trainer:
-    def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, cfg: Config, corpus, run_dir: Path, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
         self.cfg, self.corpus, self.run_dir = cfg, corpus, Path(run_dir)
+        self.modality = get_modality(cfg.modality)
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.distributed = world_size > 1
         if rank == 0:
@@ -128,18 +52,22 @@ class Trainer:
         self.accum = local // self.micro_batch_size
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.enc_cfg = dataclasses.replace(cfg.model, vocab_size=corpus.vocab_size,
-                                           pad_id=corpus.special_ids["pad"])
-        self.model = Data2Vec(self.enc_cfg, cfg.recipe).to(self.device)
+        self.enc_cfg = self.modality.encoder_config(cfg, corpus)
+        self.model = build_model(self.enc_cfg, cfg.recipe, cfg.modality).to(self.device)
         self.model.train()
         use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.fsdp = self.distributed and t.parallel == "fsdp"
         ops.set_kernels(t.kernels)
         self.student = self.model.student
         if t.fused_qkv:
-            from .models.encoder import fuse_qkv_
+            from .models.encoder import Layer, fuse_qkv_
 
-            fuse_qkv_([*self.model.student.encoder.encoder.layer, *self.model.teacher])
+            if not all(isinstance(m, Layer) for m in self.model.student.blocks()):
+                from .errors import UsageError
+
+                raise UsageError(f"--train.fused_qkv true: only the text encoder's blocks have it so far "
+                                 f"(--modality {cfg.modality}); use --train.fused_qkv false")
+            fuse_qkv_([*self.model.student.blocks(), *self._teacher_blocks()])
         self._teacher_shadow = None
         if self.fsdp:
             if t.bf16_teacher:
@@ -159,14 +87,14 @@ class Trainer:
                     raise UsageError("--train.bf16_teacher true: needs bf16 autocast (--train.dtype bfloat16, or auto "
                                      "on a GPU); use --train.bf16_teacher false")
                 self._teacher_shadow = shadow_linears_(self.model.teacher, teacher_flat, torch.bfloat16)
-            ops.flatten_params_(self.model.student.encoder.encoder.layer)
+            ops.flatten_params_(self.model.student.ema_source())
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)
         if t.compile == "blocks":
             # Each block compiled in place (state_dict names unchanged): inductor fuses the
             # residual + dropout + LayerNorm and GELU chains that eager runs as separate kernels.
-            for layer in [*self.model.student.encoder.encoder.layer, *self.model.teacher]:
+            for layer in [*self.model.student.blocks(), *self._teacher_blocks()]:
                 layer.compile(dynamic=False)
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
         if t.skip_on_device and self.fsdp:
@@ -193,10 +121,10 @@ class Trainer:
         self.resumed_from = None
         self.stop_requested = False
         self.data_problem: str | None = None  # set by the background corpus check
-        self._inject_nan = _inject_nan_attempts()
-        self._crash_at = _crash_at_step()
+        self._inject_nan = inject_nan_attempts()
+        self._crash_at = crash_at_step()
         self._control = None
-        self.flops_per_token = model_flops_per_token(cfg)
+        self.flops_per_token = self.modality.flops_per_unit(cfg)
         self.peak = peak_flops(self.device)
         self._tb = None
 
@@ -211,20 +139,22 @@ class Trainer:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
             else MixedPrecisionPolicy()
         student = self.model.student
-        for layer in student.encoder.encoder.layer:
+        for layer in student.blocks():
             fully_shard(layer, mp_policy=mp)
         fully_shard(student, mp_policy=mp)
-        for layer in self.model.teacher:
+        for layer in self._teacher_blocks():
             fully_shard(layer, mp_policy=mp)
+
+    def _teacher_blocks(self) -> list[torch.nn.Module]:
+        """The teacher's copies of the student's blocks (the same block class, in order)."""
+        kinds = {type(b) for b in self.model.student.blocks()}
+        return [m for m in self.model.teacher.modules() if type(m) in kinds]
 
     # ------------------------------------------------------------------ data
     def loader(self):
-        t, d, r = self.cfg.train, self.cfg.data, self.cfg.recipe
-        return build_dataloader(
-            self.corpus, seq_len=d.seq_len, micro_batch_size=self.micro_batch_size,
-            global_batch_size=t.batch_size, masking=masking_for(r),
-            block_mode=d.block_mode, seed=t.seed, epoch=self.epoch, start=self.position,
-            rank=self.rank, world_size=self.world_size, num_workers=d.num_workers)
+        return self.modality.loader(self.corpus, self.cfg, micro_batch_size=self.micro_batch_size,
+                                    epoch=self.epoch, start=self.position, rank=self.rank,
+                                    world_size=self.world_size)
 
     def batches(self):
         """Endless stream of per-step lists of micro-batches, across epochs."""
@@ -253,9 +183,10 @@ class Trainer:
         tvar = torch.zeros((), device=self.device)
         pvar = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro_batches):
-            pad = mb["padding_mask"] if bool(mb["padding_mask"].any()) else None  # checked on the CPU copy
+            pad = mb.get("padding_mask")
+            if pad is not None and not bool(pad.any()):  # checked on the CPU copy: no sync
+                mb = dict(mb, padding_mask=None)
             mb = self._to_device(mb)
-            pad = mb["padding_mask"] if pad is not None else None
             last = i == len(micro_batches) - 1
             if self.fsdp:
                 self.student.set_requires_gradient_sync(last)
@@ -264,10 +195,10 @@ class Trainer:
                 sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
             with sync, self.autocast:
                 # student first: under FSDP its root forward unshards the embeddings the teacher shares
-                pred, teacher_input = self.student(mb[self.model.student_input], pad, mb["mask"])
-                target = self.model.targets(mb["input_ids"], pad, mb["mask"], teacher_input)
+                pred, teacher_input = self.student(mb)
+                target = self.model.targets(mb, teacher_input)
                 if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
-                    for layer in self.model.teacher:
+                    for layer in self._teacher_blocks():
                         layer.reshard()
                 loss = self.model.loss_sum(pred, target)
                 if self.attempts + 1 in self._inject_nan:
@@ -296,9 +227,7 @@ class Trainer:
             if finite:
                 self.optimizer.step()
                 if self._teacher_shadow is not None:  # the same update, also writing the bf16 copy
-                    ops.ema_update_(self.model.teacher.parameters(),
-                                    self.model.student.encoder.encoder.layer.parameters(), decay,
-                                    shadow=self._teacher_shadow)
+                    ops.ema_update_(*self.model.ema_pairs(), decay, shadow=self._teacher_shadow)
                 else:
                     self.model.ema_step(decay)  # exactly one EMA step per optimizer update
         if finite:
@@ -335,10 +264,7 @@ class Trainer:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
-        local = lambda ps: [p.to_local() if hasattr(p, "to_local") else p for p in ps]
-        ops.ema_update_(local(self.model.teacher.parameters()),
-                        local(self.model.student.encoder.encoder.layer.parameters()), decay, skip=~finite_t,
-                        shadow=self._teacher_shadow)
+        ops.ema_update_(*self.model.ema_pairs(), decay, skip=~finite_t, shadow=self._teacher_shadow)
         if ready is not None:
             ready.synchronize()
         return bool(self._flag_host[0])
@@ -357,7 +283,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "position": self.position, "attempts": self.attempts, "skipped": self.skipped,
                 "world_size": self.world_size, "parallel": self.cfg.train.parallel, "config": self.cfg.to_dict(),
-                "corpus": {"path": str(self.corpus.path), "fingerprint": corpus_fingerprint(self.corpus)},
+                "corpus": {"path": str(self.modality.corpus_path(self.corpus)),
+                           "fingerprint": self.modality.corpus_fingerprint(self.corpus)},
                 "encoder_config": dataclasses.asdict(self.enc_cfg)}
 
     def save(self) -> Path:
@@ -403,22 +330,35 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + 1 + self.step)
 
     def init_from(self, path) -> None:
-        """Warm start: a local Hugging Face Data2VecTextModel/RobertaModel into student and teacher."""
+        """Warm start: a local Hugging Face model directory of this modality (e.g.
+        Data2VecTextModel/RobertaModel) into the student's encoder; the teacher starts as the
+        same weights."""
         from .errors import UsageError
-        from .export import check_hf_fits, read_hf_model
 
-        config, weights = read_hf_model(path)
-        check_hf_fits(config, self.enc_cfg, path)
+        config, weights = self.modality.read_hf(path)
+        self.modality.check_hf_fits(config, self.enc_cfg, path)
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        mine = [k for k in full if k.startswith("student.encoder.")]
-        missing = sorted(k[len("student.encoder."):] for k in mine if k[len("student.encoder."):] not in weights)
+        prefix = "student.encoder."
+        mine = [k for k in full if k.startswith(prefix)]
+        missing = sorted(k[len(prefix):] for k in mine if k[len(prefix):] not in weights)
         if missing:
             raise UsageError(f"--init-from {path}: lacks {len(missing)} encoder weight(s), e.g. {missing[0]}")
         for k in mine:
-            full[k] = weights[k[len("student.encoder."):]]
+            full[k] = weights[k[len(prefix):]]
         for k in [k for k in full if k.startswith("teacher.")]:
-            full[k] = weights["encoder.layer." + k[len("teacher."):]]
+            full[k] = weights[self._encoder_name_of_teacher_key(k[len("teacher."):])]
         self._set_model_state(full, f"--init-from {path}")
+
+    def _encoder_name_of_teacher_key(self, key: str) -> str:
+        """The student-encoder state-dict name that teacher key ``key`` averages: the teacher is a
+        copy of ``ema_source()``, which is a module of the encoder or a container of several."""
+        paths = {id(m): n for n, m in self.model.student.encoder.named_modules()}
+        source = self.model.student.ema_source()
+        join = lambda prefix, rest: f"{prefix}.{rest}" if prefix else rest
+        if id(source) in paths:
+            return join(paths[id(source)], key)
+        child, rest = key.split(".", 1)
+        return join(paths[id(getattr(source, child))], rest)
 
     def export_encoder(self) -> Path:
         """The student encoder for ``d2v_fast.load_pretrained``: ``encoder.safetensors`` with
@@ -428,7 +368,7 @@ class Trainer:
         if self.rank != 0:
             return path
         enc = {k[len("student.encoder."):]: v for k, v in full.items() if k.startswith("student.encoder.")}
-        return ckpt.save_encoder(path, enc, dataclasses.asdict(self.enc_cfg), self.step)
+        return ckpt.save_encoder(path, enc, dataclasses.asdict(self.enc_cfg), self.step, modality=self.cfg.modality)
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:
@@ -470,12 +410,11 @@ class Trainer:
 
     def verify_in_background(self) -> threading.Thread:
         """Full corpus check while training runs; a problem stops every rank at the next step."""
-        from .data.corpus import verify_corpus
         from .errors import UsageError
 
         def work():
             try:
-                verify_corpus(self.corpus)
+                self.modality.verify_corpus(self.corpus)
             except UsageError as err:
                 self.data_problem = str(err)
 
@@ -517,15 +456,16 @@ class Trainer:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step",
                        file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         history = []
-        tokens_per_step = t.batch_size * self.cfg.data.seq_len
-        window_t0, window_steps = time.perf_counter(), 0
+        window_t0, window_units = time.perf_counter(), 0
         last_saved = self.step if self.resumed_from is not None else None
         stream = self.batches()
         previous = self._install_signals()
         self.stopped_early = False
         try:
             while self.step < t.max_steps:
-                metrics = self.train_step(next(stream))
+                micro_batches = next(stream)
+                units = sum(self.modality.units(mb) for mb in micro_batches) * self.world_size
+                metrics = self.train_step(micro_batches)
                 stop, problem = self._agree()
                 if problem:
                     raise UsageError(problem)
@@ -540,7 +480,7 @@ class Trainer:
                             f"(--train.max_skipped_steps {t.max_skipped_steps}); the weights of step {self.step}, "
                             f"before the problem, are saved in {self.run_dir / 'checkpoints'}; lower --optim.lr "
                             f"or check the data, then resume")
-                window_steps += 1
+                window_units += units
                 if self._crash_at is not None and self.step == self._crash_at:
                     marker = self.run_dir / f".crashed-at-{self._crash_at}"
                     if not marker.exists():
@@ -550,7 +490,7 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - window_t0
-                    tps = tokens_per_step * window_steps / dt
+                    tps = window_units / dt
                     rec = {"step": self.step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
                            "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size,
                            "epoch": self.epoch}
@@ -562,7 +502,7 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
                     self._guard(rec)
-                    window_t0, window_steps = time.perf_counter(), 0
+                    window_t0, window_units = time.perf_counter(), 0
                 if metrics["finite"] and t.probe_every and self.step % t.probe_every == 0:
                     self.probe()
                 if bar is not None and metrics["finite"]:
@@ -592,14 +532,15 @@ class Trainer:
         returns the result. Collective under FSDP (the weights are gathered). It draws no
         random numbers and leaves the encoder in training mode, so probing does not change
         the run."""
-        from .models.encoder import Encoder
         from .probe import load_task, probe_encoder
 
+        if not self.modality.has_probe:
+            return None
         if self.fsdp:
             full = get_model_state_dict(self.model, options=self._FULL)
             if self.rank != 0:
                 return None
-            encoder = Encoder(self.enc_cfg)
+            encoder = self.modality.build_encoder(self.enc_cfg)
             encoder.load_state_dict({k[len("student.encoder."):]: v for k, v in full.items()
                                      if k.startswith("student.encoder.")})
             encoder.to(self.device)

@@ -11,7 +11,7 @@ import torch
 from d2v_fast import ops, pretrain
 from d2v_fast.config import parse_args
 from d2v_fast.data.corpus import open_corpus
-from d2v_fast.recipes import Data2Vec
+from d2v_fast.recipes import build_model
 from d2v_fast.reference.train import reference_losses
 from d2v_fast.trainer import Trainer
 
@@ -26,14 +26,14 @@ def test_base_preset_builds_the_published_decoder():
     cfg, _ = parse_args(["--config", "base", "--recipe", "data2vec2"])
     r = cfg.recipe
     with torch.device("meta"):
-        model = Data2Vec(cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 50265}), r)
+        model = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 50265}), r)
     dec = model.student.decoder
     assert len(dec.convs) == 5 and all(c.kernel_size == (9,) and c.padding == (4,) and c.in_channels == 768
                                        for c in dec.convs)
     assert [tuple(l.weight.shape) for l in dec.proj if isinstance(l, torch.nn.Linear)] == [(1536, 768), (768, 1536)]
     with torch.device("meta"):  # large: a 768-wide decoder on the 1024-wide encoder (decoder.decoder_dim)
         large, _ = parse_args(["--config", "large", "--recipe", "data2vec2"])
-        dec = Data2Vec(large.model.__class__(**{**large.model.__dict__, "vocab_size": 50265}), large.recipe).student.decoder
+        dec = build_model(large.model.__class__(**{**large.model.__dict__, "vocab_size": 50265}), large.recipe).student.decoder
     assert [(c.in_channels, c.out_channels) for c in dec.convs] == [(1024, 768)] + [(768, 768)] * 4
     assert [tuple(l.weight.shape) for l in dec.proj if isinstance(l, torch.nn.Linear)] == [(1536, 768), (1024, 1536)]
     # the default recipe stays data2vec
@@ -93,8 +93,8 @@ def test_decoder_input_dropout_in_training_only_and_teacher_takes_the_students_e
             for training in (True, False):
                 tr.model.train(training)
                 gathered.clear()
-                pred, teacher_input = student(batch["input_ids"], None, batch["mask"])
-                tr.model.targets(batch["input_ids"], None, batch["mask"], teacher_input)
+                pred, teacher_input = student(dict(batch, padding_mask=None))
+                tr.model.targets(dict(batch, padding_mask=None), teacher_input)
                 enc = seen["enc"].reshape(R * k, -1)
                 dec_in = seen["dec"][keep]  # the encoder rows as the decoder got them
                 if training:

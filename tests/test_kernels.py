@@ -1,4 +1,4 @@
-"""The fused kernels (d2v_fast/kernels) against their eager twins (d2v_fast/reference/ops.py)
+"""The fused kernels (d2v_fast/kernels) against their eager twins (d2v_fast/kernels/eager.py)
 and against an independent float64 recomputation written here, forward and backward.
 
 On CPU the Triton side runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
@@ -26,7 +26,7 @@ from d2v_fast.kernels import ema as kema
 from d2v_fast.kernels import gather as kgather
 from d2v_fast.kernels import loss as kloss
 from d2v_fast.kernels import targets as ktargets
-from d2v_fast.reference import ops as twin
+from d2v_fast.kernels import eager as twin
 
 INTERPRETED = kernels.is_interpreted(kgather._move_rows_kernel)
 cpu_triton = pytest.mark.skipif(not (kernels.AVAILABLE and INTERPRETED),

@@ -20,7 +20,7 @@ from d2v_fast.checkpoint import load_checkpoint
 from d2v_fast.config import preset
 from d2v_fast.data.corpus import open_corpus
 from d2v_fast.models import Encoder, EncoderConfig
-from d2v_fast.recipes import Data2Vec, RecipeConfig
+from d2v_fast.recipes import RecipeConfig, build_model
 from d2v_fast.reference.train import reference_losses
 from d2v_fast.trainer import Trainer, lr_factor
 
@@ -78,7 +78,7 @@ def test_base_preset_builds_the_paper_model():
     cfg = preset("base")
     m, r = cfg.model, cfg.recipe
     with torch.device("meta"):
-        model = Data2Vec(dataclasses.replace(m, vocab_size=50265), r)
+        model = build_model(dataclasses.replace(m, vocab_size=50265), r)
     n = model.student.encoder.num_params()
     assert 84e6 < n < 86e6  # ~85M non-embedding parameters (SPEC §3)
     head = model.student.head

@@ -7,7 +7,7 @@
 
 Each file holds the ``@triton.jit`` kernels, a plain-Python launcher and the
 ``torch.library`` custom op (with its autograd formula where gradients flow). Callers go
-through ``d2v_fast.ops``, which picks this side or the eager twin (``d2v_fast.reference.ops``).
+through ``d2v_fast.ops``, which picks this side or the eager twin (``d2v_fast.kernels.eager``).
 
 Triton is optional: without it these modules still import (the kernels become stubs that
 raise when launched), so ``d2v_fast.ops`` keeps working on the torch side.

@@ -189,7 +189,7 @@ def _update(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: Opt
     dtypes_t, dtypes_s = {t.dtype for t in teacher}, {s.dtype for s in student}
     if len(dtypes_t) > 1 or len(dtypes_s) > 1 or any(not t.is_contiguous() or not s.is_contiguous()
                                                      for t, s in zip(teacher, student)):
-        from ..reference.ops import ema_update_ as foreach_update  # mixed dtypes or layouts: _foreach
+        from .eager import ema_update_ as foreach_update  # mixed dtypes or layouts: _foreach
 
         before = None if skip is None else [t.clone() for t in teacher]
         foreach_update(teacher, student, decay_f if decay is None else decay)
@@ -225,7 +225,7 @@ def _tensor_list(params) -> list[torch.Tensor]:
 def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.Tensor | Iterable[torch.Tensor],
                 decay: float | torch.Tensor, skip: Optional[torch.Tensor] = None,
                 shadow: Optional[torch.Tensor] = None) -> None:
-    """Fused EMA step; same contract as ``d2v_fast.reference.ops.ema_update_``, plus ``skip``:
+    """Fused EMA step; same contract as ``d2v_fast.kernels.eager.ema_update_``, plus ``skip``:
     an optional 0-dim bool tensor on the parameters' device; where it is true the teacher is
     left untouched (read inside the kernel: no host sync); and ``shadow``: an optional 1-D
     buffer (one element per teacher element, in order; e.g. bf16) that receives the new

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from ..reference.ops import mask_clones
+from .eager import mask_clones
 from . import check_device, num_warps_for, tl, triton
 
 BLOCK_C_MAX = 256  # 512 contiguous bytes of a bf16 row per program: full 128-byte lines

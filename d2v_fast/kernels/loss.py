@@ -134,7 +134,7 @@ regression_loss_op.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------- public
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, scale: Optional[float] = None,
                     reduction: str = "sum") -> torch.Tensor:
-    """Fused smooth L1 / MSE; same contract as ``d2v_fast.reference.ops.regression_loss``."""
+    """Fused smooth L1 / MSE; same contract as ``d2v_fast.kernels.eager.regression_loss``."""
     if reduction not in ("sum", "none"):
         raise ValueError(f"regression_loss: reduction={reduction!r}, expected 'sum' or 'none'")
     if pred.shape != target.shape:

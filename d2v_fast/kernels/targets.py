@@ -57,7 +57,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..reference.ops import mask_clones
+from .eager import mask_clones
 from . import check_device, num_warps_for, tl, triton
 
 MAX_LIST_LAYERS = 16  # pointer arguments of the kernels; longer lists are stacked (one copy)
@@ -367,7 +367,7 @@ def _norm_name(kind: Optional[str], what: str) -> str:
 def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
                   final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused data2vec targets; same contract as ``d2v_fast.reference.ops.build_targets``."""
+    """Fused data2vec targets; same contract as ``d2v_fast.kernels.eager.build_targets``."""
     layers = [layers] if isinstance(layers, torch.Tensor) else list(layers)
     with torch.no_grad():
         return build_targets_op(layers, padding_mask, mask, _norm_name(layer_norm, "layer_norm"),

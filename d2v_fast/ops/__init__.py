@@ -2,7 +2,7 @@
 
 - ``triton``: the fused kernels in ``d2v_fast/kernels`` (``torch.library`` custom ops, so
   they compose with ``torch.compile``);
-- ``torch``: the eager twins in ``d2v_fast/reference/ops.py`` (same signatures).
+- ``torch``: the eager twins in ``d2v_fast/kernels/eager.py`` (same signatures).
 
 Which side runs is decided at every call, from the tensors and one switch:
 ``set_kernels("auto" | "triton" | "torch")`` (the trainer's config field), else the
@@ -25,7 +25,7 @@ from ..kernels import gather as _gather
 from ..kernels import loss as _loss
 from ..kernels import targets as _targets
 from ..kernels.ema import flatten_params_
-from ..reference import ops as _twin
+from ..kernels import eager as _twin
 
 __all__ = ["build_targets", "ema_update_", "flatten_params_", "kernels_backend", "masked_gather", "masked_scatter",
            "regression_loss", "representation_std", "set_kernels"]

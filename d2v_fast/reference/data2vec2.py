@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.encoder import Encoder, EncoderConfig, attention_mask
-from ..recipes.data2vec import RecipeConfig, regression_head
-from .data2vec import ReferenceData2Vec
+from ..recipes.common import RecipeConfig, regression_head
+from .common import ReferenceBase
 
 
-class ReferenceData2Vec2(nn.Module):
+class ReferenceData2Vec2(ReferenceBase):
     def __init__(self, enc: EncoderConfig, cfg: RecipeConfig):
         super().__init__()
         self.cfg = cfg
@@ -35,10 +35,6 @@ class ReferenceData2Vec2(nn.Module):
 
     ENGINE_NAMES = {"student.encoder.": "encoder.", "student.decoder.convs.": "convs.",
                     "student.decoder.proj": "proj", "teacher.": "ema."}
-    load_engine_state = ReferenceData2Vec.load_engine_state
-    ema_step = ReferenceData2Vec.ema_step
-    _instance_norm = ReferenceData2Vec._instance_norm
-    _norm = ReferenceData2Vec._norm
 
     def forward(self, tokens, padding_mask, mask):
         """Returns (summed loss, number of masked positions, target std, prediction std)."""
@@ -78,15 +74,7 @@ class ReferenceData2Vec2(nn.Module):
             for layer in self.ema:
                 t, ffn = layer(t, am)
                 layer_results.append(ffn)
-            per_layer = None if self.cfg.layer_norm == "none" else self.cfg.layer_norm
-            top = [self._norm(tl.float(), per_layer, padding_mask) for tl in layer_results[-self.cfg.top_k:]]
-            y = sum(top) / len(top)
-            final = None if self.cfg.final_norm == "none" else self.cfg.final_norm
-            y = self._norm(y, final, padding_mask)
-            y = y.repeat_interleave(clones, 0)[mask]
+            y = self.average_targets(layer_results, padding_mask).repeat_interleave(clones, 0)[mask]
 
         loss = F.mse_loss(pred.float(), y, reduction="none").sum(dim=-1) * self.cfg.loss_scale
-        sz = pred.shape[-1]
-        target_std = torch.sqrt(y.reshape(-1, sz).var(dim=0) + 1e-6).mean()
-        pred_std = torch.sqrt(pred.detach().float().reshape(-1, sz).var(dim=0) + 1e-6).mean()
-        return loss.sum(), mask.sum(), target_std, pred_std
+        return (loss.sum(), mask.sum(), *self.stats(pred, y))

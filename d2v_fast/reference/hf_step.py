@@ -60,8 +60,8 @@ class HFData2VecStep:
 
         import transformers
 
-        from ..recipes.data2vec import regression_head
-        from ..trainer import lr_factor
+        from ..recipes.common import regression_head
+        from ..schedule import lr_factor
 
         if cfg.recipe.name != "data2vec":
             from ..errors import UsageError

@@ -23,7 +23,7 @@ class ReferenceStep:
 
     def __init__(self, cfg: Config, vocab_size: int, pad_id: int, *, device: torch.device | str = "cpu",
                  engine_state: dict | None = None, compile: bool = False):
-        from ..trainer import lr_factor  # the schedule is shared, not under test
+        from ..schedule import lr_factor  # the schedule is shared, not under test
 
         t, o, r = cfg.train, cfg.optim, cfg.recipe
         self.device, self.recipe, self.clip = torch.device(device), r, o.clip_norm
@@ -52,7 +52,7 @@ class ReferenceStep:
         n = sum(int(mb["mask"].sum()) for mb in micro_batches)
         total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            padded = bool(mb["padding_mask"].any())  # read on the host copy
+            padded = mb.get("padding_mask") is not None and bool(mb["padding_mask"].any())  # on the host copy
             mb = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
             pad = mb["padding_mask"] if padded else None
             with self.autocast:
@@ -74,7 +74,7 @@ class ReferenceStep:
 
 def reference_losses(cfg: Config, corpus: Corpus, steps: int, engine_state: dict | None = None) -> list[float]:
     """Per-step losses of ``steps`` optimizer updates, on the batches the engine sees."""
-    from ..trainer import masking_for  # the mask settings are shared, not under test
+    from ..modalities.text import masking_for  # the mask settings are shared, not under test
 
     t = cfg.train
     step = ReferenceStep(cfg, corpus.vocab_size, corpus.special_ids["pad"], engine_state=engine_state)

@@ -1,0 +1,61 @@
+"""What the two eager reference recipes share, written the plain way: the per-parameter EMA
+loop of ``mul_``/``add_``, instance norm layer by layer and sample by sample with
+``F.instance_norm`` (so padding stays out of the statistics), the average of the top-K
+layers, and the representation statistics. Never imported by the engine."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ReferenceBase(nn.Module):
+    """Subclasses set ``cfg``, ``encoder`` and ``ema`` (the teacher's copy of the encoder
+    blocks), and ``ENGINE_NAMES`` (engine state-dict prefix -> their prefix)."""
+
+    ENGINE_NAMES: dict[str, str] = {}
+
+    def load_engine_state(self, state: dict) -> None:
+        """Take the weights of an engine ``Data2Vec`` (renamed by ``ENGINE_NAMES``)."""
+        mine = {}
+        for k, v in state.items():
+            prefix = next((p for p in self.ENGINE_NAMES if k.startswith(p)), None)
+            if prefix is not None:
+                mine[self.ENGINE_NAMES[prefix] + k[len(prefix):]] = v
+        self.load_state_dict(mine)
+
+    @torch.no_grad()
+    def ema_step(self, decay: float) -> None:
+        for ema_param, param in zip(self.ema.parameters(), self.encoder.encoder.layer.parameters()):
+            ema_param.mul_(decay)
+            ema_param.add_(param.detach(), alpha=1 - decay)
+
+    def _instance_norm(self, x: torch.Tensor, padding_mask) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for b in range(x.shape[0]):
+            keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask[b]
+            if keep.sum() > 1:  # a single position normalises to 0 (left as zeros)
+                out[b, keep] = F.instance_norm(x[b, keep].t().unsqueeze(0)).squeeze(0).t()
+        return out
+
+    def _norm(self, x, kind, padding_mask):
+        if kind == "instance":
+            return self._instance_norm(x, padding_mask)
+        if kind == "layer":
+            return F.layer_norm(x, x.shape[-1:])
+        return x
+
+    def average_targets(self, layer_results: list[torch.Tensor], padding_mask) -> torch.Tensor:
+        """Per-layer norm of the top-K layers, their mean, then the final norm: ``[B, T, C]`` fp32."""
+        per_layer = None if self.cfg.layer_norm == "none" else self.cfg.layer_norm
+        top = [self._norm(tl.float(), per_layer, padding_mask) for tl in layer_results[-self.cfg.top_k:]]
+        y = sum(top) / len(top)
+        final = None if self.cfg.final_norm == "none" else self.cfg.final_norm
+        return self._norm(y, final, padding_mask)
+
+    @staticmethod
+    def stats(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sz = pred.shape[-1]
+        target_std = torch.sqrt(y.reshape(-1, sz).var(dim=0) + 1e-6).mean()
+        pred_std = torch.sqrt(pred.detach().float().reshape(-1, sz).var(dim=0) + 1e-6).mean()
+        return target_std, pred_std

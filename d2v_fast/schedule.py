@@ -1,0 +1,39 @@
+"""The optimizer, its learning-rate schedule and the peak FLOP/s table used for MFU."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Dense bf16 peak FLOP/s by device name, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup from 0, then cosine to 0 at ``total`` updates (then 0)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:  # biases and LayerNorm weights: decayed only if the recipe says so
+            (decay if cfg.decay_biases_and_norms or p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, TypeError):
+            pass  # this device or dtype has no fused AdamW
+    return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
