@@ -200,7 +200,7 @@ class Trainer:
                 if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
                     for layer in self._teacher_blocks():
                         layer.reshard()
-                loss = self.model.loss_sum(pred, target)
+                loss = self.model.loss_sum(pred, target, mb)
                 if self.attempts + 1 in self._inject_nan:
                     loss = loss * float("nan")
             # DDP averages gradients over ranks; the loss is already normalised globally

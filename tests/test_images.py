@@ -109,7 +109,7 @@ def test_student_step_equals_reference(recipe):
     target = ops.build_targets(layers[-r.top_k:], mask=mask, layer_norm=r.norm(r.layer_norm),
                                final_norm=r.norm(r.final_norm))
     loss = ops.regression_loss(pred, target, beta=r.loss_beta, scale=r.loss_scale if r.loss_scale > 0 else None)
-    extra = student.extra_loss(None, layers, batch)
+    extra = student.extra_loss(batch)
     assert (extra is None) == (recipe == "data2vec")
     loss = loss + (extra if extra is not None else 0)
     loss.backward()
@@ -123,7 +123,8 @@ def test_student_step_equals_reference(recipe):
     assert int(count) == int(mask.sum()) == pred.shape[0]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     for (name, a), b in zip(student.encoder.named_parameters(), ref.encoder.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+        err = float((a.grad - b.grad).abs().max()) / max(float(b.grad.abs().max()), 1e-12)
+        assert err <= 1e-4, f"{name}: gradient differs by {err:.2e} of its largest entry"
 
 
 def test_flops_per_patch_counts_the_recipes():

@@ -191,9 +191,6 @@ class ImageStudent(_ImageStudentMixin, Student):
         _, blocks = teacher.encode(teacher_input, collect="block")
         return [b[:, 1:] for b in blocks]
 
-    def extra_loss(self, pred_extra, layers, batch):
-        return None
-
 
 class ImageStudent2(_ImageStudentMixin, Student2):
     """data2vec 2.0 images: patch embeddings + fixed sin-cos positions for the whole image
@@ -207,44 +204,49 @@ class ImageStudent2(_ImageStudentMixin, Student2):
         super().__init__(VisionEncoder(enc), cfg)
         self.decoder = GridDecoder(enc.hidden_size, enc.grid, layers=cfg.decoder_layers, kernel=cfg.decoder_kernel,
                                    groups=DECODER_GROUPS, decoder_dim=cfg.decoder_dim, init_std=enc.init_std)
-        self.cls_pred: torch.Tensor | None = None  # the last forward's CLS outputs, for extra_loss
+        # the last forward's CLS outputs and the last teacher pass's CLS targets, for extra_loss
+        self._cls_pred: torch.Tensor | None = None
+        self._cls_target: torch.Tensor | None = None
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_visible(self, batch: dict):
+        """The generic hook (``Student2``): final-layernorm outputs of the visible patches [R, V, C],
+        no padding, the kept mask, the augmented pixels for the teacher. Also keeps the CLS output."""
         pixels = pixels_of(batch)
         mask = batch["mask"]  # [clones * B, N], clones of a sample adjacent
-        enc, cfg = self.encoder, self.cfg
+        enc = self.encoder
         x = F.dropout(enc.embeddings(pixels), enc.config.dropout, self.training)
         h, _ = enc.run_layers(keep_visible(x, mask))  # [R, 1 + V, C]
         h = enc.layernorm(h)
-        R, V1, C = h.shape
-        self.cls_pred = h[:, 0]
-        rows = F.dropout(h[:, 1:], cfg.decoder_dropout, self.training).reshape(R * (V1 - 1), C)
-        noise = torch.randn(R, mask.shape[1], C, device=h.device, dtype=rows.dtype) * cfg.mask_noise_std
-        full = ops.masked_scatter(rows, ~mask, noise)
-        return self.decoder(full, mask), pixels.detach()
+        self._cls_pred = h[:, 0]
+        return h[:, 1:], None, ~mask, pixels.detach()
 
     @torch.no_grad()
     def teacher_layers(self, teacher: nn.Module, batch: dict, teacher_input: torch.Tensor) -> list[torch.Tensor]:
         _, ffn = teacher.encode(teacher_input, collect="ffn")
-        return [f[:, 1:] for f in ffn]
+        layers = [f[:, 1:] for f in ffn]
+        cfg = self.cfg
+        if cfg.cls_loss_weight > 0:  # the patch mean of every patch's target (fairseq: of orig_targets)
+            full = ops.build_targets(layers[-cfg.top_k:], layer_norm=cfg.norm(cfg.layer_norm),
+                                     final_norm=cfg.norm(cfg.final_norm))  # [B, N, C]
+            self._cls_target = full.mean(1)
+        return layers
 
-    def extra_loss(self, pred_extra, layers, batch) -> torch.Tensor | None:
+    def extra_loss(self, batch: dict) -> torch.Tensor | None:
         """The CLS loss, summed like the patch loss (the trainer divides by the global count
         of masked patches): each clone row's MSE x 1/sqrt(C) times ``cls_loss_weight`` times
         the row's masked-patch count, so the normalised loss gets ``cls_loss_weight`` x the
         mean CLS loss over rows."""
-        w = self.cfg.cls_loss_weight
-        cls = self.cls_pred if pred_extra is None else pred_extra
-        if w <= 0 or cls is None:
-            return None
         cfg, mask = self.cfg, batch["mask"]
-        with torch.no_grad():
-            full = ops.build_targets(list(layers)[-cfg.top_k:], layer_norm=cfg.norm(cfg.layer_norm),
-                                     final_norm=cfg.norm(cfg.final_norm))  # [B, N, C]
-            target = full.mean(1).repeat_interleave(mask.shape[0] // full.shape[0], 0)
+        cls, target = self._cls_pred, self._cls_target
+        self._cls_pred = self._cls_target = None  # one use per forward
+        if cfg.cls_loss_weight <= 0:
+            return None
+        if cls is None or target is None:
+            raise RuntimeError("extra_loss needs this micro-batch's forward and teacher pass first")
+        target = target.repeat_interleave(mask.shape[0] // target.shape[0], 0)
         per_row = ops.regression_loss(cls.float(), target, beta=cfg.loss_beta,
                                       scale=cfg.loss_scale if cfg.loss_scale > 0 else None, reduction="none")
-        return w * (per_row * mask.sum(1).to(per_row.dtype)).sum()
+        return cfg.cls_loss_weight * (per_row * mask.sum(1).to(per_row.dtype)).sum()
 
 
 # ---------------------------------------------------------------------------- FLOPs
