@@ -191,8 +191,9 @@ def test_export_loads_in_transformers_and_matches_on_photos_then_init_from(image
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
     assert pretrain.main(cli(recipe, images_cache, "--max-steps", "2", "--out", str(run))) == 0
     assert export_mod.main([str(run), str(hf_dir)]) == 0
-    assert sorted(p.name for p in hf_dir.iterdir() if not p.name.startswith(".")) >= [
-        "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert {p.name for p in hf_dir.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json",
+                                                  "d2v_fast.json"}
+    assert not list(tmp_path.glob(".*partial*"))
     proc = json.loads((hf_dir / "preprocessor_config.json").read_text())
     assert proc["image_mean"] == [0.485, 0.456, 0.406] and proc["image_std"] == [0.229, 0.224, 0.225]
     hf, info = transformers.Data2VecVisionModel.from_pretrained(hf_dir, output_loading_info=True)
