@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
               "steps": rows[-1]["step"], "batch": config["train"]["batch_size"],
               "loss": {str(r["step"]): round(r["loss"], 4) for r in rows},
               "target_var": {str(r["step"]): round(r["target_var"], 4) for r in rows},
-              "load": "other processes were running on the machine" if os.environ.get("D2V_BUSY") else "idle"}
+              "load": "other processes were running on the machine" if os.environ.get("D2V_BUSY") else "idle",
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
     if modality == "images":
         result["image_size"] = config["model"]["image_size"]
         result["patches_per_s_median"] = speed

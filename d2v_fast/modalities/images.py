@@ -450,7 +450,32 @@ class ImagesModality(Modality):
         first, count = self.train_split(corpus)
         h, w = corpus.size
         return (f"{count:,} photos of {h}x{w} as {cfg.model.image_size}px crops in {cfg.model.num_patches} patches; "
-                f"global batch {cfg.train.batch_size}; corpus {corpus.path}")
+                f"global batch {cfg.train.batch_size}; {self.attention_note(cfg)}corpus {corpus.path}")
+
+    @staticmethod
+    def attention_note(cfg) -> str:
+        """With the relative position bias (v1), which SDPA kernel the student's attention
+        runs, measured once at start-up on the training device (PyTorch falls back to its
+        math kernel silently where a fused one rejects a bias that needs a gradient)."""
+        m = cfg.model
+        if m.position_encoding != "relative":
+            return ""
+        from ..models.vision import RelativePositionBias, attention_backend
+
+        cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+        device = torch.device("cuda") if cuda else torch.device("cpu")
+        dtype = torch.bfloat16 if cuda and cfg.train.dtype in ("auto", "bfloat16") else torch.float32
+
+        class _Bias(nn.Module):  # just what attention_backend reads off an encoder
+            def __init__(self):
+                super().__init__()
+                self.config, self.bias = m, RelativePositionBias(m)
+
+            def attention_bias(self):
+                return self.bias()
+
+        kernel = attention_backend(_Bias(), device, dtype, batch=1)
+        return f"attention with the relative bias: SDPA {kernel} kernel ({device.type}, {str(dtype)[6:]}); "
 
     # ---- data
     @staticmethod
