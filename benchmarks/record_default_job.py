@@ -39,6 +39,7 @@ def main(argv: list[str]) -> int:
         wall = time.perf_counter() - t0
         config = json.loads((run / "config.json").read_text())
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").is_file() else None
     env = environment(torch.device("cpu"))
     recipe = config["recipe"]["name"]
     modality = config.get("modality", "text")
@@ -55,6 +56,9 @@ def main(argv: list[str]) -> int:
               "target_var": {str(r["step"]): round(r["target_var"], 4) for r in rows},
               "load": "other processes were running on the machine" if os.environ.get("D2V_BUSY") else "idle",
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+    if probe is not None:
+        result["probe"] = {k: probe[k] for k in ("task", "accuracy", "macro_f1", "random_init", "margin", "examples")
+                           if k in probe}
     if modality == "images":
         result["image_size"] = config["model"]["image_size"]
         result["patches_per_s_median"] = speed

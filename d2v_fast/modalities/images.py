@@ -361,6 +361,61 @@ def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor: bool = T
     return result
 
 
+def is_image_model(path) -> bool:
+    """Whether ``path`` is a run directory of an image run or a ``Data2VecVisionModel`` export."""
+    path = Path(path)
+    for name, key, want in (("config.json", "modality", "images"), ("config.json", "model_type", "data2vec-vision"),
+                            ("encoder.json", "modality", "images")):
+        try:
+            if json.loads((path / name).read_text()).get(key) == want:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
+def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None) -> dict:
+    """``python -m d2v_fast.probe`` for an image run directory or export: the encoder on
+    its run's corpus (an export, or a run whose corpus has no splits: the built-in photos)."""
+    from ..export import load_pretrained
+    from ..probe import PROBE_FILE, write_result
+
+    path = Path(path)
+    kind, corpus_dir = "run", None
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    if hf.get("model_type") == "data2vec-vision":
+        kind = "hf"
+        config, weights = IMAGES.read_hf(path, flag="probe")
+        try:
+            enc_cfg = config_from_hf(config)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"probe {path}: {err}") from None
+        encoder = VisionEncoder(enc_cfg)
+        missing = [k for k in encoder.state_dict() if k not in weights]
+        if missing:
+            raise UsageError(f"probe {path}: lacks {len(missing)} encoder weight(s), e.g. {missing[0]}")
+        encoder.load_state_dict({k: weights[k] for k in encoder.state_dict()})
+    else:
+        encoder = load_pretrained(path)
+        corpus_dir = hf.get("data_dir")
+    corpus = open_images(corpus_dir) if corpus_dir else None
+    if corpus is None or "t10k" not in (corpus.meta.get("splits") or {}):
+        from ..data.images.builtin import builtin_images
+
+        corpus = open_images(builtin_images(progress=False))
+    result = {"model": str(path), "kind": kind,
+              **probe_images(encoder.to(device), corpus, seed=seed, device=device),
+              # the image loader trains on the train split only: the t10k photos were never seen
+              "test_held_out_of_pretraining": True if kind == "run" and corpus_dir else None}
+    target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
+    if target is not None:
+        write_result(result, target)
+    return result
+
+
 # ---------------------------------------------------------------------------- benchmark
 def synthetic_batch(cfg, batch_size: int, *, augment_on_device: bool, seed: int = 0) -> dict:
     """A micro-batch as the loader makes it, from random uint8 photos of the model's image
@@ -401,6 +456,7 @@ class ImagesModality(Modality):
     size_presets: dict = {}  # every size's values are per recipe (RECIPE_PRESETS)
     recipe_presets = RECIPE_PRESETS
     unit = "patches"
+    has_probe = True  # at the end of a job, on the corpus's labels (probe_images); not every N steps
 
     # ---- corpus
     def open_corpus(self, cfg, *, rank: int = 0) -> ImageCorpus:
@@ -558,6 +614,11 @@ class ImagesModality(Modality):
             need(1 <= r.mask_min_block <= r.mask_patches, "--recipe.mask_min_block", r.mask_min_block,
                  f"must be in [1, --recipe.mask_patches {r.mask_patches}]")
             need(r.cls_loss_weight == 0, "--recipe.cls_loss_weight", r.cls_loss_weight, "only data2vec2 has a CLS loss")
+        t = cfg.train
+        need(t.probe_task in ("builtin", "none"), "--train.probe_task", t.probe_task,
+             "images probe the corpus's own labels: builtin or none")
+        need(t.probe_every == 0, "--train.probe_every", t.probe_every,
+             "images probe at the end of the job only; set 0")
         lo, hi = d.crop_scale
         need(0 < lo <= hi <= 1, "--data.crop_scale", f"{lo},{hi}", "expected 0 < min <= max <= 1 (crop area fractions)")
         need(0 <= d.color_jitter < 1, "--data.color_jitter", d.color_jitter, "must be in [0, 1)")
