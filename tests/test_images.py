@@ -190,7 +190,12 @@ def test_export_loads_in_transformers_and_matches_on_photos_then_init_from(image
     from d2v_fast.checkpoint import load_checkpoint
 
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
-    assert pretrain.main(cli(recipe, images_cache, "--max-steps", "2", "--out", str(run))) == 0
+    probe = ["--train.probe_task", "builtin"] if recipe == "data2vec" else []  # the end-of-job probe, once
+    assert pretrain.main(cli(recipe, images_cache, "--max-steps", "2", "--out", str(run), *probe)) == 0
+    if probe:
+        result = json.loads((run / "probe.json").read_text())
+        assert result["classes"] == 10 and result["examples"]["test"] == 50  # the t10k photos of the small corpus
+        assert 0 <= result["random_init"]["accuracy"] <= 1 and result["test_held_out_of_pretraining"] is True
     assert export_mod.main([str(run), str(hf_dir)]) == 0
     assert {p.name for p in hf_dir.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json",
                                                   "d2v_fast.json"}
@@ -235,3 +240,31 @@ def test_init_from_a_text_model_or_other_sizes_is_one_line(images_cache, tmp_pat
                            "--out", str(tmp_path / "r")))
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "data2vec-vision" in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--recipe.mask_patches", "64"], "--recipe.mask_patches 64: must be in [1, 63]"),
+    (["--model.image_size", "30"], "--model.image_size 30: must be a multiple of --model.patch_size (4)"),
+    (["--train.probe_every", "5", "--train.probe_task", "builtin"], "--train.probe_every 5: images probe at the end"),
+    (["--train.probe_task", "x.jsonl"], "--train.probe_task 'x.jsonl': images probe the corpus's own labels"),
+    (["--data.crop_scale", "0.5,0.2"], "--data.crop_scale '0.5,0.2': expected 0 < min <= max <= 1"),
+    (["--recipe.cls_loss_weight", "1"], "--recipe.cls_loss_weight 1.0: only data2vec2 has a CLS loss"),
+])
+def test_bad_image_flags_stop_with_one_line_and_exit_2(images_cache, tmp_path, argv, needle, capsys):
+    rc = pretrain.main(cli("data2vec", images_cache, "--out", str(tmp_path / "r"), *argv))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_step_benchmark_has_image_rows(tmp_path, capsys):
+    from d2v_fast import bench
+
+    out = tmp_path / "step.json"
+    for recipe in RECIPES:
+        assert bench.main(["--modality", "images", "--recipe", recipe, "--config", "tiny", "--batch-size", "4",
+                           "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+        record = json.loads(out.read_text())
+        assert record["modality"] == "images" and record["recipe"] == recipe
+        assert [r["provider"] for r in record["rows"]] == ["d2v_fast", "reference"]
+        assert all(r["unit"] == "patches" and r["tokens_per_s"] > 0 for r in record["rows"])
