@@ -188,7 +188,7 @@ class ImageStudent(_ImageStudentMixin, Student):
 
     @torch.no_grad()
     def teacher_layers(self, teacher: nn.Module, batch: dict, teacher_input: torch.Tensor) -> list[torch.Tensor]:
-        _, blocks = teacher.encode(teacher_input, collect="block")
+        _, blocks = teacher(teacher_input, collect="block")
         return [b[:, 1:] for b in blocks]
 
 
@@ -222,7 +222,7 @@ class ImageStudent2(_ImageStudentMixin, Student2):
 
     @torch.no_grad()
     def teacher_layers(self, teacher: nn.Module, batch: dict, teacher_input: torch.Tensor) -> list[torch.Tensor]:
-        _, ffn = teacher.encode(teacher_input, collect="ffn")
+        _, ffn = teacher(teacher_input, collect="ffn")
         layers = [f[:, 1:] for f in ffn]
         cfg = self.cfg
         if cfg.cls_loss_weight > 0:  # the patch mean of every patch's target (fairseq: of orig_targets)
@@ -615,6 +615,8 @@ class ImagesModality(Modality):
                  f"must be in [1, --recipe.mask_patches {r.mask_patches}]")
             need(r.cls_loss_weight == 0, "--recipe.cls_loss_weight", r.cls_loss_weight, "only data2vec2 has a CLS loss")
         t = cfg.train
+        need(not t.bf16_teacher, "--train.bf16_teacher", t.bf16_teacher,
+             "the bf16 teacher copy is text only so far; use --train.bf16_teacher false")
         need(t.probe_task in ("builtin", "none"), "--train.probe_task", t.probe_task,
              "images probe the corpus's own labels: builtin or none")
         need(t.probe_every == 0, "--train.probe_every", t.probe_every,
