@@ -139,10 +139,11 @@ class Trainer:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
             else MixedPrecisionPolicy()
         student = self.model.student
+        # found before the student is sharded: fully_shard changes its blocks' class (FSDPLayer)
+        teacher_blocks = self._teacher_blocks()
         for layer in student.blocks():
             fully_shard(layer, mp_policy=mp)
         fully_shard(student, mp_policy=mp)
-        teacher_blocks = self._teacher_blocks()
         in_blocks = {id(p) for b in teacher_blocks for p in b.parameters()}
         outside = any(id(p) not in in_blocks for p in self.model.teacher.parameters())
         for layer in teacher_blocks:
