@@ -221,6 +221,12 @@ def test_export_loads_in_transformers_and_matches_on_photos_then_init_from(image
         torch.testing.assert_close(ours(x), hf.eval()(pixel_values=x).last_hidden_state, rtol=0, atol=1e-5)
     # the pooled features of the probe come from the same encoder
     assert pooled_features(ours, corpus, photos).shape == (8, 128)
+    teacher_dir = tmp_path / "hf-teacher"  # --weights teacher: the EMA of the whole encoder
+    assert export_mod.main([str(run), str(teacher_dir), "--weights", "teacher"]) == 0
+    hf_t = transformers.Data2VecVisionModel.from_pretrained(teacher_dir)
+    want = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
+    assert all(torch.equal(hf_t.state_dict()[k], v) for k, v in want.items() if k in hf_t.state_dict())
+    assert set(want) <= set(hf_t.state_dict())
 
     warm = tmp_path / "warm"
     rc = pretrain.main(cli(recipe, images_cache, "--max-steps", "0", "--init-from", str(hf_dir), "--out", str(warm)))
