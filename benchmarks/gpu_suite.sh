@@ -22,7 +22,8 @@
 #   kernels   benchmarks/test_kernels.py (not the torch.compile rows)
 #   pretrain  the default job, 100 steps on the GPU
 #   last, if time is left: hf and d2v_fast with every switch on at batch 32; data2vec2 at
-#             batch 16; reference+compile at batch 32 (it compiles for about a minute and was
+#             batch 16; d2v_fast at batch 64 with SDPA pinned to flash, cuDNN and
+#             memory-efficient attention (--train.attention); reference+compile at batch 32 (it compiles for about a minute and was
 #             slower than reference on 2026-11-28)
 #
 # OUTDIR gets at most 6 files: suite.log (everything printed), step.jsonl (one JSON object
@@ -114,6 +115,10 @@ stage pretrain 90 bash -c "$PY -m d2v_fast.pretrain --max-steps 100 --out $RUN -
 stage step-d2v-32-all 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers hf,d2v_fast --train.skip_on_device true \
   --train.compile blocks --train.fused_qkv true --train.bf16_teacher true --json "$OUTDIR/step.jsonl"
 stage step-d2v2-16 40 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
+
+# The SDPA backend pinned (--train.attention): which of flash and cuDNN attention is faster here.
+stage attention 80 bash -c "for b in flash cudnn efficient; do ${BENCH[*]} ${TIMED[*]} --batch-size 64 --providers d2v_fast \
+  --train.attention \$b --json '$OUTDIR/step.jsonl'; done"
 
 stage step-d2v-32-compile 100 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers reference+compile --json "$OUTDIR/step.jsonl"
 

@@ -37,7 +37,7 @@ from .errors import UsageError, cli_entry
 PROVIDERS = ("d2v_fast", "hf", "reference", "reference+compile")
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 # The step's performance switches (issue 13): --train.<name>, (value when on, value when off).
-ABLATION = {"skip_on_device": (True, False), "compile": ("blocks", "none"), "fused_qkv": (True, False),
+ABLATION = {"skip_on_device": (True, False), "cast_once": (True, False), "compile": ("blocks", "none"), "fused_qkv": (True, False),
             "bf16_teacher": (True, False), "kernels": ("triton", "torch")}
 
 
@@ -186,6 +186,7 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
     row = {"provider": provider, "preset": cfg.preset, "batch_size": batch_size,
            "seq_len": cfg.model.num_patches if images else cfg.data.seq_len,
            **({"modality": "images", "unit": "patches"} if images else {}),
+           "attention": cfg.train.attention if provider == "d2v_fast" else None,
            "step_s": seconds, "tokens_per_s": tokens / seconds,
            "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
            "model_tflops": tokens / seconds * flops_per_token / 1e12,

@@ -69,6 +69,8 @@ class TrainConfig:
     compile: str = "none"  # none | blocks (torch.compile of every student and teacher encoder block)
     fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     bf16_teacher: bool = False  # the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
+    cast_once: bool = False  # bf16: one autocast region per update, so weights are cast once, not per micro-batch
+    attention: str = "auto"  # SDPA backend: auto (PyTorch's pick) | flash | cudnn | efficient | math (flash: no padding mask)
     progress: bool = True
     probe_task: str = "builtin"  # linear probe at the end (d2v_fast.probe): builtin | FILE.jsonl | none
     probe_every: int = 0  # also probe every N steps into metrics.jsonl; 0 = only at the end
@@ -106,6 +108,7 @@ SECTIONS = ("model", "recipe", "optim", "data", "train")
 
 
 RECIPES = ("data2vec", "data2vec2")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 def preset(name: str, recipe: str = "data2vec", modality: str = "text") -> Config:
@@ -338,6 +341,8 @@ def validate(cfg: Config) -> None:
     need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")
     need(t.kernels in ("auto", "triton", "torch"), "--train.kernels", t.kernels, "expected auto, triton or torch")
     need(t.compile in ("none", "blocks"), "--train.compile", t.compile, "expected none or blocks")
+    need(t.attention in ATTENTION_BACKENDS, "--train.attention", t.attention,
+         f"expected one of {', '.join(ATTENTION_BACKENDS)}")
     need(t.probe_every >= 0, "--train.probe_every", t.probe_every, "must be >= 0 (0 = only at the end)")
     need(t.probe_every == 0 or t.probe_task != "none", "--train.probe_every", t.probe_every,
          "needs a probe task; drop --train.probe_task none or set --train.probe_every 0")

@@ -37,6 +37,29 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def attention_backend(name: str, device: torch.device, dtype: torch.dtype):
+    """A factory of contexts that pin SDPA to one backend (``--train.attention``), or of null
+    contexts for ``auto``. A backend this device cannot run is refused now, in one line,
+    rather than at the first step."""
+    if name == "auto":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .errors import UsageError
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    q = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel(backend), torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--train.attention {name}: not available on {device.type} with {dtype} ({first}); "
+                         f"use --train.attention auto") from None
+    return lambda: sdpa_kernel(backend)
+
+
 class Trainer:
     def __init__(self, cfg: Config, corpus, run_dir: Path, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
@@ -114,8 +137,16 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total))
         torch.manual_seed(t.seed + 1000 * rank + 1)  # dropout differs between ranks
 
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
-                         else contextlib.nullcontext())
+        self.use_bf16 = use_bf16
+        # a factory: nested uses (--train.cast_once) need their own context objects
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
+            else contextlib.nullcontext
+        if t.cast_once and self.fsdp:
+            from .errors import UsageError
+
+            raise UsageError("--train.cast_once true: FSDP casts the weights itself (MixedPrecisionPolicy); use "
+                             "--train.cast_once false with --parallel fsdp")
+        self.attention = attention_backend(t.attention, self.device, torch.bfloat16 if use_bf16 else torch.float32)
         self.step, self.epoch, self.position = 0, 0, 0
         self.attempts, self.skipped, self.consecutive_skips = 0, 0, 0
         self.resumed_from = None
@@ -192,35 +223,50 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tvar = torch.zeros((), device=self.device)
         pvar = torch.zeros((), device=self.device)
-        for i, mb in enumerate(micro_batches):
-            pad = mb.get("padding_mask")
-            if pad is not None and not bool(pad.any()):  # checked on the CPU copy: no sync
-                mb = dict(mb, padding_mask=None)
-            mb = self._to_device(mb)
-            last = i == len(micro_batches) - 1
-            if self.fsdp:
-                self.student.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext()
-            else:
-                sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
-            with sync, self.autocast:
-                # student first: under FSDP its root forward unshards the embeddings the teacher shares
-                pred, teacher_input = self.student(mb)
-                target = self.model.targets(mb, teacher_input)
-                if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
-                    for layer in self._teacher_blocks():
-                        layer.reshard()
-                    if self._teacher_root:
-                        self.model.teacher.reshard()
-                loss = self.model.loss_sum(pred, target, mb)
-                if self.attempts + 1 in self._inject_nan:
-                    loss = loss * float("nan")
-            # DDP averages gradients over ranks; the loss is already normalised globally
+        # --train.cast_once: one autocast region around every micro-batch of the update, so the
+        # bf16 copies autocast makes of the student's fp32 weights (its cache lives until the
+        # outermost region ends) are made once per update instead of once per micro-batch.
+        # Backward runs with autocast off inside it, as it does outside.
+        cast_once = self.cfg.train.cast_once and self.use_bf16
+        with self.autocast() if cast_once else contextlib.nullcontext():
+            for i, mb in enumerate(micro_batches):
+                loss, pred, target = self._micro_step(mb, i == len(micro_batches) - 1, denom, cast_once)
+                tv, pv = self.model.stats(pred, target)
+                loss_sum += loss.detach()
+                tvar += tv
+                pvar += pv
+        return self._finish_step(micro_batches, count, denom, loss_sum, tvar, pvar)
+
+    def _micro_step(self, mb: dict, last: bool, denom: torch.Tensor, cast_once: bool):
+        """Forward and backward of one micro-batch; returns (summed loss, predictions, targets)."""
+        pad = mb.get("padding_mask")
+        if pad is not None and not bool(pad.any()):  # checked on the CPU copy: no sync
+            mb = dict(mb, padding_mask=None)
+        mb = self._to_device(mb)
+        if self.fsdp:
+            self.student.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext()
+        else:
+            sync = self.student.no_sync() if self.distributed and not last else contextlib.nullcontext()
+        with sync, self.autocast(), self.attention():
+            # student first: under FSDP its root forward unshards the embeddings the teacher shares
+            pred, teacher_input = self.student(mb)
+            target = self.model.targets(mb, teacher_input)
+            if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
+                for layer in self._teacher_blocks():
+                    layer.reshard()
+                if self._teacher_root:
+                    self.model.teacher.reshard()
+            loss = self.model.loss_sum(pred, target, mb)
+            if self.attempts + 1 in self._inject_nan:
+                loss = loss * float("nan")
+        # DDP averages gradients over ranks; the loss is already normalised globally
+        with torch.autocast(self.device.type, enabled=False) if cast_once else contextlib.nullcontext():
             (loss * (self.world_size / denom)).backward()
-            tv, pv = self.model.stats(pred, target)
-            loss_sum += loss.detach()
-            tvar += tv
-            pvar += pv
+        return loss, pred, target
+
+    def _finish_step(self, micro_batches, count, denom, loss_sum, tvar, pvar) -> dict:
+        """Clip, then the optimizer update and one EMA step (or the skip of a non-finite one)."""
         if self.cfg.optim.clip_norm > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), self.cfg.optim.clip_norm)
         else:

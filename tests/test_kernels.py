@@ -343,6 +343,18 @@ def test_build_targets_shapes(triton_side, K, B, T, C, padded):
 
 
 @cpu_triton
+def test_build_targets_speech_length_time_axis(triton_side):
+    """Speech targets normalise over time at T = 2,000 frames (40 s at 50 frames/s) and
+    more: the kernel (not the fallback) against fp64, padded, with an odd length too."""
+    for T in (2000, 2051):
+        x, pad, mask = targets_case(2, 2, T, 12, padded=True)
+        assert T <= ktargets.MAX_T  # the fused path, not the eager fallback
+        kw = dict(padding_mask=pad, mask=mask, layer_norm="instance", final_norm="instance")
+        close(ops.build_targets(list(x), **kw), targets_f64(x, pad, mask, "instance", "instance"),
+              atol=5e-5, rtol=1e-5)
+
+
+@cpu_triton
 def test_build_targets_more_layers_than_pointer_arguments(triton_side):
     x, pad, mask = targets_case(ktargets.MAX_LIST_LAYERS + 2, 2, 5, 6, padded=True)
     close(ops.build_targets(list(x), padding_mask=pad, mask=mask), targets_f64(x, pad, mask, "instance", None),
@@ -572,6 +584,34 @@ def test_ema_update_mixed_dtypes_fall_back_to_foreach(triton_side):
 
 
 # ----------------------------------------------------------------------------- dispatch
+def test_auto_keeps_the_eager_twin_exactly_where_the_kernel_measured_slower(monkeypatch):
+    """``ops.EAGER_ON_AUTO`` against the GPU kernel benchmark it was drawn from: an op is in
+    it if and only if its Triton kernel took longer than its eager twin there."""
+    import json
+    from pathlib import Path
+
+    doc = json.loads((Path(__file__).parents[1] / "benchmarks/results/kernels-nvidia-h200-2026-11-28.json").read_text())
+    policy_name = {"masked_gather": "masked_gather", "masked_gather_clones_fwd_bwd": "masked_gather_clones",
+                   "masked_scatter": "masked_scatter", "regression_loss_fwd_bwd": "regression_loss",
+                   "build_targets": "build_targets", "build_targets_clones": "build_targets",
+                   "ema_update_fp32": "ema_update_", "ema_update_bf16": "ema_update_"}
+    times: dict[str, dict[str, float]] = {}
+    for r in doc["results"]:
+        if r["op"] in policy_name:
+            times.setdefault(r["op"], {})[r["provider"]] = r["time_ms"]
+    slower = {policy_name[op] for op, t in times.items() if t["triton"] > t["eager"]}
+    faster = {policy_name[op] for op, t in times.items() if t["triton"] <= t["eager"]}
+    assert slower == set(ops.EAGER_ON_AUTO) and not slower & faster
+    monkeypatch.delenv("D2V_KERNELS", raising=False)
+    for op in ops.EAGER_ON_AUTO:
+        assert ops.kernels_backend(torch.zeros(1), op) == "torch"
+    try:
+        ops.set_kernels("triton")  # forcing still runs every kernel
+        assert all(ops.kernels_backend(torch.zeros(1), op) == "triton" for op in ops.EAGER_ON_AUTO)
+    finally:
+        ops.set_kernels("auto")
+
+
 def test_dispatch_switch(monkeypatch):
     x = torch.zeros(2, 3, 4)
     monkeypatch.delenv("D2V_KERNELS", raising=False)

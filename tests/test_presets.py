@@ -98,6 +98,8 @@ BASE_V1 = {
     "train.compile": ("none", OURS + " (performance switch, same math)"),
     "train.fused_qkv": (False, OURS + " (performance switch, same math)"),
     "train.bf16_teacher": (False, OURS + " (performance switch, same math)"),
+    "train.cast_once": (False, OURS + " (performance switch, same math)"),
+    "train.attention": ("auto", OURS + " (performance switch: SDPA backend pinned, same math)"),
     "train.probe_task": ("builtin", OURS + " (the representation probe after training)"),
     "train.probe_every": (0, OURS),
     "train.progress": (True, OURS),

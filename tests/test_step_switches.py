@@ -286,3 +286,61 @@ def test_bf16_teacher_computes_the_same_step(builtin_cache, tmp_path):
 def test_bf16_teacher_needs_bf16_autocast(builtin_cache, tmp_path):
     with pytest.raises(UsageError, match="--train.bf16_teacher true: needs bf16 autocast"):
         Trainer(small_cfg(builtin_cache, bf16_teacher=True), open_corpus(builtin_cache), tmp_path)
+
+
+# ----------------------------------------------------------------------------- attention backend
+def test_pinned_attention_backend_computes_the_same_step(builtin_cache, tmp_path):
+    """``--train.attention math`` against PyTorch's own pick: the same losses for three
+    updates (pack mode: no padding mask; no attention dropout, whose masks differ by backend)."""
+    def losses(attention):
+        cfg = small_cfg(builtin_cache, batch_size=4, attention=attention)
+        cfg.model.num_layers, cfg.recipe.top_k, cfg.data.seq_len, cfg.data.block_mode = 2, 2, 32, "pack"
+        cfg.model.attention_dropout = 0.0
+        tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / attention)
+        stream = tr.batches()
+        return [float(tr.train_step(next(stream))["loss"]) for _ in range(3)]
+
+    assert losses("math") == pytest.approx(losses("auto"), rel=1e-5, abs=1e-6)
+
+
+def test_attention_backend_the_device_lacks_is_refused(builtin_cache, tmp_path):
+    cfg = small_cfg(builtin_cache, attention="cudnn")  # cuDNN attention is CUDA only
+    with pytest.raises(UsageError, match="--train.attention cudnn: not available on cpu"):
+        Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+
+
+# ----------------------------------------------------------------------------- one cast per update
+def test_cast_once_casts_the_student_weights_once_per_update(builtin_cache, tmp_path):
+    """bf16 autocast, two micro-batches per update: ``--train.cast_once`` makes the bf16
+    copies of the student's weights once per update instead of once per micro-batch, and
+    the update is the same, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __init__(self, params):
+            super().__init__()
+            self.ptrs, self.n = {p.data_ptr() for p in params}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                    and args[0].data_ptr() in self.ptrs:
+                self.n += 1
+            return func(*args, **kwargs)
+
+    def run(cast_once):
+        cfg = small_cfg(builtin_cache, batch_size=4, micro_batch_size=2, dtype="bfloat16", cast_once=cast_once)
+        cfg.model.num_layers, cfg.recipe.top_k, cfg.data.seq_len = 2, 2, 32
+        tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / str(cast_once))
+        stream = tr.batches()
+        weights = [p for n, p in tr.model.student.named_parameters() if n.endswith("weight") and p.ndim == 2]
+        with CountWeightCasts(weights) as counter:
+            losses = [float(tr.train_step(next(stream))["loss"]) for _ in range(2)]
+        return losses, counter.n, tr.model.state_dict()
+
+    per_micro, n_per_micro, s0 = run(False)
+    once, n_once, s1 = run(True)
+    assert n_once > 0 and n_per_micro == 2 * n_once  # two micro-batches: half the casts
+    assert once == per_micro
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
