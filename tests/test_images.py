@@ -255,6 +255,7 @@ def test_init_from_a_text_model_or_other_sizes_is_one_line(images_cache, tmp_pat
     (["--train.probe_task", "x.jsonl"], "--train.probe_task 'x.jsonl': images probe the corpus's own labels"),
     (["--data.crop_scale", "0.5,0.2"], "--data.crop_scale '0.5,0.2': expected 0 < min <= max <= 1"),
     (["--recipe.cls_loss_weight", "1"], "--recipe.cls_loss_weight 1.0: only data2vec2 has a CLS loss"),
+    (["--train.attention", "flash"], "--train.attention 'flash': the flash kernel takes no attention bias"),
 ])
 def test_bad_image_flags_stop_with_one_line_and_exit_2(images_cache, tmp_path, argv, needle, capsys):
     rc = pretrain.main(cli("data2vec", images_cache, "--out", str(tmp_path / "r"), *argv))

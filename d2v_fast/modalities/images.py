@@ -615,6 +615,9 @@ class ImagesModality(Modality):
                  f"must be in [1, --recipe.mask_patches {r.mask_patches}]")
             need(r.cls_loss_weight == 0, "--recipe.cls_loss_weight", r.cls_loss_weight, "only data2vec2 has a CLS loss")
         t = cfg.train
+        need(m.position_encoding != "relative" or t.attention not in ("flash",), "--train.attention", t.attention,
+             "the flash kernel takes no attention bias, and v1 images add the relative position bias; "
+             "use auto, efficient, cudnn or math")
         need(not t.bf16_teacher, "--train.bf16_teacher", t.bf16_teacher,
              "the bf16 teacher copy is text only so far; use --train.bf16_teacher false")
         need(t.probe_task in ("builtin", "none"), "--train.probe_task", t.probe_task,
