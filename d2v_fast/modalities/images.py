@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
 from pathlib import Path
 
 import torch
@@ -34,11 +32,11 @@ from ..data.images.corpus import ImageCorpus, open_images, verify_images
 from ..data.images.dataset import ImageMaskingConfig, build_image_dataloader
 from ..errors import UsageError
 from ..files import staged_directory
+from ..models.vision import (VISION_PRESETS, GridDecoder, VisionConfig, VisionEncoder, config_from_hf,
+                             hf_config_dict, hf_image_processor_dict, keep_visible)
 from ..recipes.data2vec import Student
 from ..recipes.data2vec2 import Student2
 from . import Modality
-from ..models.vision import (VISION_PRESETS, GridDecoder, VisionConfig, VisionEncoder, config_from_hf,
-                             hf_config_dict, hf_image_processor_dict, keep_visible)
 
 # fairseq Decoder2d's decoder_groups of the published 2.0 image model (not a recipe field:
 # every published 2.0 decoder uses 16 groups).
@@ -503,7 +501,7 @@ class ImagesModality(Modality):
     def describe(self, cfg, corpus: ImageCorpus) -> str:
         if not isinstance(corpus, ImageCorpus):
             return f"global batch {cfg.train.batch_size}; {corpus.path}"
-        first, count = self.train_split(corpus)
+        _, count = self.train_split(corpus)
         h, w = corpus.size
         return (f"{count:,} photos of {h}x{w} as {cfg.model.image_size}px crops in {cfg.model.num_patches} patches; "
                 f"global batch {cfg.train.batch_size}; {self.attention_note(cfg)}corpus {corpus.path}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.vision import GridDecoder, VisionConfig, VisionEncoder
+from ..models.vision import VisionConfig, VisionEncoder
 
 
 def _layer(layer, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
