@@ -275,3 +275,28 @@ def test_step_benchmark_has_image_rows(tmp_path, capsys):
         assert record["modality"] == "images" and record["recipe"] == recipe
         assert [r["provider"] for r in record["rows"]] == ["d2v_fast", "reference"]
         assert all(r["unit"] == "patches" and r["tokens_per_s"] > 0 for r in record["rows"])
+
+
+def test_augmenting_on_the_device_equals_augmenting_in_the_workers(images_cache):
+    """GPU training ships uint8 photos and augments them in the student (pixels_of); CPU
+    training augments in the loader workers: the same pixels either way."""
+    from d2v_fast.modalities.images import pixels_of
+
+    cfg = tiny("data2vec", images_cache)
+    corpus = open_images(images_cache)
+    from d2v_fast.data.images.dataset import build_image_dataloader
+
+    for device, on_device in (("cuda", True), ("cpu", False), ("auto", torch.cuda.is_available())):
+        cfg.train.device = device
+        assert IMAGES.augment_on_device(cfg) == on_device
+    batches = []
+    for on_device in (True, False):
+        loader = build_image_dataloader(corpus, grid=cfg.model.grid, micro_batch_size=8, global_batch_size=8,
+                                        masking=IMAGES.masking_config(cfg), augment=IMAGES.augment_config(cfg),
+                                        num_workers=0, split=IMAGES.train_split(corpus),
+                                        augment_in_worker=not on_device)
+        batches.append(next(iter(loader)))
+    shipped, ready = batches
+    assert shipped["pixels"].dtype == torch.uint8 and ready["pixels"].dtype == torch.float32
+    assert torch.equal(shipped["mask"], ready["mask"]) and shipped["padding_mask"] is None
+    torch.testing.assert_close(pixels_of(shipped), ready["pixels"], rtol=0, atol=0)
