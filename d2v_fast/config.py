@@ -42,6 +42,8 @@ class DataConfig:
     block_mode: str = "document"  # pack | document (base.yaml: sample_break_mode complete_doc)
     num_workers: int = 2
     verify: str = "background"  # full shard check (sha256, token ids): background | start | off
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # images: RandomResizedCrop area fractions
+    color_jitter: float = 0.4  # images: brightness/contrast/saturation jitter (0 = none)
 
 
 @dataclass
