@@ -17,6 +17,10 @@
 #             data2vec2 at batch 4 (32 clone rows); d2v_fast and reference (into step.jsonl)
 #   ablation  data2vec base batch 64, one process: hf, then d2v_fast with every switch of
 #             d2v_fast.bench.ABLATION on, each off in turn, all at their defaults
+#   images    which SDPA kernel the v1 (BEiT) attention with its relative position bias runs
+#             at bf16 with a gradient (printed to suite.log); the image step, ViT-B/16 at 224:
+#             data2vec batch 64 and data2vec2 batch 16 (x 16 clones), d2v_fast and reference
+#             (rows in step.jsonl)
 #   kernels   benchmarks/test_kernels.py (not the torch.compile rows)
 #   pretrain  the default job, 100 steps on the GPU
 #   last, if time is left: hf and d2v_fast with every switch on at batch 32; data2vec2 at
@@ -97,6 +101,14 @@ stage step-d2v2 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8
 ABENCH=($PY -m d2v_fast.bench --modality audio --config base --data.num_workers 0)
 stage step-audio-d2v 60 "${ABENCH[@]}" "${TIMED[@]}" --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 stage step-audio-d2v2 60 "${ABENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 4 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
+
+stage vision-attention 30 $PY -c "import torch; from d2v_fast.models.vision import VisionEncoder, attention_backend, vision_config; \
+m = VisionEncoder(vision_config('base', 'data2vec')).cuda(); \
+print('vision SDPA kernel, v1 relative bias, bf16, with gradient:', attention_backend(m, 'cuda', torch.bfloat16, batch=64)); \
+print('vision SDPA kernel, v1 relative bias, bf16, teacher (no gradient):', attention_backend(m, 'cuda', torch.bfloat16, batch=64, backward=False))"
+IMG=($PY -m d2v_fast.bench --modality images --config base --data.num_workers 0)
+stage step-img-v1 60 "${IMG[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
+stage step-img-v2 60 "${IMG[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 
 stage kernels 60 bash -c "D2V_BENCH_WRITE=1 $PY -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py -k 'not compiled' \
   && cp benchmarks/results/kernels-*h[12]00*.json '$OUTDIR/kernels.json'"

@@ -1,5 +1,5 @@
 """One full optimizer step (student fwd/bwd, teacher fwd, targets, loss, AdamW, EMA) for both
-recipes, providers ``d2v_fast``, ``hf`` (plain Hugging Face ``transformers``, data2vec only),
+recipes (text, and images: ``test_image_step``), providers ``d2v_fast``, ``hf`` (plain Hugging Face ``transformers``, data2vec only),
 ``reference`` and ``reference+compile``.
 
 On CUDA: data2vec base and data2vec2 base at T = 512, bf16 autocast, timed with device events;
@@ -58,6 +58,27 @@ def test_step(benchmark, recipe, provider):
     benchmark.extra_info.update(row)
     RESULTS.append(row)
     assert row["tokens_per_s"] > 0 and row["masked_targets_per_s"] > 0
+
+
+@pytest.mark.parametrize("provider", ["d2v_fast", "reference"])
+@pytest.mark.parametrize("recipe", ["data2vec", "data2vec2"])
+def test_image_step(benchmark, recipe, provider):
+    """Images: ViT-B/16 at 224 on CUDA (data2vec batch 64, data2vec2 batch 16 x 16 clones),
+    the tiny preset on CPU; tokens/s counts patches."""
+    pytest.importorskip("PIL", reason="images need Pillow")
+    cfg = preset("base" if CUDA else "tiny", recipe, "images")
+    batch = (64 if recipe == "data2vec" else 16) if CUDA else 4
+    cfg.data.num_workers, cfg.train.progress = 0, False
+    steps, warmup = (20, 5) if CUDA else (2, 1)
+
+    def run():
+        return measure(provider, cfg, device=DEVICE, batch_size=batch, steps=steps, warmup=warmup)
+
+    row = benchmark.pedantic(run, rounds=1, iterations=1)
+    row["recipe"] = recipe
+    benchmark.extra_info.update(row)
+    RESULTS.append(row)
+    assert row["unit"] == "patches" and row["tokens_per_s"] > 0 and row["masked_targets_per_s"] > 0
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,6 +1,6 @@
 """One full optimizer step, timed: ``python -m d2v_fast.bench``.
 
-    python -m d2v_fast.bench [--config tiny|base|large] [--batch-size B] [--seq-len T]
+    python -m d2v_fast.bench [--modality text|images] [--config tiny|base|large] [--batch-size B] [--seq-len T]
                              [--providers d2v_fast,hf,reference,reference+compile] [--steps N] [--warmup N]
                              [--ablation] [--json PATH] [--section.field VALUE ...]
 
@@ -13,7 +13,9 @@ synthetic batches (random token ids, real span masks) so no corpus is needed. Pr
 ``d2v_fast`` (the engine's trainer step), ``hf`` (the same step written plainly on Hugging Face
 ``transformers``, d2v_fast/reference/hf_step.py; data2vec only), ``reference`` (the eager
 implementation in d2v_fast/reference) and ``reference+compile`` (``torch.compile`` of the
-reference model).
+reference model). ``--modality images``: random uint8 photos of the model's image size with
+real block masks (augmented on the GPU, in the "loader" on the CPU), providers ``d2v_fast``
+and ``reference`` (``d2v_fast/reference/images.py``); the tokens/s column counts patches.
 Prints tokens/s, model TFLOP/s, MFU against the device's dense bf16 peak and peak memory.
 """
 from __future__ import annotations
@@ -96,7 +98,13 @@ class EngineStep:
     def __init__(self, cfg: Config, device: torch.device, vocab: int):
         from .trainer import Trainer
 
-        self.trainer = Trainer(cfg, SyntheticCorpus(vocab_size=vocab), Path("/tmp/d2v_fast-bench"), device=device)
+        if cfg.modality == "images":
+            from .modalities.images import SyntheticImageCorpus
+
+            corpus = SyntheticImageCorpus()
+        else:
+            corpus = SyntheticCorpus(vocab_size=vocab)
+        self.trainer = Trainer(cfg, corpus, Path("/tmp/d2v_fast-bench"), device=device)
 
     def __call__(self, batch: dict) -> None:
         self.trainer.train_step([batch])
@@ -122,9 +130,25 @@ class ReferenceStep:
         self.step([batch])
 
 
+class ReferenceImageStep:
+    """The image oracle's optimizer update (``d2v_fast.reference.images``, the parity tests' one)."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        from .reference.images import ReferenceImageStep as Step
+
+        self.step = Step(cfg, device=device)
+
+    def __call__(self, batch: dict) -> None:
+        self.step([batch])
+
+
 def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
+    if cfg.modality == "images" and provider not in ("d2v_fast", "reference"):
+        raise UsageError(f"--providers: {provider!r} has no image step; choose from d2v_fast, reference")
     if provider == "d2v_fast":
         return EngineStep(cfg, device, vocab)
+    if cfg.modality == "images":
+        return ReferenceImageStep(cfg, device)
     if provider == "hf":
         if cfg.modality != "text":
             raise UsageError(f"--providers hf: text only; use d2v_fast,reference for --modality {cfg.modality}")
@@ -144,7 +168,15 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
     from .modalities import get_modality
     from .schedule import peak_flops
 
-    batch = synthetic_batch(cfg, batch_size, vocab)
+    if cfg.modality not in ("text", "images", "audio"):
+        raise UsageError(f"--modality {cfg.modality}: d2v_fast.bench times text, images and audio")
+    images = cfg.modality == "images"
+    if images:
+        from .modalities.images import flops_per_patch, synthetic_batch as image_batch
+
+        batch = image_batch(cfg, batch_size, augment_on_device=device.type == "cuda")
+    else:
+        batch = synthetic_batch(cfg, batch_size, vocab)
     step = make_step(provider, cfg, device, vocab)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -168,12 +200,14 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
         seconds = (time.perf_counter() - t0) / steps
         peak_mem = None
     modality = get_modality(cfg.modality)
-    tokens = modality.units(batch)  # input units: tokens, or frames for speech
-    flops_per_token = modality.flops_per_unit(cfg)
+    # tokens: input units (patches for images, frames for speech; the column keeps its name)
+    if images:
+        tokens, flops_per_token = batch_size * cfg.model.num_patches, flops_per_patch(cfg)
+    else:
+        tokens, flops_per_token = modality.units(batch), modality.flops_per_unit(cfg)
     peak = peak_flops(device)
-    length = tokens // batch_size
     row = {"provider": provider, "modality": cfg.modality, "unit": modality.unit, "preset": cfg.preset,
-           "batch_size": batch_size, "seq_len": length,
+           "batch_size": batch_size, "seq_len": tokens // batch_size,
            "attention": cfg.train.attention if provider == "d2v_fast" else None,
            "step_s": seconds, "tokens_per_s": tokens / seconds,
            "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
@@ -265,8 +299,8 @@ def main(argv=None) -> int:
                 for p in providers]
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | preset {cfg.preset}, "
-          f"batch {cfg.train.batch_size} x {rows[0]['seq_len'] if rows else cfg.data.seq_len} "
-          f"{rows[0]['unit'] if rows else 'tokens'}{' (speech: tokens/s = frames/s)' if cfg.modality == 'audio' else ''}")
+          f"batch {cfg.train.batch_size} x {rows[0]['seq_len'] if rows else '?'} {rows[0]['unit'] if rows else ''} "
+          f"({cfg.modality}, {cfg.recipe.name})")
     print(format_table(rows))
     if own["--json"]:
         record = {**env, "modality": cfg.modality, "recipe": cfg.recipe.name, "rows": rows}

@@ -45,6 +45,8 @@ class DataConfig:
     num_workers: int = 2
     verify: str = "background"  # full shard check (sha256, token ids): background | start | off
     max_samples: int = 320_000  # audio: crop cap per utterance (20 s at 16 kHz; fairseq max_sample_size)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # images: RandomResizedCrop area fractions
+    color_jitter: float = 0.4  # images: brightness/contrast/saturation jitter (0 = none)
 
 
 @dataclass

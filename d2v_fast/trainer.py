@@ -171,11 +171,21 @@ class Trainer:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
             else MixedPrecisionPolicy()
         student = self.model.student
+        # found before the student is sharded: fully_shard changes its blocks' class (FSDPLayer)
+        teacher_blocks = self._teacher_blocks()
         for layer in student.blocks():
             fully_shard(layer, mp_policy=mp)
         fully_shard(student, mp_policy=mp)
-        for layer in self._teacher_blocks():
+        in_blocks = {id(p) for b in teacher_blocks for p in b.parameters()}
+        outside = any(id(p) not in in_blocks for p in self.model.teacher.parameters())
+        for layer in teacher_blocks:
             fully_shard(layer, mp_policy=mp)
+        if outside:
+            # A teacher that averages more than the blocks (images: the whole encoder) is a root
+            # too, so those parameters are sharded as the student's (each on dim 0) for the EMA;
+            # its forward (not other methods) gathers them.
+            fully_shard(self.model.teacher, mp_policy=mp)
+        self._teacher_root = outside
 
     def _teacher_blocks(self) -> list[torch.nn.Module]:
         """The teacher's copies of the student's blocks (the same block class, in order),
@@ -249,7 +259,9 @@ class Trainer:
             if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
                 for layer in self._teacher_blocks():
                     layer.reshard()
-            loss = self.model.loss_sum(pred, target)
+                if self._teacher_root:
+                    self.model.teacher.reshard()
+            loss = self.model.loss_sum(pred, target, mb)
             if self.attempts + 1 in self._inject_nan:
                 loss = loss * float("nan")
         # DDP averages gradients over ranks; the loss is already normalised globally

@@ -9,6 +9,10 @@ new config field fails too: every field must be listed for every preset. Sources
 - T2L: fairseq examples/data2vec/config/v2/large_text_only_task.yaml (data2vec 2.0, text large)
 - M2: fairseq examples/data2vec/models/data2vec2.py, models/modalities/{base,text,modules}.py
 - P1: the data2vec paper (arXiv 2202.03555); P2: the data2vec 2.0 paper (arXiv 2212.07525)
+- B1: data2vec_vision beit/README.md, the ViT-B pretraining command (data2vec v1, images base)
+- B2: data2vec_vision beit/run_cyclical.py argument defaults (what B1 does not set)
+- I2: fairseq examples/data2vec/config/v2/base_images_only_task.yaml (data2vec 2.0, images base)
+- IM2: fairseq examples/data2vec/models/modalities/images.py, models/data2vec2.py, data/mae_image_dataset.py
 - ours: an engineering choice of this project (no recipe value), or the CPU-sized tiny preset
 """
 import dataclasses
@@ -20,6 +24,8 @@ from d2v_fast.config import SECTIONS, preset
 OURS = "ours: engineering default, not part of the recipe"
 CORPUS = "ours: replaced by the corpus's tokenizer at run time (RoBERTa BPE: pad id 1, SPEC §2)"
 UNUSED_V1 = "not used by data2vec (v1): data2vec 2.0 only"
+NOT_TEXT = "not used by text: images only"
+NOT_IMAGES = "not used by images: text only"
 
 # data2vec, base: T1 line by line.
 BASE_V1 = {
@@ -53,6 +59,10 @@ BASE_V1 = {
     "recipe.decoder_groups": (1, UNUSED_V1),
     "recipe.decoder_dropout": (0.0, UNUSED_V1),
     "recipe.mask_noise_std": (0.01, UNUSED_V1),
+    "recipe.mask_patches": (0, NOT_TEXT),
+    "recipe.mask_min_block": (16, NOT_TEXT),
+    "recipe.mask_prob_adjust": (0.0, NOT_TEXT),
+    "recipe.cls_loss_weight": (0.0, NOT_TEXT),
     "optim.lr": (2e-4, "T1 optimization.lr"),
     "optim.betas": ((0.9, 0.98), "T1 optimizer.adam_betas"),
     "optim.eps": (1e-6, "T1 optimizer.adam_eps"),
@@ -70,6 +80,8 @@ BASE_V1 = {
     "data.num_workers": (2, OURS),
     "data.verify": ("background", OURS),
     "data.max_samples": (320_000, "not used by text (speech crop cap)"),
+    "data.crop_scale": ((0.08, 1.0), NOT_TEXT),
+    "data.color_jitter": (0.4, NOT_TEXT),
     "train.batch_size": (256, "T1 dataset.max_tokens 8192 x 16 GPUs / 512 tokens; P1 §5.3: 256 sequences"),
     "train.micro_batch_size": (0, OURS),
     "train.max_steps": (1_000_000, "T1 optimization.max_update; P1 §5.3: 1M updates"),
@@ -203,8 +215,155 @@ TINY_V2 = {
     "optim.clip_norm": (1.0, "T2 optimization.clip_norm"),
 }
 
+# Images (the model section is VisionConfig). data2vec v1: B1 line by line.
+_TRAIN_COMMON = {k: v for k, v in BASE_V1.items() if k.startswith("train.") or k in (
+    "optim.fused", "data.path", "data.num_workers", "data.verify")}
+IMAGES_BASE_V1 = {
+    **_TRAIN_COMMON,
+    "model.image_size": (224, "B1 --model beit_base_patch16_224"),
+    "model.patch_size": (16, "B1 --model beit_base_patch16_224"),
+    "model.num_channels": (3, "B1 RGB ImageNet"),
+    "model.hidden_size": (768, "B1 --model beit_base_patch16_224 (ViT-B)"),
+    "model.num_layers": (12, "B1 ViT-B"),
+    "model.num_heads": (12, "B1 ViT-B"),
+    "model.ffn_size": (3072, "B1 ViT-B (mlp_ratio 4)"),
+    "model.position_encoding": ("relative", "B2 rel_pos_bias default true -> use_shared_rel_pos_bias; abs_pos_emb false"),
+    "model.layer_scale_init": (1e-4, "B1 --layer_scale_init_value 1e-4"),
+    "model.use_mask_token": (True, "SPEC §1c: learned mask token (BEiT)"),
+    "model.layer_norm_eps": (1e-6, "SPEC §1c: pre-LN eps 1e-6"),
+    "model.dropout": (0.0, "B2: no --drop argument (timm default 0)"),
+    "model.attention_dropout": (0.05, "B1 --attn_drop_rate 0.05"),
+    "model.drop_path": (0.25, "B1 --drop_path 0.25"),
+    "model.init_std": (0.02, "SPEC §1c BEiT init (trunc normal 0.02)"),
+    "recipe.name": ("data2vec", "P1"),
+    "recipe.top_k": (6, "B1 --target_layers [6,7,8,9,10,11]"),
+    "recipe.layer_norm": ("layer", "B2 target_layer_norm_last (no --no_target_layer_norm_last in B1)"),
+    "recipe.final_norm": ("layer", "B1 --post_target_layer_norm"),
+    "recipe.head_hidden_mult": (0, "SPEC §1c: head Linear(768 -> 768)"),
+    "recipe.loss_beta": (2.0, "B1 --l1_beta=2.0"),
+    "recipe.loss_scale": (1 / 768, "B1 F.smooth_l1_loss mean over elements = our channel sum x 1/768"),
+    "recipe.ema_decay": (0.9998, "B1 --ema_decay 0.9998 --ema_start_at 0 (constant)"),
+    "recipe.ema_end_decay": (0.9998, "B1 --ema_decay 0.9998"),
+    "recipe.ema_anneal_end_step": (0, "B1 --ema_start_at 0 (no annealing)"),
+    "recipe.mask_prob": (0.35, NOT_IMAGES + " (v1 images count patches: mask_patches)"),
+    "recipe.mask_span": (4, NOT_IMAGES),
+    "recipe.clones": (1, UNUSED_V1),
+    "recipe.decoder_layers": (5, UNUSED_V1),
+    "recipe.decoder_kernel": (9, UNUSED_V1),
+    "recipe.decoder_dim": (0, UNUSED_V1),
+    "recipe.decoder_groups": (1, UNUSED_V1 + " (the image decoder fixes its own 16 groups)"),
+    "recipe.decoder_dropout": (0.0, UNUSED_V1),
+    "recipe.mask_noise_std": (0.01, UNUSED_V1),
+    "recipe.mask_patches": (120, "B1 --num_mask_patches 120"),
+    "recipe.mask_min_block": (16, "B1 --min_mask_patches_per_block 16"),
+    "recipe.mask_prob_adjust": (0.0, UNUSED_V1),
+    "recipe.cls_loss_weight": (0.0, UNUSED_V1),
+    "optim.lr": (2e-3, "B1 --lr 2e-3"),
+    "optim.betas": ((0.9, 0.999), "B2 --opt adamw, opt_betas None (timm AdamW default)"),
+    "optim.eps": (1e-8, "B2 --opt_eps 1e-8"),
+    "optim.weight_decay": (0.05, "B1 --weight_decay 0.05"),
+    "optim.decay_biases_and_norms": (False, "B2 create_optimizer: 1-D and bias parameters skip weight decay"),
+    "optim.warmup_steps": (6250, "B1 --warmup_epochs 10 x 625 updates (1,281,167 // 2048) per epoch"),
+    "optim.total_steps": (500_000, "B1 --epochs 800 x 625 updates"),
+    "optim.clip_norm": (3.0, "B1 --clip_grad 3.0"),
+    "optim.schedule": ("cosine", "B1 cosine schedule (timm cosine_scheduler)"),
+    "optim.tri_stage_phases": ((0.03, 0.9, 0.07), "not used by cosine (speech v1's tri_stage phase_ratio)"),
+    "data.max_samples": (320_000, "not used by images (speech crop cap)"),
+    "data.seq_len": (512, NOT_IMAGES),
+    "data.block_mode": ("document", NOT_IMAGES),
+    "data.crop_scale": ((0.08, 1.0), "SPEC §1c BEiT RandomResizedCrop(224, 0.08-1)"),
+    "data.color_jitter": (0.4, "B2 --color_jitter 0.4"),
+    "train.batch_size": (2048, "B1 --batch_size 128 x --world_size 16"),
+    "train.max_steps": (500_000, "B1 --epochs 800 x 625 updates"),
+}
+TINY_IMAGES = "ours: tiny CPU preset (32x32 Fashion-MNIST photos in 4x4 patches)"
+TINY_IMAGES_COMMON = {
+    "model.image_size": (32, TINY_IMAGES),
+    "model.patch_size": (4, TINY_IMAGES),
+    "model.hidden_size": (128, TINY_IMAGES),
+    "model.num_layers": (4, TINY_IMAGES),
+    "model.num_heads": (4, TINY_IMAGES),
+    "model.ffn_size": (512, TINY_IMAGES),
+    "recipe.top_k": (3, TINY_IMAGES),
+    "recipe.ema_decay": (0.998, TINY_IMAGES + ": a short, quickly annealed EMA so the loss moves in 300 steps"),
+    "recipe.ema_end_decay": (0.9995, TINY_IMAGES),
+    "recipe.ema_anneal_end_step": (300, TINY_IMAGES),
+    "optim.lr": (1e-3, TINY_IMAGES),
+    "optim.warmup_steps": (30, TINY_IMAGES),
+    "optim.total_steps": (0, TINY_IMAGES + ": cosine over --max-steps"),
+    "data.crop_scale": ((0.35, 1.0), TINY_IMAGES + ": 28-pixel photos lose the garment below a third"),
+    "train.max_steps": (300, TINY_IMAGES),
+    "train.log_every": (10, TINY_IMAGES),
+    "train.ckpt_every": (100, TINY_IMAGES),
+    "train.collapse_warmup": (100, TINY_IMAGES),
+}
+IMAGES_TINY_V1 = {
+    **IMAGES_BASE_V1, **TINY_IMAGES_COMMON,
+    "model.attention_dropout": (0.0, TINY_IMAGES),
+    "model.drop_path": (0.0, TINY_IMAGES + ": no stochastic depth at 4 blocks"),
+    "recipe.loss_scale": (1 / 128, "B1 mean over elements at width 128"),
+    "recipe.mask_patches": (39, TINY_IMAGES + ": B1's 120/196 of 64 patches"),
+    "recipe.mask_min_block": (4, TINY_IMAGES + ": B1's 16/196 of 64 patches"),
+    "train.batch_size": (32, TINY_IMAGES),
+}
+# data2vec 2.0 images: I2 line by line (sizes: M2 defaults; prenet_depth 2 + depth 10 = 12 blocks).
+IMAGES_BASE_V2 = {
+    **IMAGES_BASE_V1,
+    "model.position_encoding": ("sincos", "IM2 fixed 2-D sin-cos positions (use_alibi_encoder false)"),
+    "model.layer_scale_init": (0.0, "M2 layer scale off (the HF block, see README)"),
+    "model.use_mask_token": (False, "IM2: masked patches are dropped, not replaced"),
+    "model.layer_norm_eps": (1e-6, "I2 model.norm_eps"),
+    "model.dropout": (0.0, "I2 model.encoder_dropout / post_mlp_drop"),
+    "model.attention_dropout": (0.0, "I2 model.attention_dropout"),
+    "model.drop_path": (0.0, "M2 Data2VecMultiConfig.drop_path default 0"),
+    "model.num_layers": (12, "I2 model.depth 10 + modalities.image.prenet_depth 2"),
+    "recipe.name": ("data2vec2", "P2"),
+    "recipe.top_k": (10, "I2 model.average_top_k_layers"),
+    "recipe.layer_norm": ("instance", "I2 model.instance_norm_target_layer: true"),
+    "recipe.final_norm": ("layer", "I2 model.layer_norm_targets: true"),
+    "recipe.head_hidden_mult": (0, "IM2 Decoder2d: one Linear projection"),
+    "recipe.loss_beta": (0.0, "M2 loss_beta default 0 (MSE)"),
+    "recipe.loss_scale": (0.0, "M2 loss_scale None = 1/sqrt(768)"),
+    "recipe.ema_decay": (0.9998, "I2 model.ema_decay"),
+    "recipe.ema_end_decay": (0.99999, "I2 model.ema_end_decay"),
+    "recipe.ema_anneal_end_step": (100_000, "I2 model.ema_anneal_end_step"),
+    "recipe.mask_prob": (0.8, "I2 modalities.image.mask_prob"),
+    "recipe.mask_span": (3, "I2 modalities.image.mask_length (visible block side)"),
+    "recipe.clones": (16, "I2 model.clone_batch"),
+    "recipe.decoder_layers": (6, "I2 decoder.decoder_layers"),
+    "recipe.decoder_kernel": (3, "I2 decoder.decoder_kernel"),
+    "recipe.decoder_dim": (0, "I2 decoder.decoder_dim 768 = the encoder width"),
+    "recipe.decoder_dropout": (0.0, "I2 decoder.input_dropout"),
+    "recipe.mask_noise_std": (0.01, "I2 modalities.image.mask_noise_std"),
+    "recipe.mask_patches": (0, "not used by data2vec 2.0: v1 only"),
+    "recipe.mask_min_block": (16, "not used by data2vec 2.0: v1 only"),
+    "recipe.mask_prob_adjust": (0.07, "I2 modalities.image.mask_prob_adjust"),
+    "recipe.cls_loss_weight": (0.01 * 256, "I2 model.cls_loss 0.01 x 256 clone rows per GPU (see README)"),
+    "optim.lr": (1e-3, "I2 optimizer.groups.default.lr_float"),
+    "optim.betas": ((0.9, 0.95), "I2 optimizer.groups.default.optimizer.adam_betas"),
+    "optim.eps": (1e-8, "M2 fairseq adam eps default 1e-8 (I2 sets none)"),
+    "optim.weight_decay": (0.05, "I2 optimizer.groups.default.optimizer.weight_decay"),
+    "optim.decay_biases_and_norms": (False, "M2: 1-D and bias parameters get weight_decay_scale 0"),
+    "optim.warmup_steps": (50_040, "I2 lr_scheduler.warmup_updates"),
+    "optim.total_steps": (375_300, "I2 optimization.max_update"),
+    "optim.clip_norm": (4.0, "I2 optimization.clip_norm"),
+    "data.crop_scale": ((0.2, 1.0), "IM2 mae_image_dataset RandomResizedCrop(scale=(0.2, 1.0))"),
+    "data.color_jitter": (0.0, "IM2 mae_image_dataset: no colour jitter"),
+    "train.batch_size": (256, "I2 dataset.batch_size 16 x distributed_world_size 16"),
+    "train.max_steps": (375_300, "I2 optimization.max_update"),
+}
+IMAGES_TINY_V2 = {
+    **IMAGES_BASE_V2, **TINY_IMAGES_COMMON,
+    "recipe.clones": (4, TINY_IMAGES),
+    "recipe.decoder_layers": (3, TINY_IMAGES),
+    "recipe.cls_loss_weight": (0.01 * 16, TINY_IMAGES + ": I2's cls_loss x the 16 clone rows of a tiny batch's 4 images"),
+    "train.batch_size": (16, TINY_IMAGES),
+}
+
 TABLES = {("base", "data2vec"): BASE_V1, ("large", "data2vec"): LARGE_V1, ("tiny", "data2vec"): TINY_V1,
-          ("base", "data2vec2"): BASE_V2, ("large", "data2vec2"): LARGE_V2, ("tiny", "data2vec2"): TINY_V2}
+          ("base", "data2vec2"): BASE_V2, ("large", "data2vec2"): LARGE_V2, ("tiny", "data2vec2"): TINY_V2,
+          ("base", "data2vec", "images"): IMAGES_BASE_V1, ("tiny", "data2vec", "images"): IMAGES_TINY_V1,
+          ("base", "data2vec2", "images"): IMAGES_BASE_V2, ("tiny", "data2vec2", "images"): IMAGES_TINY_V2}
 
 
 def flat(cfg) -> dict:
@@ -212,10 +371,11 @@ def flat(cfg) -> dict:
             for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))}
 
 
-@pytest.mark.parametrize("size,recipe", list(TABLES), ids=lambda v: str(v))
-def test_every_field_of_the_preset_is_pinned_to_its_source(size, recipe):
-    table = TABLES[(size, recipe)]
-    got = flat(preset(size, recipe))
+@pytest.mark.parametrize("key", list(TABLES), ids=lambda v: "/".join(v))
+def test_every_field_of_the_preset_is_pinned_to_its_source(key):
+    table = TABLES[key]
+    size, recipe = key[:2]
+    got = flat(preset(*key))
     assert sorted(got) == sorted(table), "a config field was added or removed: list it in this table with its source"
     wrong = {k: (got[k], want) for k, (want, _) in table.items()
              if got[k] != want or type(got[k]) is not type(want)}
@@ -225,7 +385,8 @@ def test_every_field_of_the_preset_is_pinned_to_its_source(size, recipe):
 
 def test_tables_name_a_source_that_exists():
     """Every source names one of the documents above, a paper, or says it is ours."""
-    prefixes = ("T1 ", "T2 ", "T2L ", "M1", "M2", "P1", "P2", "ours", "not ", "fairseq", "SPEC")
+    prefixes = ("T1 ", "T2 ", "T2L ", "M1", "M2", "P1", "P2", "ours", "not ", "fairseq", "SPEC", "B1", "B2", "I2 ",
+                "IM2")
     for key, table in TABLES.items():
         for field, (_, src) in table.items():
             assert src.startswith(prefixes), f"{key} {field}: source {src!r} names no document"

@@ -197,3 +197,24 @@ def test_builtin_missing_files_give_install_hint(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
         builtin.builtin_images(limit=10, progress=False)
     assert not (tmp_path / "cache" / builtin.builtin_images_path(10).name).exists()
+
+
+def test_prepare_dispatches_on_modality(tmp_path, capsys):
+    """``python -m d2v_fast.data.prepare --modality images`` is the image preparation: a
+    class folder becomes a corpus, a truncated JPEG one line and exit 2 with nothing written."""
+    from d2v_fast.data import prepare as text_prepare
+
+    src = tmp_path / "src"
+    for i in range(3):
+        save(src / "cat" / f"{i}.png", np.full((8, 8, 3), i, np.uint8))
+    assert text_prepare.main(["--modality", "images", "--input", str(src), "--out", str(tmp_path / "c"),
+                              "--size", "8", "--workers", "1", "--quiet"]) == 0
+    assert len(open_images(tmp_path / "c")) == 3
+    _truncated_jpeg(src / "dog" / "bad.jpg")
+    rc = text_prepare.main(["--modality=images", "--input", str(src), "--out", str(tmp_path / "d"), "--size", "8",
+                            "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot be decoded" in err, err
+    assert not (tmp_path / "d").exists() and not leftovers(tmp_path)
+    assert text_prepare.main(["--modality", "video", "--input", str(src), "--out", str(tmp_path / "e")]) == 2
+    assert "--modality 'video': expected text, audio, images" in capsys.readouterr().err

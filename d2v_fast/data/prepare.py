@@ -326,8 +326,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ``--modality audio|images`` hands the remaining flags to that modality's preparation CLI.
+MODALITY_PREPARE = {"audio": "d2v_fast.data.audio.prepare", "images": "d2v_fast.data.images.prepare"}
+
+
+def _pop_modality(argv: list[str]) -> tuple[str, list[str]]:
+    rest, modality, i = [], "text", 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--modality" and i + 1 < len(argv):
+            modality, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--modality="):
+            modality = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    if modality != "text" and modality not in MODALITY_PREPARE:
+        raise UsageError(f"--modality {modality!r}: expected text, {', '.join(MODALITY_PREPARE)}")
+    return modality, rest
+
+
 @cli_entry
 def main(argv=None) -> int:
+    modality, argv = _pop_modality(list(sys.argv[1:] if argv is None else argv))
+    if modality != "text":
+        import importlib
+
+        return importlib.import_module(MODALITY_PREPARE[modality]).main(argv)
     args = build_parser().parse_args(argv)
     prepare_corpus(args.out, inputs=args.input, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    workers=args.workers, txt_docs=args.txt_docs, text_field=args.text_field,

@@ -481,7 +481,12 @@ class VisionEncoder(nn.Module):
         h, outputs = self.run_layers(h, collect)
         return self.layernorm(h), outputs
 
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
+                collect: str | None = None):
+        """``last_hidden_state``; with ``collect``, ``encode``'s pair (the teacher calls its
+        encoder through ``forward`` so that FSDP gathers the weights outside the blocks)."""
+        if collect is not None:
+            return self.encode(pixel_values, bool_masked_pos, collect=collect)
         return self.encode(pixel_values, bool_masked_pos)[0]
 
     def num_params(self, non_embedding: bool = True) -> int:

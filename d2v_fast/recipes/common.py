@@ -39,6 +39,10 @@ class RecipeConfig:
     decoder_groups: int = 1  # data2vec2: groups of the decoder convs (speech: 16)
     decoder_dropout: float = 0.0  # data2vec2: dropout on the encoder output before the decoder (training only)
     mask_noise_std: float = 0.01  # data2vec2: std of the noise put at masked positions for the decoder
+    mask_patches: int = 0  # images data2vec: patches masked per image by BEiT block masking (120 of 196)
+    mask_min_block: int = 16  # images data2vec: smallest BEiT mask block, in patches
+    mask_prob_adjust: float = 0.0  # images data2vec2: extra share of visible-block centres drawn (fairseq 0.07)
+    cls_loss_weight: float = 0.0  # images data2vec2: weight of the CLS loss against the mean patch loss
 
     def norm(self, value: str) -> str | None:
         return None if value == "none" else value
@@ -97,6 +101,12 @@ class StudentBase(nn.Module):
         """Padding ``[B, T]`` of the teacher's outputs (kept out of instance-norm statistics)."""
         return batch.get("padding_mask")
 
+    def extra_loss(self, batch: dict) -> torch.Tensor | None:
+        """A summed loss term a recipe adds to the regression loss of this micro-batch's last
+        forward and teacher pass (normalised with it by the global count of masked entries);
+        None = none. data2vec 2.0 images: the CLS loss (``modalities/images.py``)."""
+        return None
+
 
 class Data2Vec(nn.Module):
     """A student, its EMA teacher, targets, loss and EMA step: the same for both recipes and
@@ -124,9 +134,12 @@ class Data2Vec(nn.Module):
                              mask=batch["mask"], layer_norm=self.cfg.norm(self.cfg.layer_norm),
                              final_norm=self.cfg.norm(self.cfg.final_norm))
 
-    def loss_sum(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, pred: torch.Tensor, target: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+        """The summed regression loss, plus the student's ``extra_loss`` when ``batch`` is given."""
         scale = self.cfg.loss_scale if self.cfg.loss_scale > 0 else None
-        return regression_loss(pred, target, beta=self.cfg.loss_beta, scale=scale)
+        loss = regression_loss(pred, target, beta=self.cfg.loss_beta, scale=scale)
+        extra = self.student.extra_loss(batch) if batch is not None else None
+        return loss if extra is None else loss + extra
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(teacher parameters, the student parameters they average), local shards under FSDP."""

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...errors import UsageError
 from ..dataset import BlockSampler, _worker_init
-from .augment import AugmentConfig, draw_params
+from .augment import AugmentConfig, augment_batch, draw_params
 from .corpus import ImageCorpus
 from .masking import block_mask, inverse_block_mask
 
@@ -25,16 +25,23 @@ MASK_KINDS = ("block", "inverse_block")
 
 
 class ImageDataset(Dataset):
-    """Items are requested as ``(epoch, index)`` pairs (see ``BlockSampler``)."""
+    """Items are requested as ``(epoch, index)`` pairs (see ``BlockSampler``). ``first`` and
+    ``count`` select a contiguous range of the corpus (the built-in corpus trains on its
+    train split only, so its t10k photos stay unseen for the probe); masks and crops are
+    keyed by the corpus index, not the position in the range."""
 
-    def __init__(self, corpus: ImageCorpus):
-        self.corpus = corpus
+    def __init__(self, corpus: ImageCorpus, first: int = 0, count: int | None = None):
+        self.corpus, self.first = corpus, first
+        self.count = len(corpus) - first if count is None else count
+        if not (0 <= first and 0 <= self.count and first + self.count <= len(corpus)):
+            raise ValueError(f"images {first}..{first + self.count}: outside the corpus of {len(corpus)}")
 
     def __len__(self) -> int:
-        return len(self.corpus)
+        return self.count
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        index = self.first + index
         # a copy out of the memory map, channels first: [C, H, W]
         pixels = torch.from_numpy(np.array(self.corpus.image(index))).permute(2, 0, 1)
         return {"pixels": pixels, "index": index, "epoch": epoch, "label": int(self.corpus.labels[index])}
@@ -59,12 +66,18 @@ class ImageMaskingConfig:
 class ImageCollator:
     """Returns ``pixels`` uint8 [B, C, H, W], ``augment`` float64 [B, 8] (see
     ``augment.draw_params``), ``mask`` bool [B * clones, patches], ``labels``, ``indices``
-    and ``epoch``."""
+    and ``epoch``; ``padding_mask`` None (images are never padded) and ``augment_cfg`` (the
+    settings the training device needs to finish the augmentation).
 
-    def __init__(self, grid: tuple[int, int], masking: ImageMaskingConfig, augment: AugmentConfig, seed: int):
+    ``in_worker``: run the augmentation here (CPU training: the loader workers overlap it
+    with the step); ``pixels`` is then the normalised float32 [B, 3, size, size]."""
+
+    def __init__(self, grid: tuple[int, int], masking: ImageMaskingConfig, augment: AugmentConfig, seed: int,
+                 in_worker: bool = False):
         if masking.kind not in MASK_KINDS:
             raise UsageError(f"image masking kind {masking.kind!r}: expected one of {', '.join(MASK_KINDS)}")
         self.grid, self.masking, self.augment, self.seed = grid, masking, augment, seed
+        self.in_worker = in_worker
 
     def __call__(self, items: list[dict]) -> dict:
         pixels = torch.stack([it["pixels"] for it in items])
@@ -83,7 +96,10 @@ class ImageCollator:
                                       epoch=epoch, indices=indices)
         params = draw_params(pixels.shape[2], pixels.shape[3], self.augment, seed=self.seed, epoch=epoch,
                              indices=indices)
-        return {"pixels": pixels, "augment": params, "mask": mask, "indices": indices, "epoch": epoch,
+        if self.in_worker:
+            pixels = augment_batch(pixels, params, self.augment)
+        return {"pixels": pixels, "augment": params, "augment_cfg": self.augment, "mask": mask,
+                "padding_mask": None, "indices": indices, "epoch": epoch,
                 "labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
 
 
@@ -91,16 +107,19 @@ def build_image_dataloader(corpus: ImageCorpus, *, grid: tuple[int, int], micro_
                            global_batch_size: int, masking: ImageMaskingConfig | None = None,
                            augment: AugmentConfig | None = None, seed: int = 0, epoch: int = 0, start: int = 0,
                            rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                           pin_memory: bool | None = None) -> DataLoader:
-    """A DataLoader of masked uint8 micro-batches for this rank (as the text one)."""
+                           pin_memory: bool | None = None, split: tuple[int, int] | None = None,
+                           augment_in_worker: bool = False) -> DataLoader:
+    """A DataLoader of masked micro-batches for this rank (as the text one). ``split``:
+    (first, count) of the corpus images to sample from (default all)."""
     local = global_batch_size // max(world_size, 1)
     if micro_batch_size < 1 or local % micro_batch_size:
         raise UsageError(f"micro batch {micro_batch_size}: must divide the per-rank batch {local} "
                          f"(--batch-size {global_batch_size} over {world_size} rank(s))")
-    dataset = ImageDataset(corpus)
+    dataset = ImageDataset(corpus) if split is None else ImageDataset(corpus, *split)
     sampler = BlockSampler(len(dataset), global_batch_size=global_batch_size, rank=rank, world_size=world_size,
                            seed=seed, epoch=epoch, start=start)
-    collate = ImageCollator(grid, masking or ImageMaskingConfig(), augment or AugmentConfig(), seed)
+    collate = ImageCollator(grid, masking or ImageMaskingConfig(), augment or AugmentConfig(), seed,
+                            in_worker=augment_in_worker)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     generator = torch.Generator().manual_seed(seed)
