@@ -242,3 +242,19 @@ def test_bad_speech_input_is_one_line_exit_2(tmp_path, capsys):
     rc = pretrain.main(["--modality", "audio", "--model.conv_dim", "64,x"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--model.conv_dim" in err
+
+
+def test_layerdrop_keeps_every_parameter_in_the_graph():
+    """A skipped block still gives its parameters (zero) gradients: DDP needs them all."""
+    from d2v_fast.modalities.audio import FrameMasks
+
+    cfg = preset("tiny", "data2vec", "audio")
+    cfg.model.layerdrop = 0.9
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.recipe, "audio").train()
+    batch = {"waveform": torch.randn(2, 32_000), **FrameMasks(cfg.recipe, 0)(99, torch.tensor([0, 1]), 0)}
+    pred, ti = model.student(batch)
+    model.loss_sum(pred, model.targets(batch, ti)).backward()
+    grads = {n: p.grad for n, p in model.student.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert any(float(g.abs().sum()) == 0 for n, g in grads.items() if ".layers." in n)  # some block was skipped

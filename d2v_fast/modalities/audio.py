@@ -124,12 +124,15 @@ def run_blocks(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tenso
                layerdrop: float = 0.0, collect_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The post-LN blocks; with ``layerdrop`` > 0 each is skipped with that probability (one
     draw per block from the global RNG, seeded per rank by the trainer). A skipped block adds
-    ``0 * sum(parameters)``: every parameter stays in the graph, as DDP needs."""
+    ``0 * sum(parameters)``: every parameter stays in the graph, as DDP needs (not under FSDP2,
+    whose sharded parameters cannot be added to a plain tensor; untested there)."""
     am = attention_mask(padding_mask, h)
     ffn_outputs = []
     for layer in layers:
         if layerdrop > 0 and float(torch.rand(())) < layerdrop:
-            h = h + sum(p.sum() for p in layer.parameters()) * 0.0
+            params = list(layer.parameters())
+            if not any(hasattr(p, "to_local") for p in params):  # FSDP2's sharded DTensors need no help
+                h = h + sum(p.sum() for p in params) * 0.0
             continue
         h, ffn = layer(h, am)
         if collect_ffn:
