@@ -13,6 +13,8 @@
 #   step      python -m d2v_fast.bench, data2vec base: d2v_fast, hf, reference at batch 32
 #             and 64; data2vec2 base (8 clones): d2v_fast, reference at batch 8 (and 16,
 #             last, if time is left), i.e. 64 and 128 clone rows; hf has no data2vec2
+#   audio     python -m d2v_fast.bench --modality audio, base, 20 s crops: data2vec at batch 8,
+#             data2vec2 at batch 4 (32 clone rows); d2v_fast and reference (into step.jsonl)
 #   ablation  data2vec base batch 64, one process: hf, then d2v_fast with every switch of
 #             d2v_fast.bench.ABLATION on, each off in turn, all at their defaults
 #   images    which SDPA kernel the v1 (BEiT) attention with its relative position bias runs
@@ -95,6 +97,10 @@ stage step-d2v-32 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v
 stage step-d2v-64 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
 stage ablation 170 "${BENCH[@]}" --batch-size 64 --ablation --providers hf --steps 6 --warmup 2 --json "$OUTDIR/ablation.json"
 stage step-d2v2 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
+# speech (issue 15), base, 20 s crops (999 frames): data2vec at 8 utterances, data2vec2 at 4 (x 8 clones)
+ABENCH=($PY -m d2v_fast.bench --modality audio --config base --data.num_workers 0)
+stage step-audio-d2v 60 "${ABENCH[@]}" "${TIMED[@]}" --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
+stage step-audio-d2v2 60 "${ABENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 4 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 
 stage vision-attention 30 $PY -c "import torch; from d2v_fast.models.vision import VisionEncoder, attention_backend, vision_config; \
 m = VisionEncoder(vision_config('base', 'data2vec')).cuda(); \

@@ -52,10 +52,21 @@ class SyntheticCorpus:
 
 
 def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> dict:
-    """Unpadded ``<s> … </s>`` blocks with span masks, as the MaskCollator makes them."""
+    """Unpadded ``<s> … </s>`` blocks with span masks, as the MaskCollator makes them; for
+    speech, unit-variance noise waveforms of ``data.max_samples`` with the recipe's frame masks."""
     from .data.dataset import MaskCollator
 
     g = torch.Generator().manual_seed(seed)
+    if cfg.modality == "audio":
+        from .models.audio import num_frames
+        from .modalities.audio import FrameMasks
+
+        wav = torch.randn(batch_size, cfg.data.max_samples, generator=g)
+        T = num_frames(cfg.model, cfg.data.max_samples)
+        return {"waveform": wav, "num_frames": T, "indices": torch.arange(batch_size), "epoch": 0,
+                **FrameMasks(cfg.recipe, seed)(T, torch.arange(batch_size), 0)}
+    if cfg.modality != "text":
+        raise UsageError(f"--modality {cfg.modality}: the step benchmark has text and audio rows so far")
     T = cfg.data.seq_len
     items = []
     for i in range(batch_size):
@@ -104,6 +115,13 @@ class ReferenceStep:
     the parity tests run), optionally ``torch.compile``d."""
 
     def __init__(self, cfg: Config, device: torch.device, vocab: int, compile: bool = False):
+        if cfg.modality == "audio":
+            from .reference.audio import ReferenceAudioStep
+
+            if compile:
+                raise UsageError("--providers reference+compile: text only; use reference for --modality audio")
+            self.step = ReferenceAudioStep(cfg, device=device)
+            return
         from .reference.train import ReferenceStep as Step
 
         self.step = Step(cfg, vocab, SPECIAL["pad"], device=device, compile=compile)
@@ -132,6 +150,8 @@ def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
     if cfg.modality == "images":
         return ReferenceImageStep(cfg, device)
     if provider == "hf":
+        if cfg.modality != "text":
+            raise UsageError(f"--providers hf: text only; use d2v_fast,reference for --modality {cfg.modality}")
         from .reference.hf_step import HFData2VecStep
 
         return HFData2VecStep(cfg, device, vocab, SPECIAL["pad"])
@@ -145,11 +165,11 @@ def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
 def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
             vocab: int = 50265) -> dict:
     """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
-    from .modalities.text import model_flops_per_token
+    from .modalities import get_modality
     from .schedule import peak_flops
 
-    if cfg.modality not in ("text", "images"):
-        raise UsageError(f"--modality {cfg.modality}: d2v_fast.bench times text and images")
+    if cfg.modality not in ("text", "images", "audio"):
+        raise UsageError(f"--modality {cfg.modality}: d2v_fast.bench times text, images and audio")
     images = cfg.modality == "images"
     if images:
         from .modalities.images import flops_per_patch, synthetic_batch as image_batch
@@ -179,13 +199,15 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
             step(batch)
         seconds = (time.perf_counter() - t0) / steps
         peak_mem = None
-    # tokens: input units (patches for images; the column keeps its name across modalities)
-    tokens = batch_size * (cfg.model.num_patches if images else cfg.data.seq_len)
-    flops_per_token = flops_per_patch(cfg) if images else model_flops_per_token(cfg)
+    modality = get_modality(cfg.modality)
+    # tokens: input units (patches for images, frames for speech; the column keeps its name)
+    if images:
+        tokens, flops_per_token = batch_size * cfg.model.num_patches, flops_per_patch(cfg)
+    else:
+        tokens, flops_per_token = modality.units(batch), modality.flops_per_unit(cfg)
     peak = peak_flops(device)
-    row = {"provider": provider, "preset": cfg.preset, "batch_size": batch_size,
-           "seq_len": cfg.model.num_patches if images else cfg.data.seq_len,
-           **({"modality": "images", "unit": "patches"} if images else {}),
+    row = {"provider": provider, "modality": cfg.modality, "unit": modality.unit, "preset": cfg.preset,
+           "batch_size": batch_size, "seq_len": tokens // batch_size,
            "attention": cfg.train.attention if provider == "d2v_fast" else None,
            "step_s": seconds, "tokens_per_s": tokens / seconds,
            "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
@@ -277,8 +299,8 @@ def main(argv=None) -> int:
                 for p in providers]
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | preset {cfg.preset}, "
-          f"batch {cfg.train.batch_size} x " + (f"{cfg.model.num_patches} patches ({cfg.modality}, {cfg.recipe.name})"
-                                                if cfg.modality == "images" else f"{cfg.data.seq_len}"))
+          f"batch {cfg.train.batch_size} x {rows[0]['seq_len'] if rows else '?'} {rows[0]['unit'] if rows else ''} "
+          f"({cfg.modality}, {cfg.recipe.name})")
     print(format_table(rows))
     if own["--json"]:
         record = {**env, "modality": cfg.modality, "recipe": cfg.recipe.name, "rows": rows}

@@ -33,6 +33,8 @@ class OptimConfig:
     total_steps: int = 1_000_000  # cosine reaches 0 here; 0 = train.max_steps
     clip_norm: float = 5.0  # 0 = no clipping
     fused: bool = True  # fused AdamW where the device supports it
+    schedule: str = "cosine"  # cosine (warmup_steps, then cosine to 0) | tri_stage (data2vec v1 speech)
+    tri_stage_phases: tuple[float, float, float] = (0.03, 0.9, 0.07)  # tri_stage: warmup/hold/decay shares of total_steps
 
 
 @dataclass
@@ -42,6 +44,7 @@ class DataConfig:
     block_mode: str = "document"  # pack | document (base.yaml: sample_break_mode complete_doc)
     num_workers: int = 2
     verify: str = "background"  # full shard check (sha256, token ids): background | start | off
+    max_samples: int = 320_000  # audio: crop cap per utterance (20 s at 16 kHz; fairseq max_sample_size)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # images: RandomResizedCrop area fractions
     color_jitter: float = 0.4  # images: brightness/contrast/saturation jitter (0 = none)
 
@@ -212,15 +215,19 @@ def _parse_value(flag: str, typ, text: str):
                 return False
             raise ValueError
         if typing.get_origin(typ) is tuple:
+            args = typing.get_args(typ)
+            if args[-1] is Ellipsis:  # a variable-length tuple of one type (audio conv_dim, ...)
+                return tuple(args[0](x) for x in text.replace(" ", "").split(","))
             parts = [float(x) for x in text.replace(" ", "").split(",")]
-            if len(parts) != len(typing.get_args(typ)):
+            if len(parts) != len(args):
                 raise ValueError
             return tuple(parts)
         return typ(text)
     except ValueError:
         want = {int: "an integer", float: "a number", bool: "true or false"}.get(typ, str(typ))
         if typing.get_origin(typ) is tuple:
-            want = f"{len(typing.get_args(typ))} comma-separated numbers"
+            n = typing.get_args(typ)
+            want = "comma-separated integers" if n[-1] is Ellipsis else f"{len(n)} comma-separated numbers"
         raise UsageError(f"{flag} {text!r}: expected {want}") from None
 
 
@@ -319,6 +326,10 @@ def validate(cfg: Config) -> None:
     need(0 <= m.dropout < 1, "--model.dropout", m.dropout, "must be in [0, 1)")
     need(0 <= m.attention_dropout < 1, "--model.attention_dropout", m.attention_dropout, "must be in [0, 1)")
     need(d.num_workers >= 0, "--data.num_workers", d.num_workers, "must be >= 0")
+    need(o.schedule in ("cosine", "tri_stage"), "--optim.schedule", o.schedule, "expected cosine or tri_stage")
+    need(len(o.tri_stage_phases) == 3 and all(x >= 0 for x in o.tri_stage_phases)
+         and abs(sum(o.tri_stage_phases) - 1) < 1e-6, "--optim.tri_stage_phases", o.tri_stage_phases,
+         "expected 3 non-negative shares (warmup, hold, decay) summing to 1")
     need(d.verify in ("background", "start", "off"), "--data.verify", d.verify, "expected background, start or off")
     need(1 <= r.top_k <= m.num_layers, "--recipe.top_k", r.top_k, f"must be in [1, {m.num_layers}] (the layer count)")
     for flag, v in (("--recipe.layer_norm", r.layer_norm), ("--recipe.final_norm", r.final_norm)):

@@ -17,6 +17,32 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def tri_stage_factor(step: int, total: int, phases=(0.03, 0.9, 0.07), init_scale: float = 0.01,
+                     final_scale: float = 0.01) -> float:
+    """fairseq's ``tri_stage`` (data2vec v1 speech): linear warmup from ``init_scale``, hold
+    at 1, exponential decay to ``final_scale``, then held there; the phases are shares of
+    ``total`` updates (fairseq ``phase_ratio``; its default scales)."""
+    warmup, hold, decay = (int(total * p) for p in phases)
+    if step < warmup:
+        return init_scale + (1.0 - init_scale) * step / warmup
+    step -= warmup
+    if step < hold:
+        return 1.0
+    step -= hold
+    if step < decay:
+        return math.exp(math.log(final_scale) * step / decay)
+    return final_scale
+
+
+def lr_schedule(optim_cfg, total: int):
+    """The learning-rate factor by update (for ``LambdaLR``) that ``optim.schedule`` names."""
+    if optim_cfg.schedule == "tri_stage":
+        phases = tuple(optim_cfg.tri_stage_phases)
+        return lambda s: tri_stage_factor(s, total, phases)
+    warmup = optim_cfg.warmup_steps
+    return lambda s: lr_factor(s, warmup, total)
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():

@@ -26,7 +26,7 @@ from . import ops
 from .config import Config
 from .modalities import get_modality
 from .recipes import build_model
-from .schedule import build_optimizer, lr_factor, peak_flops
+from .schedule import build_optimizer, lr_schedule, peak_flops
 from .testing_hooks import crash_at_step, inject_nan_attempts
 
 class CollapseError(RuntimeError):
@@ -135,8 +135,7 @@ class Trainer:
         self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda") \
             if t.skip_on_device else None
         total = cfg.optim.total_steps or t.max_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg.optim, total))
         torch.manual_seed(t.seed + 1000 * rank + 1)  # dropout differs between ranks
 
         self.use_bf16 = use_bf16

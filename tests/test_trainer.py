@@ -22,7 +22,8 @@ from d2v_fast.data.corpus import open_corpus
 from d2v_fast.models import Encoder, EncoderConfig
 from d2v_fast.recipes import RecipeConfig, build_model
 from d2v_fast.reference.train import reference_losses
-from d2v_fast.trainer import Trainer, lr_factor
+from d2v_fast.schedule import lr_factor
+from d2v_fast.trainer import Trainer
 
 from .helpers import losses, small_cfg, subprocess_env
 

@@ -36,6 +36,7 @@ class RecipeConfig:
     decoder_layers: int = 5  # data2vec2: conv decoder blocks
     decoder_kernel: int = 9  # data2vec2: conv kernel width
     decoder_dim: int = 0  # data2vec2: conv channels of the decoder; 0 = the encoder width
+    decoder_groups: int = 1  # data2vec2: groups of the decoder convs (speech: 16)
     decoder_dropout: float = 0.0  # data2vec2: dropout on the encoder output before the decoder (training only)
     mask_noise_std: float = 0.01  # data2vec2: std of the noise put at masked positions for the decoder
     mask_patches: int = 0  # images data2vec: patches masked per image by BEiT block masking (120 of 196)
