@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.audio import AudioEncoder, AudioEncoderConfig
+from .common import ReferenceUpdate
 
 _CONV_EPS = 1e-5
 
@@ -231,10 +232,7 @@ class ReferenceAudioStep:
     list of micro-batches, returning the loss."""
 
     def __init__(self, cfg, engine_state: dict | None = None, *, device: torch.device | str = "cpu"):
-        from ..schedule import lr_schedule  # the schedule is shared, not under test
-
-        t, o, r = cfg.train, cfg.optim, cfg.recipe
-        self.recipe, self.clip = r, o.clip_norm
+        t, r = cfg.train, cfg.recipe
         torch.manual_seed(t.seed)
         enc = AudioEncoderConfig(**dataclasses.asdict(cfg.model))
         self.model = (ReferenceAudioData2Vec2 if r.name == "data2vec2" else ReferenceAudioData2Vec)(enc, r)
@@ -243,14 +241,7 @@ class ReferenceAudioStep:
         self.device = torch.device(device)
         self.model.to(self.device).train()
         torch.manual_seed(t.seed + 1)  # the engine's rank-0 dropout seed
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
-        no_decay = [p for p in self.params if not (o.decay_biases_and_norms or p.ndim >= 2)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_schedule(o, o.total_steps or t.max_steps))
-        self.updates = 0
+        self.update = ReferenceUpdate(self.model, cfg)
 
     def __call__(self, micro_batches: list[dict]) -> torch.Tensor:
         n = sum(int(mb["mask"].sum()) for mb in micro_batches)
@@ -259,13 +250,7 @@ class ReferenceAudioStep:
             loss = self.model(mb["waveform"].to(self.device), mb["mask"].to(self.device))[0]
             (loss / n).backward()
             total += loss.detach()
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad()
-        self.model.ema_step(self.recipe.decay_at(self.updates))
-        self.updates += 1
+        self.update()
         return total / n
 
 

@@ -59,3 +59,34 @@ class ReferenceBase(nn.Module):
         target_std = torch.sqrt(y.reshape(-1, sz).var(dim=0) + 1e-6).mean()
         pred_std = torch.sqrt(pred.detach().float().reshape(-1, sz).var(dim=0) + 1e-6).mean()
         return target_std, pred_std
+
+
+class ReferenceUpdate:
+    """The reference recipes' optimizer update, shared by their steps: AdamW with the recipe's
+    weight-decay groups (``optim.decay_biases_and_norms``), the run's learning-rate schedule
+    (the engine's own function: shared, not under test), clipping, then one EMA step of the
+    model's per-parameter loop."""
+
+    def __init__(self, model: nn.Module, cfg):
+        from ..schedule import lr_schedule
+
+        t, o = cfg.train, cfg.optim
+        self.model, self.recipe, self.clip = model, cfg.recipe, o.clip_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]  # the EMA teacher has none
+        decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
+        no_decay = [p for p in self.params if not (o.decay_biases_and_norms or p.ndim >= 2)]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_schedule(o, o.total_steps or t.max_steps))
+        self.updates = 0
+
+    def __call__(self) -> None:
+        """Apply the accumulated gradients: clip, step, schedule, zero, EMA."""
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad()
+        self.model.ema_step(self.recipe.decay_at(self.updates))
+        self.updates += 1

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.vision import VisionConfig, VisionEncoder
+from .common import ReferenceBase, ReferenceUpdate
 
 
 def _layer(layer, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,17 +88,8 @@ def _norm(y: torch.Tensor, kind: str) -> torch.Tensor:
     return y
 
 
-class _ReferenceBase(nn.Module):
-    ENGINE_NAMES: dict[str, str] = {}
-
-    def load_engine_state(self, state: dict) -> None:
-        """Take the weights of an engine ``Data2Vec`` (renamed by ``ENGINE_NAMES``)."""
-        mine = {}
-        for k, v in state.items():
-            prefix = next((p for p in self.ENGINE_NAMES if k.startswith(p)), None)
-            if prefix is not None:
-                mine[self.ENGINE_NAMES[prefix] + k[len(prefix):]] = v
-        self.load_state_dict(mine)
+class _ReferenceBase(ReferenceBase):
+    """The image teachers average the whole encoder, not only its blocks."""
 
     @torch.no_grad()
     def ema_step(self, decay: float) -> None:
@@ -204,13 +196,7 @@ class ReferenceImageStep:
     list of micro-batches (pixels already augmented, as the CPU loader makes them)."""
 
     def __init__(self, cfg, *, engine_state: dict | None = None, device: torch.device | str = "cpu"):
-        try:
-            from ..schedule import lr_factor  # after the core refactor
-        except ImportError:
-            from ..trainer import lr_factor
-
-        t, o, r = cfg.train, cfg.optim, cfg.recipe
-        self.recipe, self.clip = r, o.clip_norm
+        t, r = cfg.train, cfg.recipe
         torch.manual_seed(t.seed)
         enc = VisionConfig(**{k: getattr(cfg.model, k) for k in VisionConfig.__dataclass_fields__})
         self.v2 = r.name == "data2vec2"
@@ -220,15 +206,7 @@ class ReferenceImageStep:
         self.device = torch.device(device)
         self.model.to(self.device).train()
         torch.manual_seed(t.seed + 1)  # the engine's rank-0 seed for what the step draws
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
-        no_decay = [p for p in self.params if not (o.decay_biases_and_norms or p.ndim >= 2)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        total = o.total_steps or t.max_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, o.warmup_steps, total))
-        self.updates = 0
+        self.update = ReferenceUpdate(self.model, cfg)
 
     def __call__(self, micro_batches: list[dict]) -> float:
         n = sum(int(mb["mask"].sum()) for mb in micro_batches)
@@ -242,13 +220,7 @@ class ReferenceImageStep:
             loss, _ = self.model(pixels, mb["mask"].to(self.device))
             (loss / n).backward()
             total += loss.detach()
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad()
-        self.model.ema_step(self.recipe.decay_at(self.updates))
-        self.updates += 1
+        self.update()
         return total / n  # a 0-dim tensor on the device: reading it is the caller's choice
 
 

@@ -12,6 +12,7 @@ from ..config import Config
 from ..data.corpus import Corpus
 from ..data.dataset import build_dataloader
 from .data2vec import ReferenceData2Vec
+from .common import ReferenceUpdate
 from .data2vec2 import ReferenceData2Vec2
 
 
@@ -23,10 +24,8 @@ class ReferenceStep:
 
     def __init__(self, cfg: Config, vocab_size: int, pad_id: int, *, device: torch.device | str = "cpu",
                  engine_state: dict | None = None, compile: bool = False):
-        from ..schedule import lr_factor  # the schedule is shared, not under test
-
-        t, o, r = cfg.train, cfg.optim, cfg.recipe
-        self.device, self.recipe, self.clip = torch.device(device), r, o.clip_norm
+        t, r = cfg.train, cfg.recipe
+        self.device = torch.device(device)
         torch.manual_seed(t.seed)
         enc = dataclasses.replace(cfg.model, vocab_size=vocab_size, pad_id=pad_id)
         self.v2 = r.name == "data2vec2"
@@ -35,18 +34,10 @@ class ReferenceStep:
             self.model.load_engine_state(engine_state)
         self.model.to(self.device).train()
         torch.manual_seed(t.seed + 1)  # the engine's rank-0 dropout seed
-        self.params = [p for p in self.model.parameters() if p.requires_grad]  # the EMA teacher has none
-        decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
-        no_decay = [p for p in self.params if not (o.decay_biases_and_norms or p.ndim >= 2)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        total = o.total_steps or t.max_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, o.warmup_steps, total))
+        self.update = ReferenceUpdate(self.model, cfg)
         self.forward = torch.compile(self.model) if compile else self.model
         bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        self.updates = 0
 
     def __call__(self, micro_batches: list[dict]) -> torch.Tensor:
         n = sum(int(mb["mask"].sum()) for mb in micro_batches)
@@ -62,13 +53,7 @@ class ReferenceStep:
                     loss, _, _, _ = self.forward(mb["masked_input_ids"], mb["input_ids"], pad, mb["mask"])
             (loss / n).backward()
             total += loss.detach()
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad()
-        self.model.ema_step(self.recipe.decay_at(self.updates))
-        self.updates += 1
+        self.update()
         return total / n
 
 
