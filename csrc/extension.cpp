@@ -2,6 +2,7 @@
 // d2v_fast/data/masking.py, which validate arguments with user-facing messages.
 #include <torch/extension.h>
 
+#include "frame_masking.h"
 #include "image_masking.h"
 #include "masking.h"
 
@@ -21,5 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inverse_block_mask", &d2v::inverse_block_mask, py::call_guard<py::gil_scoped_release>(),
         "data2vec 2.0 inverse block masks, clones adjacent: bool [B * clones, height * width].", py::arg("height"),
         py::arg("width"), py::arg("mask_prob"), py::arg("block"), py::arg("mask_prob_adjust"), py::arg("seed"),
+        py::arg("epoch"), py::arg("indices"), py::arg("clones"));
+  m.def("frame_span_mask", &d2v::frame_span_mask, py::call_guard<py::gil_scoped_release>(),
+        "Speech span masks of a batch, clones adjacent, the same count per row: bool [B * clones, T].",
+        py::arg("num_frames"), py::arg("mask_prob"), py::arg("span"), py::arg("min_masks"), py::arg("seed"),
         py::arg("epoch"), py::arg("indices"), py::arg("clones"));
 }

@@ -15,20 +15,6 @@ constexpr uint64_t kInverseKind = 0x49424C4BULL;  // "IBLK"
 // Python's round(): to nearest, ties to even (std::nearbyint in the default rounding mode).
 inline int64_t round_half_even(double x) { return static_cast<int64_t>(std::nearbyint(x)); }
 
-// Flips `count` positions whose value is `from` (picked uniformly without replacement,
-// by a partial Fisher-Yates shuffle over those positions in index order).
-void flip_random(RowRng& rng, uint8_t* cells, int64_t L, bool from, int64_t count, std::vector<int32_t>& pos) {
-  pos.clear();
-  for (int64_t t = 0; t < L; ++t)
-    if (static_cast<bool>(cells[t]) == from) pos.push_back(static_cast<int32_t>(t));
-  const int64_t n = static_cast<int64_t>(pos.size());
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t j = i + static_cast<int64_t>(rng.bounded(static_cast<uint64_t>(n - i)));
-    std::swap(pos[i], pos[j]);
-    cells[pos[i]] = from ? 0 : 1;
-  }
-}
-
 void check_indices(const torch::Tensor& indices) {
   TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == torch::kLong && indices.device().is_cpu() &&
                   indices.is_contiguous(),

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #if defined(_MSC_VER)
 #include <intrin.h>
@@ -51,5 +53,19 @@ struct RowRng {
   // stream position independent of the drawn values (simple to mirror in Python).
   uint64_t bounded(uint64_t r) { return mul_high(next(), r); }
 };
+
+// Flips `count` positions whose value is `from` (picked uniformly without replacement,
+// by a partial Fisher-Yates shuffle over those positions in index order).
+inline void flip_random(RowRng& rng, uint8_t* cells, int64_t L, bool from, int64_t count, std::vector<int32_t>& pos) {
+  pos.clear();
+  for (int64_t t = 0; t < L; ++t)
+    if (static_cast<bool>(cells[t]) == from) pos.push_back(static_cast<int32_t>(t));
+  const int64_t n = static_cast<int64_t>(pos.size());
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t j = i + static_cast<int64_t>(rng.bounded(static_cast<uint64_t>(n - i)));
+    std::swap(pos[i], pos[j]);
+    cells[pos[i]] = from ? 0 : 1;
+  }
+}
 
 }  // namespace d2v

@@ -292,6 +292,38 @@ def test_speech_masks_have_equal_counts_and_the_published_coverage():
         span_masks(4, idx[:1], seed=0, epoch=0, **V1_AUDIO)  # one span covers all 4 frames
 
 
+@pytest.mark.parametrize("T,recipe,clones,B", [(500, "v1", 1, 16), (499, "v2", 8, 4), (23, "v1", 1, 3), (11, "v1", 1, 4),
+                                           (61, "v2", 8, 5), (2051, "v1", 1, 7), (6, "v2", 3, 2)])
+def test_speech_masks_from_the_extension_match_the_python_twin(T, recipe, clones, B):
+    """csrc/frame_masking.cpp and its pure-Python twin give the same masks bit for bit, over
+    awkward lengths and fresh random sample indices and seeds."""
+    from d2v_fast.data.audio import masking
+    from d2v_fast.data.masking import _C
+
+    if _C is None:
+        pytest.skip("the extension is not importable (D2V_FAST_NO_EXT=1 or no build): nothing to compare")
+    assert masking._C is not None, "the built extension lacks frame_span_mask: rebuild it"
+    kw = masking.V1_AUDIO if recipe == "v1" else masking.V2_AUDIO
+    gen = torch.Generator().manual_seed(T * 1000 + B)
+    idx = torch.randint(0, 2**40, (B,), generator=gen)
+    seed, epoch = (int(v) for v in torch.randint(0, 2**31, (2,), generator=gen))
+    ext = masking.span_masks(T, idx, seed=seed, epoch=epoch, clones=clones, **kw)
+    twin = masking._frame_span_mask_python(T, kw["mask_prob"], kw["span"], 1, seed, epoch, idx, clones)
+    assert ext.shape == (B * clones, T) and ext.dtype == torch.bool
+    assert torch.equal(ext, twin)
+    counts = ext.sum(1)
+    assert bool((counts == counts[0]).all()) and 0 < int(counts[0]) < T
+
+
+def test_speech_masks_fall_back_to_python_without_the_extension(monkeypatch):
+    from d2v_fast.data.audio import masking
+
+    idx = torch.arange(5) * 7919
+    with_ext = masking.span_masks(300, idx, seed=1, epoch=4, **masking.V1_AUDIO)
+    monkeypatch.setattr(masking, "_C", None)
+    assert torch.equal(masking.span_masks(300, idx, seed=1, epoch=4, **masking.V1_AUDIO), with_ext)
+
+
 def test_command_line_entry_runs_as_a_module(tmp_path):
     import subprocess
     import sys
