@@ -293,7 +293,7 @@ def test_collapse_guard_stops_with_a_clear_error(builtin_cache, tmp_path, capsys
 def test_varlen_attention_packing_matches_the_masked_path(monkeypatch):
     """The flash-attn varlen path (used on CUDA when flash-attn is installed) packs the real
     tokens; checked here with a stand-in kernel that attends within each sequence."""
-    from d2v_fast.models import encoder as enc_mod
+    from d2v_fast.models import blocks as enc_mod
 
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0):
         out = torch.empty_like(q)

@@ -33,7 +33,8 @@ from torch import nn
 
 from .. import ops
 from ..errors import UsageError
-from ..models.audio import AUDIO_PRESETS, AudioEncoder, AudioEncoderConfig, attention_mask, num_frames
+from ..models.audio import AUDIO_PRESETS, AudioEncoder, AudioEncoderConfig, num_frames
+from ..models.blocks import attention_mask, run_blocks
 from ..recipes.data2vec import Student
 from ..recipes.data2vec2 import Student2
 from . import Modality
@@ -120,24 +121,14 @@ class FrameMasks:
 
 
 # ----------------------------------------------------------------------------- students
-def run_blocks(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tensor | None, *,
+def run_layers(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tensor | None, *,
                layerdrop: float = 0.0, collect_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The post-LN blocks; with ``layerdrop`` > 0 each is skipped with that probability (one
-    draw per block from the global RNG, seeded per rank by the trainer). A skipped block adds
-    ``0 * sum(parameters)``: every parameter stays in the graph, as DDP needs (not under FSDP2,
-    whose sharded parameters cannot be added to a plain tensor; untested there)."""
-    am = attention_mask(padding_mask, h)
-    ffn_outputs = []
-    for layer in layers:
-        if layerdrop > 0 and float(torch.rand(())) < layerdrop:
-            params = list(layer.parameters())
-            if not any(hasattr(p, "to_local") for p in params):  # FSDP2's sharded DTensors need no help
-                h = h + sum(p.sum() for p in params) * 0.0
-            continue
-        h, ffn = layer(h, am)
-        if collect_ffn:
-            ffn_outputs.append(ffn)
-    return h, ffn_outputs
+    """The post-LN blocks in training; with ``layerdrop`` > 0 each is skipped with that
+    probability (one draw per block from the global RNG, seeded per rank by the trainer). A
+    skipped block adds ``0 * sum(parameters)``: every parameter stays in the graph, as DDP
+    needs (not under FSDP2, whose sharded parameters need no help; untested there)."""
+    return run_blocks(layers, h, attention_mask(padding_mask, h), collect="ffn" if collect_ffn else None,
+                      layerdrop=layerdrop, keep_dropped_in_graph=True)
 
 
 class AudioStudent(Student):
@@ -164,7 +155,7 @@ class AudioStudent(Student):
         pad = batch.get("padding_mask")
         h = self.encoder.embed(features, batch["mask"], pad)
         layerdrop = self.encoder.config.layerdrop if self.training else 0.0
-        return run_blocks(self.blocks(), h, pad, layerdrop=layerdrop)[0], features
+        return run_layers(self.blocks(), h, pad, layerdrop=layerdrop)[0], features
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions at the masked frames, and the frame features for the teacher (computed
@@ -176,7 +167,7 @@ class AudioStudent(Student):
     def teacher_layers(self, teacher, batch, teacher_input):
         pad = batch.get("padding_mask")
         h = self.encoder.embed(teacher_input, None, pad, layer_norm=teacher["layer_norm"], dropout=False)
-        return run_blocks(teacher["layers"], h, pad, collect_ffn=True)[1]
+        return run_layers(teacher["layers"], h, pad, collect_ffn=True)[1]
 
 
 class AudioDecoder(nn.Module):
@@ -240,14 +231,14 @@ class AudioStudent2(Student2):
         h = ops.masked_gather(x, keep).view(R, k, C)
         h = F.dropout(enc.encoder.layer_norm(h), enc.config.dropout, self.training)
         layerdrop = enc.config.layerdrop if self.training else 0.0
-        h = run_blocks(self.blocks(), h, None, layerdrop=layerdrop)[0]
+        h = run_layers(self.blocks(), h, None, layerdrop=layerdrop)[0]
         return h, None, keep, features.detach()
 
     @torch.no_grad()
     def teacher_layers(self, teacher, batch, teacher_input):
         h = teacher_input + teacher["pos_conv_embed"](teacher_input)
         h = teacher["layer_norm"](h)
-        return run_blocks(teacher["layers"], h, batch.get("padding_mask"), collect_ffn=True)[1]
+        return run_layers(teacher["layers"], h, batch.get("padding_mask"), collect_ffn=True)[1]
 
 
 # ----------------------------------------------------------------------------- FLOPs

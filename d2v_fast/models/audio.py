@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import Varlen, attention_mask
+from .blocks import Block, attention_mask, run_blocks
 
 SAMPLE_RATE = 16000
 # Hugging Face builds the conv-extractor and positional-conv LayerNorms with PyTorch's
@@ -192,58 +192,42 @@ class FeedForward(nn.Module):
         self.output_dense = nn.Linear(cfg.ffn_size, cfg.hidden_size)
 
 
-class AudioLayer(nn.Module):
-    """Post-LN block: h = LN(h + attn(h)); ffn = fc2(gelu(fc1(h))); h = LN(h + dropout(ffn))."""
+class AudioLayer(Block):
+    """Post-LN block (``models.blocks.Block``) with activation dropout, in
+    ``Data2VecAudioEncoderLayer``'s layout."""
 
     def __init__(self, cfg: AudioEncoderConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.dropout, self.attention_dropout = cfg.dropout, cfg.attention_dropout
-        self.activation_dropout = cfg.activation_dropout
+        super().__init__(num_heads=cfg.num_heads, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                         activation_dropout=cfg.activation_dropout)
         self.attention = AudioAttention(cfg)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.feed_forward = FeedForward(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, h: torch.Tensor, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (the layer's output, its FFN output before dropout, residual and LayerNorm:
-        the data2vec audio target). ``attn_mask`` as in the text encoder's ``Layer``."""
-        B, T, C = h.shape
-        H = self.num_heads
+    def qkv_projections(self):
         at = self.attention
-        q, k, v = (lin(h).view(B, T, H, C // H) for lin in (at.q_proj, at.k_proj, at.v_proj))
-        p = self.attention_dropout if self.training else 0.0
-        if isinstance(attn_mask, Varlen):
-            a = attn_mask.attend(q, k, v, p).reshape(B, T, C)
-        else:
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=attn_mask, dropout_p=p)
-            a = a.transpose(1, 2).reshape(B, T, C)
-        h = self.layer_norm(h + F.dropout(at.out_proj(a), self.dropout, self.training))
-        ff = self.feed_forward
-        inner = F.dropout(F.gelu(ff.intermediate_dense(h)), self.activation_dropout, self.training)
-        ffn = ff.output_dense(inner)
-        h = self.final_layer_norm(h + F.dropout(ffn, self.dropout, self.training))
-        return h, ffn
+        return at.q_proj, at.k_proj, at.v_proj
+
+    def attention_out(self):
+        return self.attention.out_proj
+
+    def ffn_in(self):
+        return self.feed_forward.intermediate_dense
+
+    def ffn_out(self):
+        return self.feed_forward.output_dense
+
+    def norms(self):
+        return self.layer_norm, self.final_layer_norm
 
 
 def run_audio_layers(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tensor | None = None,
                      collect_ffn: bool = False, layerdrop: float = 0.0,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the blocks; with ``collect_ffn`` also return each run layer's FFN output.
-
-    ``layerdrop`` > 0 skips each layer with that probability (fairseq: a skipped layer adds
-    no target either). Draws come from ``generator`` (CPU) so that ranks can agree on them.
-    """
-    mask = attention_mask(padding_mask, h)
-    ffn_outputs = []
-    for layer in layers:
-        if layerdrop > 0 and float(torch.rand((), generator=generator)) < layerdrop:
-            continue
-        h, ffn = layer(h, mask)
-        if collect_ffn:
-            ffn_outputs.append(ffn)
-    return h, ffn_outputs
+    ``layerdrop`` > 0 skips each layer with that probability (draws from ``generator``)."""
+    return run_blocks(layers, h, attention_mask(padding_mask, h), collect="ffn" if collect_ffn else None,
+                      layerdrop=layerdrop, generator=generator)
 
 
 class AudioLayerStack(nn.Module):

@@ -1,9 +1,8 @@
 """The RoBERTa-style post-LN text encoder, with Hugging Face ``Data2VecTextModel``
 parameter names and semantics (SPEC §2), so that export is a save, not a translation.
 
-Attention goes through ``F.scaled_dot_product_attention``: unpadded batches pass no mask,
-so PyTorch can pick its flash backend on GPU. ``flash_attn``'s varlen kernel is used for
-padded CUDA batches when that package is importable.
+The block's computation is ``models.blocks.Block`` (shared by every modality); this file
+lays out its parameters as Hugging Face does and adds the text embeddings.
 """
 from __future__ import annotations
 
@@ -13,10 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # optional extra: pip install -e ".[flash]"
-    from flash_attn import flash_attn_varlen_func  # type: ignore
-except Exception:  # ImportError, or a binary built for another torch
-    flash_attn_varlen_func = None
+from .blocks import Block, attention_mask, run_blocks
 
 
 @dataclass
@@ -207,84 +203,35 @@ class Output(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
-class Layer(nn.Module):
-    """Post-LN block: h = LN(h + attn(h)); ffn = fc2(gelu(fc1(h))); h = LN(h + dropout(ffn))."""
+class Layer(Block):
+    """Post-LN block (``models.blocks.Block``) in ``Data2VecTextLayer``'s layout."""
 
     def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.num_heads, self.dropout, self.attention_dropout = cfg.num_heads, cfg.dropout, cfg.attention_dropout
+        super().__init__(num_heads=cfg.num_heads, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout)
         self.attention = Attention(cfg)
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
 
-    def forward(self, h: torch.Tensor, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (the layer's output, its FFN output before dropout, residual and LayerNorm).
-
-        ``attn_mask`` is None (no padding), an SDPA boolean mask ``[B, 1, 1, T]``, or a
-        ``Varlen`` description of the real tokens for flash-attn's varlen kernel.
-        """
-        B, T, C = h.shape
-        H = self.num_heads
+    def qkv_projections(self):
         sa = self.attention.self
-        if isinstance(sa, FusedSelfAttention):
-            q, k, v = sa.qkv(h).view(B, T, 3, H, C // H).unbind(2)
-        else:
-            q, k, v = (lin(h).view(B, T, H, C // H) for lin in (sa.query, sa.key, sa.value))
-        p = self.attention_dropout if self.training else 0.0
-        if isinstance(attn_mask, Varlen):
-            a = attn_mask.attend(q, k, v, p).reshape(B, T, C)
-        else:
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=attn_mask, dropout_p=p)
-            a = a.transpose(1, 2).reshape(B, T, C)
-        ao = self.attention.output
-        h = ao.LayerNorm(h + F.dropout(ao.dense(a), self.dropout, self.training))
-        ffn = self.output.dense(F.gelu(self.intermediate.dense(h)))
-        h = self.output.LayerNorm(h + F.dropout(ffn, self.dropout, self.training))
-        return h, ffn
+        return sa if isinstance(sa, FusedSelfAttention) else (sa.query, sa.key, sa.value)
 
+    def attention_out(self):
+        return self.attention.output.dense
 
-class Varlen:
-    """Real-token layout of a padded batch for ``flash_attn_varlen_func``: attention runs
-    on the packed real tokens only, padded rows of the output are zero."""
+    def ffn_in(self):
+        return self.intermediate.dense
 
-    def __init__(self, padding_mask: torch.Tensor):
-        keep = (~padding_mask).reshape(-1)
-        self.index = keep.nonzero().squeeze(1)
-        lengths = (~padding_mask).sum(1, dtype=torch.int32)
-        self.cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        self.max_len = int(lengths.max())
+    def ffn_out(self):
+        return self.output.dense
 
-    def attend(self, q, k, v, dropout_p: float) -> torch.Tensor:
-        B, T, H, D = q.shape
-        pack = lambda x: x.reshape(B * T, H, D).index_select(0, self.index)
-        o = flash_attn_varlen_func(pack(q), pack(k), pack(v), self.cu_seqlens, self.cu_seqlens,
-                                   self.max_len, self.max_len, dropout_p=dropout_p)
-        out = o.new_zeros(B * T, H, D).index_copy_(0, self.index, o)
-        return out.view(B, T, H, D)
-
-
-def attention_mask(padding_mask: torch.Tensor | None, like: torch.Tensor | None = None):
-    """What the layers get for attention: None for unpadded batches (so SDPA may pick its
-    flash backend), a ``Varlen`` for padded half-precision CUDA batches when flash-attn is
-    installed, else the SDPA boolean mask ``[B, 1, 1, T]`` (True = attend)."""
-    if padding_mask is None:
-        return None
-    if (flash_attn_varlen_func is not None and like is not None and like.is_cuda
-            and (like.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda"))):
-        return Varlen(padding_mask)
-    return (~padding_mask)[:, None, None, :]
+    def norms(self):
+        return self.attention.output.LayerNorm, self.output.LayerNorm
 
 
 def run_layers(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tensor | None,
                collect_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    mask = attention_mask(padding_mask, h)
-    ffn_outputs = []
-    for layer in layers:
-        h, ffn = layer(h, mask)
-        if collect_ffn:
-            ffn_outputs.append(ffn)
-    return h, ffn_outputs
+    return run_blocks(layers, h, attention_mask(padding_mask, h), collect="ffn" if collect_ffn else None)
 
 
 class LayerStack(nn.Module):

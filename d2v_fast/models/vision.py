@@ -12,7 +12,8 @@ Two flavours, chosen by ``VisionConfig.position_encoding``:
   The published 2.0 image model uses post-LN blocks; ``Data2VecVisionModel`` cannot
   express them.
 
-Block (both flavours, as ``Data2VecVisionLayer``)::
+Block (both flavours, ``Data2VecVisionLayer``'s layout over the shared
+``models.blocks.Block``, pre-LN)::
 
     h = h + drop_path(lambda_1 * attn(layernorm_before(h)))
     ffn = output.dense(gelu(intermediate.dense(layernorm_after(h))))
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .blocks import Block, run_blocks
 
 POSITION_ENCODINGS = ("relative", "sincos")
 
@@ -298,19 +301,15 @@ class Output(nn.Module):
         self.dense = nn.Linear(cfg.ffn_size, cfg.hidden_size)
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero a sample's whole residual branch with probability p."""
-    if p == 0.0 or not training:
-        return x
-    keep = torch.empty(x.shape[0], *(1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+class Layer(Block):
+    """Pre-LN block (``models.blocks.Block``) with layer scale and drop path, in
+    ``Data2VecVisionLayer``'s layout (BEiT: the key projection has no bias)."""
 
+    norm_first = True
 
-class Layer(nn.Module):
     def __init__(self, cfg: VisionConfig, drop_path_rate: float):
-        super().__init__()
-        self.num_heads, self.dropout, self.attention_dropout = cfg.num_heads, cfg.dropout, cfg.attention_dropout
-        self.drop_path = drop_path_rate
+        super().__init__(num_heads=cfg.num_heads, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                         drop_path=drop_path_rate)
         self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attention = Attention(cfg)
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -322,25 +321,24 @@ class Layer(nn.Module):
         else:
             self.lambda_1 = self.lambda_2 = None
 
-    def forward(self, h: torch.Tensor, attn_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (the block's output after the residual, its FFN output before dropout,
-        layer scale and the residual)."""
-        B, T, C = h.shape
-        H = self.num_heads
-        x = self.layernorm_before(h)
+    def qkv_projections(self):
         sa = self.attention.attention
-        q, k, v = (lin(x).view(B, T, H, C // H).transpose(1, 2) for lin in (sa.query, sa.key, sa.value))
-        p = self.attention_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
-        a = F.dropout(self.attention.output.dense(a.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
-        if self.lambda_1 is not None:
-            a = self.lambda_1 * a
-        h = h + drop_path(a, self.drop_path, self.training)
-        ffn = self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(h))))
-        f = F.dropout(ffn, self.dropout, self.training)
-        if self.lambda_2 is not None:
-            f = self.lambda_2 * f
-        return h + drop_path(f, self.drop_path, self.training), ffn
+        return sa.query, sa.key, sa.value
+
+    def attention_out(self):
+        return self.attention.output.dense
+
+    def ffn_in(self):
+        return self.intermediate.dense
+
+    def ffn_out(self):
+        return self.output.dense
+
+    def norms(self):
+        return self.layernorm_before, self.layernorm_after
+
+    def layer_scales(self):
+        return self.lambda_1, self.lambda_2
 
 
 class LayerStack(nn.Module):
@@ -451,22 +449,13 @@ class VisionEncoder(nn.Module):
         """Runs the blocks on embeddings [B, T, C]. ``collect``: None, ``"block"`` (each
         block's output after the residual) or ``"ffn"`` (each block's FFN output).
         Returns (the last block's output before the final layernorm, the collected list)."""
-        if collect not in (None, "block", "ffn"):
-            raise ValueError(f"collect={collect!r}: expected None, 'block' or 'ffn'")
         bias = self.attention_bias()
         if bias is not None and bias.shape[-1] != h.shape[1]:
             raise ValueError(f"the relative position bias covers {bias.shape[-1]} positions, the input has "
                              f"{h.shape[1]}: v1 images mask with the mask token and keep every patch")
         if bias is not None:
             bias = bias.to(h.dtype)
-        outputs = []
-        for layer in self.encoder.layer:
-            h, ffn = layer(h, bias)
-            if collect == "block":
-                outputs.append(h)
-            elif collect == "ffn":
-                outputs.append(ffn)
-        return h, outputs
+        return run_blocks(self.encoder.layer, h, bias, collect=collect)
 
     def encode(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
                collect: str | None = None, drop_masked: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,0 +1,175 @@
+"""The one transformer block of every encoder (text, speech, images).
+
+Each modality's layer class only lays out the parameters under its Hugging Face model's
+names (``Data2VecTextLayer``, ``Data2VecAudioEncoderLayer``, ``Data2VecVisionLayer``), so
+that export is a save, not a translation, and says where the LayerNorms sit; the
+computation is ``Block.forward``, here, once:
+
+    post-LN (text, speech):  h = LN1(h + drop(attn(h)));      h = LN2(h + drop(ffn(h)))
+    pre-LN  (images, BEiT):  h = h + dp(λ1 · drop(attn(LN1(h)))); h = h + dp(λ2 · drop(ffn(LN2(h))))
+
+with ``ffn(x) = fc2(act_drop(gelu(fc1(x))))``, optional layer scale λ (images), drop path
+``dp`` (images) and activation dropout (speech). Attention is
+``F.scaled_dot_product_attention`` (no mask for unpadded batches so PyTorch may pick its
+flash backend, a boolean padding mask, or a float bias such as BEiT's relative position
+bias), or ``flash_attn``'s varlen kernel for padded half-precision CUDA batches. Every
+block returns ``(output, ffn)``: ``ffn`` is the FFN output before dropout, layer scale,
+residual and LayerNorm, the data2vec target of the speech and text recipes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional extra: pip install -e ".[flash]"
+    from flash_attn import flash_attn_varlen_func  # type: ignore
+except Exception:  # ImportError, or a binary built for another torch
+    flash_attn_varlen_func = None
+
+
+class Varlen:
+    """Real-token layout of a padded batch for ``flash_attn_varlen_func``: attention runs
+    on the packed real tokens only, padded rows of the output are zero."""
+
+    def __init__(self, padding_mask: torch.Tensor):
+        keep = (~padding_mask).reshape(-1)
+        self.index = keep.nonzero().squeeze(1)
+        lengths = (~padding_mask).sum(1, dtype=torch.int32)
+        self.cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        self.max_len = int(lengths.max())
+
+    def attend(self, q, k, v, dropout_p: float) -> torch.Tensor:
+        B, T, H, D = q.shape
+        pack = lambda x: x.reshape(B * T, H, D).index_select(0, self.index)
+        o = flash_attn_varlen_func(pack(q), pack(k), pack(v), self.cu_seqlens, self.cu_seqlens,
+                                   self.max_len, self.max_len, dropout_p=dropout_p)
+        out = o.new_zeros(B * T, H, D).index_copy_(0, self.index, o)
+        return out.view(B, T, H, D)
+
+
+def attention_mask(padding_mask: torch.Tensor | None, like: torch.Tensor | None = None):
+    """What the blocks get for attention from a padding mask (True = padding): None for
+    unpadded batches, a ``Varlen`` for padded half-precision CUDA batches when flash-attn
+    is installed, else the SDPA boolean mask ``[B, 1, 1, T]`` (True = attend)."""
+    if padding_mask is None:
+        return None
+    if (flash_attn_varlen_func is not None and like is not None and like.is_cuda
+            and (like.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda"))):
+        return Varlen(padding_mask)
+    return (~padding_mask)[:, None, None, :]
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a sample's whole residual branch with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.empty(x.shape[0], *(1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # no call at p = 0: the same graph (and RNG use) as a block without that dropout
+    return F.dropout(x, p, training) if p > 0.0 and training else x
+
+
+class Block(nn.Module):
+    """A transformer block. Subclasses create the parameters under their Hugging Face names
+    and return them from the layout methods below (looked up on every call, so modules
+    swapped in place, e.g. a fused QKV projection or a bf16-shadowed Linear, are used)."""
+
+    norm_first = False  # pre-LN (BEiT) instead of post-LN (RoBERTa, wav2vec 2.0)
+
+    def __init__(self, *, num_heads: int, dropout: float, attention_dropout: float,
+                 activation_dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.num_heads, self.dropout, self.attention_dropout = num_heads, dropout, attention_dropout
+        self.activation_dropout, self.drop_path = activation_dropout, drop_path
+
+    # ----------------------------------------------------------------- layout (subclasses)
+    def qkv_projections(self) -> nn.Module | tuple[nn.Module, nn.Module, nn.Module]:
+        """(query, key, value) Linears, or one fused module with a ``qkv`` Linear(C, 3C)."""
+        raise NotImplementedError
+
+    def attention_out(self) -> nn.Module:
+        raise NotImplementedError
+
+    def ffn_in(self) -> nn.Module:
+        raise NotImplementedError
+
+    def ffn_out(self) -> nn.Module:
+        raise NotImplementedError
+
+    def norms(self) -> tuple[nn.Module, nn.Module]:
+        """(the attention sublayer's LayerNorm, the FFN sublayer's)."""
+        raise NotImplementedError
+
+    def layer_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None
+
+    # ----------------------------------------------------------------- the computation
+    def attend(self, x: torch.Tensor, attn_mask) -> torch.Tensor:
+        B, T, C = x.shape
+        H = self.num_heads
+        proj = self.qkv_projections()
+        if isinstance(proj, tuple):
+            q, k, v = (lin(x).view(B, T, H, C // H) for lin in proj)
+        else:
+            q, k, v = proj.qkv(x).view(B, T, 3, H, C // H).unbind(2)
+        p = self.attention_dropout if self.training else 0.0
+        if isinstance(attn_mask, Varlen):
+            a = attn_mask.attend(q, k, v, p).reshape(B, T, C)
+        else:
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=attn_mask, dropout_p=p)
+            a = a.transpose(1, 2).reshape(B, T, C)
+        return self.attention_out()(a)
+
+    def forward(self, h: torch.Tensor, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attn_mask``: None, an SDPA boolean mask ``[B, 1, 1, T]`` (True = attend) or
+        float bias, or a ``Varlen``. Returns (the block's output, its FFN output)."""
+        norm1, norm2 = self.norms()
+        scale1, scale2 = self.layer_scales()
+        x = norm1(h) if self.norm_first else h
+        a = _dropout(self.attend(x, attn_mask), self.dropout, self.training)
+        if scale1 is not None:
+            a = scale1 * a
+        h = h + drop_path(a, self.drop_path, self.training)
+        if not self.norm_first:
+            h = norm1(h)
+        x = norm2(h) if self.norm_first else h
+        ffn = self.ffn_out()(_dropout(F.gelu(self.ffn_in()(x)), self.activation_dropout, self.training))
+        f = _dropout(ffn, self.dropout, self.training)
+        if scale2 is not None:
+            f = scale2 * f
+        h = h + drop_path(f, self.drop_path, self.training)
+        if not self.norm_first:
+            h = norm2(h)
+        return h, ffn
+
+
+def run_blocks(blocks, h: torch.Tensor, attn_mask=None, *, collect: str | None = None,
+               layerdrop: float = 0.0, generator: torch.Generator | None = None,
+               keep_dropped_in_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run ``blocks`` on ``h``. ``collect``: None, ``"ffn"`` (each run block's FFN output)
+    or ``"block"`` (each run block's output). ``layerdrop`` > 0 skips each block with that
+    probability (one draw per block, from ``generator`` or the global RNG); a skipped block
+    adds no output to ``collect`` (fairseq: a skipped layer adds no target either). With
+    ``keep_dropped_in_graph`` a skipped block adds ``0 * sum(parameters)``, so DDP sees a
+    gradient for every parameter (not under FSDP2, whose sharded DTensors need no help)."""
+    if collect not in (None, "ffn", "block"):
+        raise ValueError(f"collect={collect!r}: expected None, 'ffn' or 'block'")
+    outputs = []
+    for block in blocks:
+        if layerdrop > 0 and float(torch.rand((), generator=generator)) < layerdrop:
+            if keep_dropped_in_graph:
+                params = list(block.parameters())
+                if not any(hasattr(p, "to_local") for p in params):
+                    h = h + sum(p.sum() for p in params) * 0.0
+            continue
+        h, ffn = block(h, attn_mask)
+        if collect == "ffn":
+            outputs.append(ffn)
+        elif collect == "block":
+            outputs.append(h)
+    return h, outputs
