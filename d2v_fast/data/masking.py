@@ -64,6 +64,17 @@ def _load_extension():
 _C = _load_extension()
 
 
+def extension_with(function: str, what: str):
+    """``d2v_fast._C`` if it has ``function``, else None with one RuntimeWarning: an extension
+    built from an older checkout; ``what`` masks then fall back to their Python twin."""
+    if _C is None or hasattr(_C, function):
+        return _C
+    warnings.warn(f"d2v_fast._C has no {what} masks (built from an older checkout); {what} masking falls back to "
+                  "pure Python (identical masks, slower). Fix: rebuild with `pip install --no-build-isolation -e .`",
+                  RuntimeWarning, stacklevel=3)
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------

@@ -73,6 +73,27 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training) if p > 0.0 and training else x
 
 
+class QueryKeyValue(nn.Module):
+    """BERT/BEiT's ``query``/``key``/``value`` projections (BEiT: no key bias)."""
+
+    def __init__(self, hidden_size: int, key_bias: bool = True):
+        super().__init__()
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size, bias=key_bias)
+        self.value = nn.Linear(hidden_size, hidden_size)
+
+
+class Dense(nn.Module):
+    """BERT/BEiT's sublayer container: a ``dense`` Linear and, where the layout has one
+    there (post-LN text), its ``LayerNorm``."""
+
+    def __init__(self, d_in: int, d_out: int, norm_eps: float | None = None):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        if norm_eps is not None:
+            self.LayerNorm = nn.LayerNorm(d_out, eps=norm_eps)
+
+
 class Block(nn.Module):
     """A transformer block. Subclasses create the parameters under their Hugging Face names
     and return them from the layout methods below (looked up on every call, so modules
@@ -87,18 +108,20 @@ class Block(nn.Module):
         self.activation_dropout, self.drop_path = activation_dropout, drop_path
 
     # ----------------------------------------------------------------- layout (subclasses)
+    # The defaults are the BERT/BEiT names Hugging Face uses for text and images
+    # (``attention.output.dense``, ``intermediate.dense``, ``output.dense``).
     def qkv_projections(self) -> nn.Module | tuple[nn.Module, nn.Module, nn.Module]:
         """(query, key, value) Linears, or one fused module with a ``qkv`` Linear(C, 3C)."""
         raise NotImplementedError
 
     def attention_out(self) -> nn.Module:
-        raise NotImplementedError
+        return self.attention.output.dense
 
     def ffn_in(self) -> nn.Module:
-        raise NotImplementedError
+        return self.intermediate.dense
 
     def ffn_out(self) -> nn.Module:
-        raise NotImplementedError
+        return self.output.dense
 
     def norms(self) -> tuple[nn.Module, nn.Module]:
         """(the attention sublayer's LayerNorm, the FFN sublayer's)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block, attention_mask, run_blocks
+from .blocks import Block, Dense, QueryKeyValue, attention_mask, run_blocks
 
 
 @dataclass
@@ -60,12 +60,7 @@ class Embeddings(nn.Module):
         return self.LayerNorm(h)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+SelfAttention = QueryKeyValue  # Data2VecTextSelfAttention's query/key/value
 
 
 class _Slice:
@@ -176,31 +171,11 @@ def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = 
     return shadow
 
 
-class AttentionOutput(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.self = SelfAttention(cfg)
-        self.output = AttentionOutput(cfg)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.ffn_size)
-
-
-class Output(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.ffn_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self = SelfAttention(cfg.hidden_size)
+        self.output = Dense(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
 
 class Layer(Block):
@@ -209,21 +184,12 @@ class Layer(Block):
     def __init__(self, cfg: EncoderConfig):
         super().__init__(num_heads=cfg.num_heads, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout)
         self.attention = Attention(cfg)
-        self.intermediate = Intermediate(cfg)
-        self.output = Output(cfg)
+        self.intermediate = Dense(cfg.hidden_size, cfg.ffn_size)
+        self.output = Dense(cfg.ffn_size, cfg.hidden_size, cfg.layer_norm_eps)
 
     def qkv_projections(self):
         sa = self.attention.self
         return sa if isinstance(sa, FusedSelfAttention) else (sa.query, sa.key, sa.value)
-
-    def attention_out(self):
-        return self.attention.output.dense
-
-    def ffn_in(self):
-        return self.intermediate.dense
-
-    def ffn_out(self):
-        return self.output.dense
 
     def norms(self):
         return self.attention.output.LayerNorm, self.output.LayerNorm

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block, run_blocks
+from .blocks import Block, Dense, QueryKeyValue, run_blocks
 
 POSITION_ENCODINGS = ("relative", "sincos")
 
@@ -268,37 +268,11 @@ class RelativePositionBias(nn.Module):
         return bias.permute(2, 0, 1).unsqueeze(0)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)  # BEiT: q and v biases only
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-
-class AttentionOutput(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.attention = SelfAttention(cfg)
-        self.output = AttentionOutput(cfg)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.ffn_size)
-
-
-class Output(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+        self.attention = QueryKeyValue(cfg.hidden_size, key_bias=False)  # BEiT: q and v biases only
+        self.output = Dense(cfg.hidden_size, cfg.hidden_size)
 
 
 class Layer(Block):
@@ -313,8 +287,8 @@ class Layer(Block):
         self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attention = Attention(cfg)
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.intermediate = Intermediate(cfg)
-        self.output = Output(cfg)
+        self.intermediate = Dense(cfg.hidden_size, cfg.ffn_size)
+        self.output = Dense(cfg.ffn_size, cfg.hidden_size)
         if cfg.layer_scale_init > 0:
             self.lambda_1 = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layer_scale_init))
             self.lambda_2 = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layer_scale_init))
@@ -324,15 +298,6 @@ class Layer(Block):
     def qkv_projections(self):
         sa = self.attention.attention
         return sa.query, sa.key, sa.value
-
-    def attention_out(self):
-        return self.attention.output.dense
-
-    def ffn_in(self):
-        return self.intermediate.dense
-
-    def ffn_out(self):
-        return self.output.dense
 
     def norms(self):
         return self.layernorm_before, self.layernorm_after

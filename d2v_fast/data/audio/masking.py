@@ -28,12 +28,10 @@ count too, as published.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
-from ..masking import _C as _EXTENSION
-from ..masking import _as_u64, _partial_shuffle, _row_key, _RowRng
+from ..masking import _as_u64, extension_with, _partial_shuffle, _row_key, _RowRng
 
 __all__ = ["span_masks", "V1_AUDIO", "V2_AUDIO"]
 
@@ -42,13 +40,7 @@ V2_AUDIO = dict(mask_prob=0.5, span=5)
 
 _FRAME_KIND = 0x4652414D  # "FRAM"
 
-_C = _EXTENSION
-if _C is not None and not hasattr(_C, "frame_span_mask"):
-    # an extension built before csrc/frame_masking.cpp existed: same masks, slower
-    warnings.warn("d2v_fast._C has no speech masks (built from an older checkout); speech masking falls back to "
-                  "pure Python (identical masks, slower). Fix: rebuild with `pip install --no-build-isolation -e .`",
-                  RuntimeWarning, stacklevel=2)
-    _C = None
+_C = extension_with("frame_span_mask", "speech")
 
 
 def _most_spans(T: int, mask_prob: float, span: int, min_masks: int) -> int:

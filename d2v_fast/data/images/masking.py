@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 
 import torch
 
-from ..masking import _C as _EXTENSION
-from ..masking import _as_u64, _partial_shuffle, _row_key, _RowRng
+from ..masking import _as_u64, extension_with, _partial_shuffle, _row_key, _RowRng
 
 __all__ = ["block_mask", "inverse_block_mask", "BEIT_BLOCK", "DATA2VEC2_INVERSE_BLOCK"]
 
@@ -51,13 +49,7 @@ _INVERSE_KIND = 0x49424C4B  # "IBLK"
 BEIT_BLOCK = dict(num_masked=120, min_block=16, max_block=None, min_aspect=0.3, max_aspect=None)
 DATA2VEC2_INVERSE_BLOCK = dict(mask_prob=0.8, block=3, mask_prob_adjust=0.07, clones=16)
 
-_C = _EXTENSION
-if _C is not None and not hasattr(_C, "inverse_block_mask"):
-    # an extension built before csrc/image_masking.cpp existed: same masks, slower
-    warnings.warn("d2v_fast._C has no image masks (built from an older checkout); image masking falls back to "
-                  "pure Python (identical masks, slower). Fix: rebuild with `pip install --no-build-isolation -e .`",
-                  RuntimeWarning, stacklevel=2)
-    _C = None
+_C = extension_with("inverse_block_mask", "image")
 
 
 def block_mask(grid: tuple[int, int], *, num_masked: int, seed: int, epoch: int, indices: torch.Tensor,
