@@ -13,7 +13,6 @@ Kept free of torch so corpus-preparation workers start fast.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from .shards import META, open_offset_shards, read_corpus_meta
 
 FORMAT = "d2v_fast.corpus"
 FORMAT_VERSION = 1
-META = "meta.json"
 PREPARE_HINT = "prepare one with `python -m d2v_fast.data.prepare --input ... --out DIR`"
 
 
@@ -115,24 +114,7 @@ class Corpus:
 
 
 def read_meta(path: Path, *, flag: str = "--data") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{flag} {path}: no such directory; {PREPARE_HINT}")
-    if not path.is_dir():
-        raise UsageError(f"{flag} {path}: not a directory; {PREPARE_HINT}")
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise UsageError(f"{flag} {path}: not a prepared corpus (no {META}); {PREPARE_HINT}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{meta_path}: unreadable ({err}); re-run the preparation") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UsageError(f"{meta_path}: not a d2v_fast corpus description; {PREPARE_HINT}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise UsageError(f"{meta_path}: corpus format version {meta.get('version')}, this d2v_fast "
-                         f"reads version {FORMAT_VERSION}; re-run the preparation")
-    return meta
+    return read_corpus_meta(path, flag=flag, fmt=FORMAT, version=FORMAT_VERSION, kind="", hint=PREPARE_HINT)
 
 
 def open_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Corpus:
@@ -141,26 +123,8 @@ def open_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Corpus:
     meta = read_meta(path, flag=flag)
     dtype = np.dtype(meta["dtype"])
     fix = "the corpus is truncated or altered; re-run `python -m d2v_fast.data.prepare`"
-    tokens, offsets = [], []
-    for shard in meta["shards"]:
-        tpath, dpath = path / shard["tokens"], path / shard["docs"]
-        for p in (tpath, dpath):
-            if not p.is_file():
-                raise UsageError(f"{p}: missing; {fix}")
-        want = shard["num_tokens"] * dtype.itemsize
-        have = tpath.stat().st_size
-        if have != want:
-            raise UsageError(f"{tpath}: {have} bytes, expected {want} ({shard['num_tokens']} "
-                             f"{dtype.name} tokens per {META}); {fix}")
-        try:
-            docs = np.load(dpath)
-        except (ValueError, OSError, EOFError) as err:
-            raise UsageError(f"{dpath}: unreadable ({err}); {fix}") from None
-        if (docs.ndim != 1 or len(docs) != shard["num_documents"] + 1 or docs[0] != 0
-                or docs[-1] != shard["num_tokens"] or np.any(np.diff(docs) <= 0)):
-            raise UsageError(f"{dpath}: document offsets do not match {META}; {fix}")
-        tokens.append(np.memmap(tpath, dtype=dtype, mode="r") if want else np.zeros(0, dtype))
-        offsets.append(docs)
+    tokens, offsets = open_offset_shards(path, meta, dtype, data="tokens", index="docs", count="num_tokens",
+                                         items="num_documents", unit="tokens", fix=fix)
     tok = path / meta["tokenizer"]["dir"] / "tokenizer.json"
     if not tok.is_file():
         raise UsageError(f"{tok}: missing; {fix}")

@@ -13,18 +13,16 @@ Kept free of torch so that corpus-preparation workers start fast.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ...errors import UsageError
+from ..shards import META, open_offset_shards, read_corpus_meta  # noqa: F401 (META re-exported)
 
 FORMAT = "d2v_fast.audio_corpus"
 FORMAT_VERSION = 1
-META = "meta.json"
 SAMPLE_RATE = 16000
 PREPARE_HINT = "prepare one with `python -m d2v_fast.data.audio prepare IN... OUT`"
 DTYPES = ("float16", "float32")
@@ -84,24 +82,7 @@ class AudioShardWriter:
 
 
 def read_audio_meta(path: Path, *, flag: str = "--data") -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        what = "no such directory" if not path.exists() else "not a directory"
-        raise UsageError(f"{flag} {path}: {what}; {PREPARE_HINT}")
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise UsageError(f"{flag} {path}: not a prepared speech corpus (no {META}); {PREPARE_HINT}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{meta_path}: unreadable ({err}); re-run the preparation") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        kind = meta.get("format") if isinstance(meta, dict) else None
-        raise UsageError(f"{meta_path}: not a d2v_fast speech corpus (format {kind!r}); {PREPARE_HINT}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise UsageError(f"{meta_path}: speech corpus format version {meta.get('version')}, this d2v_fast "
-                         f"reads version {FORMAT_VERSION}; re-run the preparation")
-    return meta
+    return read_corpus_meta(path, flag=flag, fmt=FORMAT, version=FORMAT_VERSION, kind="speech ", hint=PREPARE_HINT)
 
 
 @dataclass
@@ -152,23 +133,6 @@ def open_audio_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Audio
     meta = read_audio_meta(path, flag=flag)
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     fix = "the corpus is truncated or altered; re-run `python -m d2v_fast.data.audio prepare`"
-    samples, offsets = [], []
-    for shard in meta["shards"]:
-        spath, ipath = path / shard["samples"], path / shard["index"]
-        for p in (spath, ipath):
-            if not p.is_file():
-                raise UsageError(f"{p}: missing; {fix}")
-        want = shard["num_samples"] * dtype.itemsize
-        if spath.stat().st_size != want:
-            raise UsageError(f"{spath}: {spath.stat().st_size} bytes, expected {want} "
-                             f"({shard['num_samples']} {dtype.name} samples per {META}); {fix}")
-        try:
-            index = np.load(ipath)
-        except (ValueError, OSError, EOFError) as err:
-            raise UsageError(f"{ipath}: unreadable ({err}); {fix}") from None
-        if (index.ndim != 1 or len(index) != shard["num_utterances"] + 1 or index[0] != 0
-                or index[-1] != shard["num_samples"] or np.any(np.diff(index) <= 0)):
-            raise UsageError(f"{ipath}: utterance offsets do not match {META}; {fix}")
-        samples.append(np.memmap(spath, dtype=dtype, mode="r"))
-        offsets.append(index)
+    samples, offsets = open_offset_shards(path, meta, dtype, data="samples", index="index", count="num_samples",
+                                          items="num_utterances", unit="samples", fix=fix)
     return AudioCorpus(path=path, meta=meta, samples=samples, offsets=offsets)

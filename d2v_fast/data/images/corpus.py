@@ -16,7 +16,6 @@ on uint8. Kept free of torch so preparation workers start fast.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UsageError
+from ..shards import META, read_corpus_meta
 
 FORMAT = "d2v_fast.images"
 FORMAT_VERSION = 1
-META = "meta.json"
 PREPARE_HINT = "prepare one with `python -m d2v_fast.data.images.prepare --input DIR --out DIR`"
 
 
@@ -78,22 +77,7 @@ class ImageCorpus:
 
 
 def read_meta(path: Path, *, flag: str = "--data") -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise UsageError(f"{flag} {path}: no such directory; {PREPARE_HINT}")
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise UsageError(f"{flag} {path}: not a prepared image corpus (no {META}); {PREPARE_HINT}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{meta_path}: unreadable ({err}); re-run the preparation") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UsageError(f"{meta_path}: not a d2v_fast image corpus description; {PREPARE_HINT}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise UsageError(f"{meta_path}: image corpus format version {meta.get('version')}, this d2v_fast reads "
-                         f"version {FORMAT_VERSION}; re-run the preparation")
-    return meta
+    return read_corpus_meta(path, flag=flag, fmt=FORMAT, version=FORMAT_VERSION, kind="image ", hint=PREPARE_HINT)
 
 
 def open_images(path: str | os.PathLike, *, flag: str = "--data") -> ImageCorpus:

@@ -1,0 +1,69 @@
+"""What every prepared corpus (text, speech, images) shares on disk: a ``meta.json``
+written last, with a format name and version, and shards whose sizes it records.
+
+Kept free of torch so that corpus-preparation workers start fast.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+META = "meta.json"
+
+
+def read_corpus_meta(path: Path, *, flag: str, fmt: str, version: int, kind: str, hint: str) -> dict:
+    """``path/meta.json`` of a corpus of format ``fmt`` and ``version``, checked; every problem
+    is a UsageError naming ``flag``/the file, what is wrong and ``hint`` (how to make one).
+    ``kind`` names the corpus in messages ("", "speech ", "image ")."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "no such directory" if not path.exists() else "not a directory"
+        raise UsageError(f"{flag} {path}: {what}; {hint}")
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise UsageError(f"{flag} {path}: not a prepared {kind}corpus (no {META}); {hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{meta_path}: unreadable ({err}); re-run the preparation") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UsageError(f"{meta_path}: not a d2v_fast {kind}corpus description (format {found!r}); {hint}")
+    if meta.get("version") != version:
+        raise UsageError(f"{meta_path}: {kind}corpus format version {meta.get('version')}, this d2v_fast "
+                         f"reads version {version}; re-run the preparation")
+    return meta
+
+
+def open_offset_shards(path: Path, meta: dict, dtype: np.dtype, *, data: str, index: str, count: str,
+                       items: str, unit: str, fix: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Memory-map the flat shards of a corpus whose items (documents, utterances) sit back
+    to back, each shard with an int64 ``.npy`` of item start offsets plus the end. ``meta``'s
+    shard entries name the files (keys ``data``, ``index``) and sizes (``count`` elements,
+    ``items`` items); sizes and offsets are checked against them (UsageError naming the file
+    and ``fix``). Returns (shards, offsets)."""
+    shards, offsets = [], []
+    for shard in meta["shards"]:
+        dpath, ipath = path / shard[data], path / shard[index]
+        for p in (dpath, ipath):
+            if not p.is_file():
+                raise UsageError(f"{p}: missing; {fix}")
+        want = shard[count] * dtype.itemsize
+        have = dpath.stat().st_size
+        if have != want:
+            raise UsageError(f"{dpath}: {have} bytes, expected {want} ({shard[count]} {dtype.name} {unit} "
+                             f"per {META}); {fix}")
+        try:
+            starts = np.load(ipath)
+        except (ValueError, OSError, EOFError) as err:
+            raise UsageError(f"{ipath}: unreadable ({err}); {fix}") from None
+        if (starts.ndim != 1 or len(starts) != shard[items] + 1 or starts[0] != 0
+                or starts[-1] != shard[count] or np.any(np.diff(starts) <= 0)):
+            raise UsageError(f"{ipath}: {items.removeprefix('num_')} offsets do not match {META}; {fix}")
+        shards.append(np.memmap(dpath, dtype=dtype, mode="r") if want else np.zeros(0, dtype))
+        offsets.append(starts)
+    return shards, offsets
