@@ -152,6 +152,25 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finish_corpus(staging: Path, out: Path, meta: dict, *, sync: Iterable[str] = ()) -> None:
+    """Make the staged corpus ``out``: fsync the files named in ``sync`` (data must be on
+    disk before ``meta.json`` says the corpus is complete), write ``meta.json`` last and
+    atomically, then move the directory into place (replacing an old corpus there)."""
+    for name in sync:
+        with open(staging / name, "rb+") as f:
+            os.fsync(f.fileno())
+    tmp = staging / (META + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, staging / META)
+    fsync_dir(staging)
+    _publish(staging, out)
+    fsync_dir(out.parent)
+
+
 # ----------------------------------------------------------------------------- main entry
 def prepare_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = None,
                    documents: Iterable[str] | None = None, source_id: str | None = None,
@@ -254,23 +273,8 @@ def prepare_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = Non
             "shards": shards, "source": source, **(extra_meta or {}),
         }
         for name, content in (extra_files or {}).items():
-            with open(staging / name, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-        for shard in shards:  # data must be on disk before meta.json says it is complete
-            with open(staging / shard["tokens"], "rb+") as f:
-                os.fsync(f.fileno())
-        tmp = staging / (META + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, staging / META)
-        fsync_dir(staging)
-        _publish(staging, out)
-        fsync_dir(out.parent)
+            (staging / name).write_bytes(content)
+        finish_corpus(staging, out, meta, sync=[*(extra_files or {}), *(shard["tokens"] for shard in shards)])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

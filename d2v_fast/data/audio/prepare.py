@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -34,10 +33,9 @@ import numpy as np
 
 from ... import __version__
 from ...errors import UsageError, cli_entry
-from ...files import fsync_dir
-from ..prepare import (_check_out_dir, _clean_stale_staging, _describe_files, _fingerprint, _publish, _say,
-                       default_workers)
-from .corpus import DTYPES, FORMAT, FORMAT_VERSION, META, SAMPLE_RATE, AudioShardWriter, read_audio_meta
+from ..prepare import (_check_out_dir, _clean_stale_staging, _describe_files, _fingerprint, _say,
+                       default_workers, finish_corpus)
+from .corpus import DTYPES, FORMAT, FORMAT_VERSION, SAMPLE_RATE, AudioShardWriter, read_audio_meta
 from .resample import MAX_FILTER_TAPS, filter_taps, resample
 
 SUFFIXES = (".wav", ".flac", ".ogg", ".oga")
@@ -240,16 +238,7 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
             "cropped_to_max": cropped, "dropped": dropped,
             "shards": shards, "source": source, **(extra_meta or {}),
         }
-        tmp = staging / (META + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, staging / META)
-        fsync_dir(staging)
-        _publish(staging, out)
-        fsync_dir(out.parent)
+        finish_corpus(staging, out, meta)
     except BaseException:
         if writer is not None:
             writer.abort()

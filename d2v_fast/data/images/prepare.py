@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -32,9 +31,8 @@ import numpy as np
 
 from ... import __version__
 from ...errors import UsageError, cli_entry
-from ...files import fsync_dir
-from ..prepare import _check_out_dir, _clean_stale_staging, _fingerprint, _publish, default_workers
-from .corpus import FORMAT, FORMAT_VERSION, META, read_meta
+from ..prepare import _check_out_dir, _clean_stale_staging, _fingerprint, default_workers, finish_corpus
+from .corpus import FORMAT, FORMAT_VERSION, read_meta
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_SIZE = 256
@@ -197,19 +195,7 @@ def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequen
             "classes": classes, "labels": "labels.npy", "index": "files.txt",
             "shards": shards, **(extra or {}), "source": source,
         }
-        for name in ("labels.npy", "files.txt"):
-            with open(staging / name, "rb+") as f:
-                os.fsync(f.fileno())
-        tmp = staging / (META + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, staging / META)
-        fsync_dir(staging)
-        _publish(staging, out)
-        fsync_dir(out.parent)
+        finish_corpus(staging, out, meta, sync=("labels.npy", "files.txt"))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
