@@ -52,7 +52,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 256  # global sequences per optimizer update
-    micro_batch_size: int = 0  # sequences per forward/backward on one rank; 0 = the rank's whole share
+    # sequences per forward/backward on one rank; 0 = automatic: the rank's whole share on the CPU
+    # (and with FSDP), on a GPU the largest divisor of it whose trial step fits in 90% of the memory
+    micro_batch_size: int = 0
     max_steps: int = 1_000_000
     seed: int = 0
     out: str = ""  # run directory; "" = runs/<timestamp>

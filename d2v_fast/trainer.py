@@ -60,6 +60,15 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype):
     return lambda: sdpa_kernel(backend)
 
 
+def largest_fitting_divisor(local: int, fits) -> int:
+    """The largest divisor ``m`` of ``local`` with ``fits(m)``, trying them from the largest
+    down; 1 when none fits (the first step then reports the out-of-memory error itself)."""
+    for m in sorted((d for d in range(1, local + 1) if local % d == 0), reverse=True):
+        if fits(m):
+            return m
+    return 1
+
+
 class Trainer:
     def __init__(self, cfg: Config, corpus, run_dir: Path, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
@@ -159,6 +168,68 @@ class Trainer:
         self.flops_per_token = self.modality.flops_per_unit(cfg)
         self.peak = peak_flops(self.device)
         self._tb = None
+        # --train.micro_batch_size 0 on a GPU: the largest micro-batch whose step fits (not
+        # under FSDP, where a trial step would need every rank's collectives in step)
+        self.micro_batch_auto = t.micro_batch_size == 0 and self.device.type == "cuda" and not self.fsdp
+        if self.micro_batch_auto:
+            self.micro_batch_size = self.fit_micro_batch(local)
+            self.accum = local // self.micro_batch_size
+
+    # ------------------------------------------------------------------ micro-batch size
+    def trial_step(self, micro_batch_size: int) -> int | None:
+        """Forward and backward of one real micro-batch of ``micro_batch_size`` (the run's first)
+        that leaves no trace: RNG states forked, gradients dropped, no optimizer or EMA step.
+        Returns the peak device memory in bytes it needed, counting the optimizer state the
+        first update will allocate (None on the CPU, which has no such counter); raises
+        ``torch.OutOfMemoryError`` when it does not fit."""
+        cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, num_workers=0))
+        loader = self.modality.loader(self.corpus, cfg, micro_batch_size=micro_batch_size, epoch=0, start=0,
+                                      rank=self.rank, world_size=self.world_size)
+        mb = self._to_device(next(iter(loader)))
+        del loader
+        student = self.model.student  # the bare module: no DDP hooks, no collectives
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with torch.random.fork_rng(devices=[self.device] if cuda else []):
+                with self.autocast(), self.attention():
+                    pred, teacher_input = student(mb)
+                    target = self.model.targets(mb, teacher_input)
+                    loss = self.model.loss_sum(pred, target, mb)
+                loss.backward()
+                del pred, teacher_input, target, loss
+            if not cuda:
+                return None
+            peak = torch.cuda.max_memory_allocated(self.device)
+            if not self.optimizer.state:  # AdamW's two moments, allocated at the first update
+                peak += 2 * sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
+            return peak
+        finally:
+            for p in student.parameters():
+                p.grad = None
+            del mb
+            if cuda:
+                torch.cuda.empty_cache()
+
+    def fit_micro_batch(self, local: int, budget: float = 0.9) -> int:
+        """The largest divisor of this rank's share ``local`` whose ``trial_step`` fits in
+        ``budget`` of the device's memory (the smallest on every rank when distributed)."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+
+        def fits(m: int) -> bool:
+            try:
+                return self.trial_step(m) <= budget * total
+            except torch.OutOfMemoryError:
+                return False
+
+        chosen = largest_fitting_divisor(local, fits)
+        if self.distributed:
+            t = torch.tensor([chosen], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # a divisor of the same share on every rank
+            chosen = int(t)
+        return chosen
 
     def _shard(self, use_bf16: bool) -> None:
         """FSDP2: every encoder block is its own unit (student and teacher alike) and the

@@ -344,3 +344,54 @@ def test_cast_once_casts_the_student_weights_once_per_update(builtin_cache, tmp_
     assert once == per_micro
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
 
+
+
+# ----------------------------------------------------------------------------- micro-batch size
+def test_largest_fitting_divisor():
+    from d2v_fast.trainer import largest_fitting_divisor
+
+    tried = []
+
+    def fits(m):
+        tried.append(m)
+        return m <= 10
+
+    assert largest_fitting_divisor(48, fits) == 8 and tried == [48, 24, 16, 12, 8]
+    assert largest_fitting_divisor(7, lambda m: m < 7) == 1
+    assert largest_fitting_divisor(6, lambda m: False) == 1
+
+
+def test_trial_step_leaves_no_trace(builtin_cache, tmp_path):
+    """The automatic micro-batch size (CUDA) is found by trial steps on real micro-batches;
+    a trial must not change the run: the same weights, no gradients, no optimizer state, the
+    same RNG stream, and then the same losses as a run without it."""
+    runs = []
+    for name, trial in (("plain", False), ("trial", True)):
+        tr = Trainer(small_cfg(builtin_cache, max_steps=3), open_corpus(builtin_cache), tmp_path / name)
+        before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        rng = torch.get_rng_state()
+        if trial:
+            assert tr.trial_step(4) is None  # no peak-memory counter on the CPU
+            assert torch.equal(torch.get_rng_state(), rng)
+            assert all(p.grad is None for p in tr.model.student.parameters())
+            assert not tr.optimizer.state
+            assert all(torch.equal(v, before[k]) for k, v in tr.model.state_dict().items())
+        stream = tr.batches()
+        runs.append([float(tr.train_step(next(stream))["loss"]) for _ in range(3)])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_automatic_micro_batch_on_gpu(builtin_cache, tmp_path, monkeypatch):
+    """On a GPU the default micro-batch is the largest divisor of the share that fits: all of
+    it for a tiny model, and a smaller divisor when the memory budget says so."""
+    cfg = small_cfg(builtin_cache, device="cuda", batch_size=8)
+    tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / "fits", device="cuda")
+    assert tr.micro_batch_auto and (tr.micro_batch_size, tr.accum) == (8, 1)
+    peaks = {m: tr.trial_step(m) for m in (8, 4)}
+    assert peaks[4] < peaks[8]
+    budget = (peaks[4] + peaks[8]) / 2 / torch.cuda.get_device_properties(0).total_memory
+    assert tr.fit_micro_batch(8, budget=budget) == 4
+    stream = tr.batches()
+    assert torch.isfinite(torch.as_tensor(float(tr.train_step(next(stream))["loss"])))
