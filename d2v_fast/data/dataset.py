@@ -189,14 +189,23 @@ def build_dataloader(corpus: Corpus, *, seq_len: int, micro_batch_size: int, glo
                      epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1,
                      num_workers: int = 2, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader of masked micro-batches for this rank (see the module docstring)."""
-    local = global_batch_size // max(world_size, 1)
-    if micro_batch_size < 1 or local % micro_batch_size:
-        raise UsageError(f"micro batch {micro_batch_size}: must divide the per-rank batch {local} "
-                         f"(--batch-size {global_batch_size} over {world_size} rank(s))")
     dataset = BlockDataset(corpus, seq_len, block_mode)
     sampler = BlockSampler(len(dataset), global_batch_size=global_batch_size, rank=rank,
                            world_size=world_size, seed=seed, epoch=epoch, start=start)
     collate = MaskCollator(corpus.special_ids, masking or MaskingConfig(), seed)
+    return rank_loader(dataset, sampler, collate, micro_batch_size=micro_batch_size,
+                       global_batch_size=global_batch_size, world_size=world_size, seed=seed,
+                       num_workers=num_workers, pin_memory=pin_memory)
+
+
+def rank_loader(dataset, sampler, collate, *, micro_batch_size: int, global_batch_size: int, world_size: int,
+                seed: int, num_workers: int, pin_memory: bool | None) -> DataLoader:
+    """The DataLoader of every modality: this rank's ``sampler`` (which sets the order), micro-
+    batches of ``micro_batch_size`` made by ``collate`` in ``num_workers`` workers (masks there)."""
+    local = global_batch_size // max(world_size, 1)
+    if micro_batch_size < 1 or local % micro_batch_size:
+        raise UsageError(f"micro batch {micro_batch_size}: must divide the per-rank batch {local} "
+                         f"(--batch-size {global_batch_size} over {world_size} rank(s))")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     # Its own generator: starting an iterator must not draw from the global RNG, or a resumed

@@ -145,19 +145,11 @@ def build_audio_dataloader(corpus: AudioCorpus, *, micro_batch_size: int, global
                            max_samples: int | None = None, frames_for=None, make_masks=None,
                            num_workers: int = 2, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader of cropped micro-batches for this rank (see the module docstring)."""
-    local = global_batch_size // max(world_size, 1)
-    if micro_batch_size < 1 or local % micro_batch_size:
-        raise UsageError(f"micro batch {micro_batch_size}: must divide the per-rank batch {local} "
-                         f"(--batch-size {global_batch_size} over {world_size} rank(s))")
+    from ..dataset import rank_loader
+
     sampler = AudioBatchSampler(corpus.lengths, global_batch_size=global_batch_size, rank=rank,
                                 world_size=world_size, seed=seed, epoch=epoch, start=start)
     collate = CropCollator(corpus, seed, max_samples, frames_for, make_masks)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    generator = torch.Generator().manual_seed(seed)  # never draw from the global RNG (resume)
-    from ..dataset import _worker_init
-
-    return DataLoader(UtteranceDataset(corpus), batch_size=micro_batch_size, sampler=sampler,
-                      collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-                      generator=generator, worker_init_fn=_worker_init if num_workers > 0 else None,
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+    return rank_loader(UtteranceDataset(corpus), sampler, collate, micro_batch_size=micro_batch_size,
+                       global_batch_size=global_batch_size, world_size=world_size, seed=seed,
+                       num_workers=num_workers, pin_memory=pin_memory)

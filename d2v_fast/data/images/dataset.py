@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ...errors import UsageError
-from ..dataset import BlockSampler, _worker_init
+from ..dataset import BlockSampler, rank_loader
 from .augment import AugmentConfig, augment_batch, draw_params
 from .corpus import ImageCorpus
 from .masking import block_mask, inverse_block_mask
@@ -111,19 +111,11 @@ def build_image_dataloader(corpus: ImageCorpus, *, grid: tuple[int, int], micro_
                            augment_in_worker: bool = False) -> DataLoader:
     """A DataLoader of masked micro-batches for this rank (as the text one). ``split``:
     (first, count) of the corpus images to sample from (default all)."""
-    local = global_batch_size // max(world_size, 1)
-    if micro_batch_size < 1 or local % micro_batch_size:
-        raise UsageError(f"micro batch {micro_batch_size}: must divide the per-rank batch {local} "
-                         f"(--batch-size {global_batch_size} over {world_size} rank(s))")
     dataset = ImageDataset(corpus) if split is None else ImageDataset(corpus, *split)
     sampler = BlockSampler(len(dataset), global_batch_size=global_batch_size, rank=rank, world_size=world_size,
                            seed=seed, epoch=epoch, start=start)
     collate = ImageCollator(grid, masking or ImageMaskingConfig(), augment or AugmentConfig(), seed,
                             in_worker=augment_in_worker)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False, generator=generator,
-                      worker_init_fn=_worker_init if num_workers > 0 else None,
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+    return rank_loader(dataset, sampler, collate, micro_batch_size=micro_batch_size,
+                       global_batch_size=global_batch_size, world_size=world_size, seed=seed,
+                       num_workers=num_workers, pin_memory=pin_memory)
