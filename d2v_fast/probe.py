@@ -299,12 +299,17 @@ def probe_path(path: str | os.PathLike, *, task: str | None = None, seed: int = 
                progress: bool = False) -> dict:
     """Probe a run or Hugging Face directory against its random-init floor; a run
     directory (or ``out``) receives ``probe.json``."""
+    from .modalities.audio import is_speech_model  # a speech run or export: the built-in speaker task
     from .modalities.images import is_image_model  # an image run or export: its corpus's labels
 
     if is_image_model(path):
         from .modalities.images import probe_images_path
 
         return probe_images_path(path, seed=seed, device=device, out=out)
+    if is_speech_model(path):
+        from .modalities.audio import probe_speech_path
+
+        return probe_speech_path(path, task=task, seed=seed, device=device, out=out)
     probed = load_probed(path)
     loaded = load_task(task, progress=progress)
     result = probe_encoder(probed.encoder.to(device), probed.tokenizer, loaded, seed=seed, max_len=max_len,

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -293,6 +295,126 @@ def model_flops_per_frame(cfg) -> float:
     return (student + teacher) / T
 
 
+# ----------------------------------------------------------------------------- probe
+PROBE_BATCH = 32  # utterances of 3 s per forward pass
+
+
+@torch.no_grad()
+def pooled_speech_features(encoder: AudioEncoder, task, *, batch_size: int = PROBE_BATCH,
+                           device="cpu") -> torch.Tensor:
+    """``[N, C]`` float32 on the CPU: each utterance's last hidden state averaged over its
+    frames (the probe's utterances all have the same length, so nothing is padded). Batch by
+    batch; only the pooled vectors are kept. The encoder is left in the mode it came in."""
+    corpus = task.corpus
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    try:
+        for start in range(0, len(corpus), batch_size):
+            wav = torch.from_numpy(np.stack([corpus[i] for i in range(start, min(start + batch_size, len(corpus)))]))
+            out.append(encoder(wav.to(device)).mean(1).float().cpu())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(out)
+
+
+def probe_speech(encoder: AudioEncoder, task, *, floor: bool = True, seed: int = 0, device="cpu") -> dict:
+    """Linear probe (``d2v_fast.probe.linear_probe``) of the frozen encoder on a speech task
+    (``data/audio/probe_task.py``), and with ``floor`` the same architecture at random
+    initialisation (seed ``seed``; the global RNG is left alone)."""
+    import time
+
+    from ..probe import linear_probe
+
+    t0 = time.perf_counter()
+    result = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
+              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "seed": seed,
+              **linear_probe(pooled_speech_features(encoder, task, device=device), task)}
+    if floor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            rand = AudioEncoder(encoder.config).to(device)
+        result["random_init"] = linear_probe(pooled_speech_features(rand, task, device=device), task)
+        result["margin"] = result["accuracy"] - result["random_init"]["accuracy"]
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def is_speech_model(path) -> bool:
+    """Whether ``path`` is a speech run directory or a ``Data2VecAudioModel`` directory."""
+    path = Path(path)
+    for name, key, want in (("config.json", "modality", "audio"), ("config.json", "model_type", "data2vec-audio"),
+                            ("encoder.json", "modality", "audio")):
+        try:
+            if json.loads((path / name).read_text()).get(key) == want:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
+def speech_held_out(run_config: dict, task) -> bool | None:
+    """Whether the run cannot have pretrained on the probe's texts: True for a built-in speech
+    corpus (its texts stop before the reserved modules), None for any other corpus."""
+    from ..data.audio.corpus import read_audio_meta
+
+    data_dir = run_config.get("data_dir")
+    if not data_dir:
+        return None
+    try:
+        meta = read_audio_meta(Path(data_dir))
+    except UsageError:
+        return None
+    source = (meta.get("source") or {}).get("inputs") or [""]
+    if "builtin" not in meta or not str(source[0]).startswith("espeak-ng:"):
+        return None
+    return meta.get("num_utterances", 0) <= task.record.get("pretraining_texts_available", 0)
+
+
+def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: str = "cpu", out=None) -> dict:
+    """``python -m d2v_fast.probe`` for a speech run directory or a ``Data2VecAudioModel``
+    directory, on the built-in speaker task; a run directory (or ``out``) gets probe.json."""
+    import json as _json
+
+    from ..data.audio.probe_task import builtin_speech_probe, read_speech_probe
+    from ..export import load_pretrained
+    from ..probe import PROBE_FILE, write_result
+
+    if task not in (None, "builtin"):
+        raise UsageError(f"--task {task}: speech models are probed on the built-in speaker task only (user "
+                         f"audio tasks are not supported yet); drop --task")
+    path = Path(path)
+    try:
+        hf = _json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    if not isinstance(hf, dict):
+        hf = {}
+    if hf.get("model_type") == "data2vec-audio":
+        kind = "hf"
+        from ..models.audio import read_hf_dir
+
+        try:
+            enc_cfg, weights = read_hf_dir(path)
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise UsageError(f"probe {path}: {err}") from None
+        encoder = AudioEncoder(enc_cfg)
+        state = encoder.state_dict()
+        weights.setdefault("masked_spec_embed", state["masked_spec_embed"])  # unused by the forward pass
+        encoder.load_state_dict(weights)
+        encoder.eval()
+    else:
+        kind = "run"
+        encoder = load_pretrained(path)
+    loaded = read_speech_probe(builtin_speech_probe(progress=True))
+    result = {"model": str(path), "kind": kind, **probe_speech(encoder.to(device), loaded, seed=seed, device=device),
+              "test_held_out_of_pretraining": speech_held_out(hf, loaded) if kind == "run" else None}
+    target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
+    if target is not None:
+        write_result(result, target)
+    return result
+
+
 # ----------------------------------------------------------------------------- the modality
 class AudioModality(Modality):
     name = "audio"
@@ -301,7 +423,7 @@ class AudioModality(Modality):
     encoder_presets = AUDIO_PRESETS
     size_presets = SIZE_PRESETS
     recipe_presets = RECIPE_PRESETS
-    has_probe = False
+    has_probe = True  # at the end of a job, on the built-in speaker task (probe_speech); not every N steps
 
     # ---------------------------------------------------------------- config
     def validate(self, cfg) -> None:
@@ -329,6 +451,11 @@ class AudioModality(Modality):
             need(r.decoder_kernel % 2 == 1, "--recipe.decoder_kernel", r.decoder_kernel, "must be odd")
             need(r.head_hidden_mult == 0, "--recipe.head_hidden_mult", r.head_hidden_mult,
                  "the speech decoder ends in one Linear; use 0")
+        t = cfg.train
+        need(t.probe_task in ("builtin", "none"), "--train.probe_task", t.probe_task,
+             "speech is probed on the built-in speaker task: builtin or none")
+        need(t.probe_every == 0, "--train.probe_every", t.probe_every,
+             "speech is probed at the end of the job only; set 0")
 
     # ---------------------------------------------------------------- models
     def build_encoder(self, enc_cfg: AudioEncoderConfig) -> AudioEncoder:
