@@ -376,7 +376,7 @@ def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: s
     directory, on the built-in speaker task; a run directory (or ``out``) gets probe.json."""
     import json as _json
 
-    from ..data.audio.probe_task import builtin_speech_probe, read_speech_probe
+    from ..data.audio import probe_task as speech_probe
     from ..export import load_pretrained
     from ..probe import PROBE_FILE, write_result
 
@@ -406,7 +406,8 @@ def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: s
     else:
         kind = "run"
         encoder = load_pretrained(path)
-    loaded = read_speech_probe(builtin_speech_probe(progress=True))
+    # the size is read here, not bound at import, so that tests can probe a small task
+    loaded = speech_probe.read_speech_probe(speech_probe.builtin_speech_probe(speech_probe.PROBE_UTTERANCES))
     result = {"model": str(path), "kind": kind, **probe_speech(encoder.to(device), loaded, seed=seed, device=device),
               "test_held_out_of_pretraining": speech_held_out(hf, loaded) if kind == "run" else None}
     target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
