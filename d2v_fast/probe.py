@@ -279,7 +279,8 @@ def details(result: dict) -> str:
     ex = result["examples"]
     floor = result.get("random_init")
     f1 = f"macro-F1 {result['macro_f1']:.3f}" + (f" vs {floor['macro_f1']:.3f}" if floor else "")
-    return (f"{result['classes']} classes, {ex['train']}/{ex['val']}/{ex['test']} train/val/test documents "
+    unit = result.get("unit", "documents")  # speech: utterances
+    return (f"{result['classes']} classes, {ex['train']}/{ex['val']}/{ex['test']} train/val/test {unit} "
             f"({result['task']}); {f1}; {result['seconds']:.1f}s")
 
 

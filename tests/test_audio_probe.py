@@ -135,20 +135,69 @@ def test_export_gives_the_run_dirs_features_and_result_deterministically(speech_
         assert from_hf[key] == first[key] and from_hf["random_init"][key] == first["random_init"][key], key
 
 
+@pytest.fixture
+def user_task(tmp_path):
+    """Two classes of synthetic 'recordings' (a low and a high hum in noise), 16 files of
+    1.0-1.3 s at 22.05 kHz (resampled on reading), some of equal length, no split field."""
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        label, freq = ("low", 150.0) if i % 2 else ("high", 900.0)
+        n = 22050 + 2205 * (i % 4)
+        t = np.arange(n) / 22050
+        wav = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(n)
+        soundfile.write(tmp_path / f"u{i}.wav", wav.astype(np.float32), 22050)
+        rows.append({"audio": f"u{i}.wav", "label": label})
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return task
+
+
+def test_a_user_task_of_recordings_is_probed(speech_run, user_task, tmp_path, capsys):
+    from d2v_fast.data.audio.probe_task import read_user_speech_task
+    from d2v_fast.export import load_pretrained
+    from d2v_fast.modalities.audio import pooled_speech_features
+
+    run, _, _ = speech_run
+    assert probe.main([str(run), "--task", str(user_task), "--out", str(tmp_path / "p.json")]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["classes"] == 2 and sum(res["examples"].values()) == 16 and res["test_held_out_of_pretraining"] is None
+    # utterances of different lengths never share a batch: batching does not change the features
+    task = read_user_speech_task(user_task)
+    assert sorted({len(w) for w in task.corpus}) == [16000, 17600, 19200, 20800]
+    enc = load_pretrained(run)
+    torch.testing.assert_close(pooled_speech_features(enc, task), pooled_speech_features(enc, task, batch_size=1),
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("case, needle", [
-    ("task", "speech models are probed on the built-in speaker task only"),
+    ("no-audio", ":2: no 'audio' field (found 'label', 'path')"),
+    ("not-audio", "cannot be decoded as audio"),
+    ("one-class", "only the label 'low'; a probe needs at least 2 classes"),
     ("broken-export", "no model.safetensors"),
     ("probe-every", "--train.probe_every 5: speech is probed at the end of the job only"),
 ])
-def test_bad_input_is_one_line_and_exit_2(speech_run, tmp_path, capsys, case, needle):
+def test_bad_input_is_one_line_and_exit_2(speech_run, user_task, tmp_path, capsys, case, needle):
     run, hf, _ = speech_run
-    if case == "task":
-        rc = probe.main([str(run), "--task", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "p.json")])
+    rows = [json.loads(l) for l in user_task.read_text().splitlines()]
+    task = tmp_path / "bad.jsonl"
+    if case in ("no-audio", "not-audio", "one-class"):
+        if case == "no-audio":
+            rows[1] = {"label": "x", "path": "u1.wav"}
+        elif case == "not-audio":
+            (user_task.parent / "fake.wav").write_text("not audio")
+            rows[3]["audio"] = "fake.wav"
+        else:
+            rows = [r for r in rows if r["label"] == "low"]
+        task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rc = probe.main([str(run), "--task", str(task), "--out", str(tmp_path / "p.json")])
     elif case == "broken-export":
         broken = tmp_path / "broken"
         broken.mkdir()
         (broken / "config.json").write_text((hf / "config.json").read_text())
-        rc = probe.main([str(broken)])
+        rc = probe.main([str(broken), "--out", str(tmp_path / "p.json")])
     else:
         rc = pretrain.main(["--modality", "audio", "--config", "tiny", "--train.probe_every", "5",
                             "--out", str(tmp_path / "o")])

@@ -303,19 +303,32 @@ PROBE_BATCH = 32  # utterances of 3 s per forward pass
 def pooled_speech_features(encoder: AudioEncoder, task, *, batch_size: int = PROBE_BATCH,
                            device="cpu") -> torch.Tensor:
     """``[N, C]`` float32 on the CPU: each utterance's last hidden state averaged over its
-    frames (the probe's utterances all have the same length, so nothing is padded). Batch by
-    batch; only the pooled vectors are kept. The encoder is left in the mode it came in."""
+    frames. Only utterances of the same length share a batch: nothing is padded, because
+    padding would reach the real frames through the stacked positional convolutions (each
+    utterance's features are then those of the utterance alone, as in Hugging Face with
+    one utterance per call). Batch by batch; only the pooled vectors are kept. The encoder
+    is left in the mode it came in."""
     corpus = task.corpus
+    lengths = corpus.lengths.tolist() if hasattr(corpus, "lengths") else [len(w) for w in corpus]
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) == batch_size or lengths[i] != lengths[cur[0]]):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
     was_training = encoder.training
     encoder.eval()
-    out = []
+    out = torch.empty(len(lengths), encoder.config.hidden_size)
     try:
-        for start in range(0, len(corpus), batch_size):
-            wav = torch.from_numpy(np.stack([corpus[i] for i in range(start, min(start + batch_size, len(corpus)))]))
-            out.append(encoder(wav.to(device)).mean(1).float().cpu())
+        for rows in batches:
+            wav = torch.from_numpy(np.stack([np.asarray(corpus[i], dtype=np.float32) for i in rows]))
+            out[torch.tensor(rows)] = encoder(wav.to(device)).mean(1).float().cpu()
     finally:
         encoder.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def probe_speech(encoder: AudioEncoder, task, *, floor: bool = True, seed: int = 0, device="cpu") -> dict:
@@ -328,8 +341,8 @@ def probe_speech(encoder: AudioEncoder, task, *, floor: bool = True, seed: int =
 
     t0 = time.perf_counter()
     result = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
-              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "seed": seed,
-              **linear_probe(pooled_speech_features(encoder, task, device=device), task)}
+              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "unit": "utterances",
+              "seed": seed, **linear_probe(pooled_speech_features(encoder, task, device=device), task)}
     if floor:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -373,27 +386,25 @@ def speech_held_out(run_config: dict, task) -> bool | None:
 
 def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: str = "cpu", out=None) -> dict:
     """``python -m d2v_fast.probe`` for a speech run directory or a ``Data2VecAudioModel``
-    directory, on the built-in speaker task; a run directory (or ``out``) gets probe.json."""
-    import json as _json
-
+    directory, on the built-in speaker task or a user's (``task``: a JSON-lines file of
+    ``audio`` and ``label``); a run directory (or ``out``) gets probe.json."""
     from ..data.audio import probe_task as speech_probe
     from ..export import load_pretrained
+    from ..models.audio import read_hf_dir
     from ..probe import PROBE_FILE, write_result
 
-    if task not in (None, "builtin"):
-        raise UsageError(f"--task {task}: speech models are probed on the built-in speaker task only (user "
-                         f"audio tasks are not supported yet); drop --task")
+    builtin = task is None or str(task) == "builtin"
+    # a bad task file stops before the model is read
+    loaded = None if builtin else speech_probe.read_user_speech_task(task)
     path = Path(path)
     try:
-        hf = _json.loads((path / "config.json").read_text())
+        hf = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         hf = {}
     if not isinstance(hf, dict):
         hf = {}
     if hf.get("model_type") == "data2vec-audio":
         kind = "hf"
-        from ..models.audio import read_hf_dir
-
         try:
             enc_cfg, weights = read_hf_dir(path)
         except (ValueError, KeyError, TypeError, OSError) as err:
@@ -406,10 +417,11 @@ def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: s
     else:
         kind = "run"
         encoder = load_pretrained(path)
-    # the size is read here, not bound at import, so that tests can probe a small task
-    loaded = speech_probe.read_speech_probe(speech_probe.builtin_speech_probe(speech_probe.PROBE_UTTERANCES))
+    if builtin:
+        # the size is read here, not bound at import, so that tests can probe a small task
+        loaded = speech_probe.read_speech_probe(speech_probe.builtin_speech_probe(speech_probe.PROBE_UTTERANCES))
     result = {"model": str(path), "kind": kind, **probe_speech(encoder.to(device), loaded, seed=seed, device=device),
-              "test_held_out_of_pretraining": speech_held_out(hf, loaded) if kind == "run" else None}
+              "test_held_out_of_pretraining": speech_held_out(hf, loaded) if kind == "run" and builtin else None}
     target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
     if target is not None:
         write_result(result, target)
@@ -454,7 +466,8 @@ class AudioModality(Modality):
                  "the speech decoder ends in one Linear; use 0")
         t = cfg.train
         need(t.probe_task in ("builtin", "none"), "--train.probe_task", t.probe_task,
-             "speech is probed on the built-in speaker task: builtin or none")
+             "the job's speech probe is the built-in speaker task: builtin or none (probe your own "
+             "labels afterwards: python -m d2v_fast.probe RUN --task FILE.jsonl)")
         need(t.probe_every == 0, "--train.probe_every", t.probe_every,
              "speech is probed at the end of the job only; set 0")
 

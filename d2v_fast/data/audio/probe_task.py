@@ -1,4 +1,5 @@
-"""The built-in speech probe task: which eSpeak NG voice variant speaks an utterance.
+"""Speech probe tasks: the built-in one (which eSpeak NG voice variant speaks an utterance)
+and a user's (a JSON-lines file of ``audio`` paths and ``label``s).
 
 A SUPERB-style speaker identification task on synthetic speech: every utterance is read by
 one of the 12 voice variants of the built-in speech corpus (``m1`` ... ``klatt2``: each its
@@ -17,6 +18,11 @@ The task is cached like the corpus, under ``$D2V_FAST_CACHE``, as a prepared spe
 (``meta.json``, shards, ``utterances.tsv``) whose ``meta.json`` key ``probe`` holds the
 classes, each utterance's label and its split (by utterance, stratified by label, seeded:
 60/20/20 train/val/test).
+
+A user task: one JSON object per line, ``{"audio": PATH, "label": ..., "split": ...}``
+(``split`` optional, as for text tasks; PATH relative to the file's directory). Each file
+is decoded, resampled to 16 kHz, normalised and cut to ``USER_MAX_SECONDS`` as corpus
+preparation does, and held in memory (a probe task is small).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import numpy as np
 
 from ...errors import UsageError
 from ..builtin import cache_dir, stdlib_labelled_docstrings
-from ..probe_task import SPLIT_SEED, split_by_document
+from ..probe_task import SPLIT_SEED, SPLITS, complete_splits, split_by_document
 from .builtin import VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, speakable_chunks
 from .corpus import META, SAMPLE_RATE, AudioCorpus, open_audio_corpus
 from .prepare import SILENCE_VAR
@@ -172,7 +178,7 @@ class SpeechProbeTask:
     """What ``d2v_fast.probe.linear_probe`` reads off a task (labels, classes, split indices)
     and the audio: ``corpus[i]`` is utterance ``i``."""
 
-    corpus: AudioCorpus
+    corpus: AudioCorpus | list  # a list of float32 arrays for a user's task
     labels: list[int]
     classes: list[str]
     splits: list[str]
@@ -192,3 +198,62 @@ def read_speech_probe(path: str | Path, *, flag: str = "speech probe task") -> S
                          f"delete it so that it is rebuilt")
     return SpeechProbeTask(corpus=corpus, labels=[int(x) for x in rec["labels"]], classes=list(rec["classes"]),
                            splits=list(rec["splits"]), source=str(path), record=rec)
+
+
+# ----------------------------------------------------------------------------- a user's task
+USER_MAX_SECONDS = 20.0  # the published recipes' longest training utterance
+
+
+def read_user_speech_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> SpeechProbeTask:
+    """A JSON-lines speech task (see the module docstring); UsageError naming the line or file."""
+    import json
+
+    from .prepare import decode, to_corpus_audio
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with 'audio' and 'label' fields")
+    waves, raw_labels, given = [], [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8 JSON lines") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}:{n}: not a JSON object; one object per line with 'audio' and 'label'")
+        for field in ("audio", "label"):
+            if field not in obj:
+                found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+                raise UsageError(f"{path}:{n}: no {field!r} field (found {found}); every line of a speech task "
+                                 f"needs 'audio' (a file path) and 'label'")
+        label, split = obj["label"], obj.get("split")
+        if not isinstance(obj["audio"], str) or not obj["audio"]:
+            raise UsageError(f"{path}:{n}: 'audio' must be a file path (a non-empty string)")
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise UsageError(f"{path}:{n}: 'label' {label!r} must be a string or an integer")
+        if split is not None and split not in SPLITS:
+            raise UsageError(f"{path}:{n}: 'split' {split!r}: expected one of {', '.join(SPLITS)} or no split field")
+        audio = path.parent / obj["audio"]
+        if not audio.is_file():
+            raise UsageError(f"{path}:{n}: audio file {audio} does not exist; paths are relative to the task file")
+        wav, rate = decode(audio)
+        wav = to_corpus_audio(wav, rate, str(audio))
+        if wav is None:
+            raise UsageError(f"{audio}: silent; remove it from {path}")
+        waves.append(wav[:int(USER_MAX_SECONDS * SAMPLE_RATE)])
+        raw_labels.append(str(label))
+        given.append(split)
+    classes = sorted(set(raw_labels))
+    if len(classes) < 2:
+        what = f"only the label {classes[0]!r}" if classes else "no utterances"
+        raise UsageError(f"{flag} {path}: {what}; a probe needs at least 2 classes")
+    splits = complete_splits(raw_labels, given, path, flag=flag, seed=seed, what="utterances")
+    index = {c: i for i, c in enumerate(classes)}
+    return SpeechProbeTask(corpus=waves, labels=[index[l] for l in raw_labels], classes=classes, splits=splits,
+                           source=str(path), record={"label": "user labels"})
