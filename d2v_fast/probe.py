@@ -279,7 +279,8 @@ def details(result: dict) -> str:
     ex = result["examples"]
     floor = result.get("random_init")
     f1 = f"macro-F1 {result['macro_f1']:.3f}" + (f" vs {floor['macro_f1']:.3f}" if floor else "")
-    return (f"{result['classes']} classes, {ex['train']}/{ex['val']}/{ex['test']} train/val/test documents "
+    unit = result.get("unit", "documents")  # speech: utterances
+    return (f"{result['classes']} classes, {ex['train']}/{ex['val']}/{ex['test']} train/val/test {unit} "
             f"({result['task']}); {f1}; {result['seconds']:.1f}s")
 
 
@@ -299,12 +300,17 @@ def probe_path(path: str | os.PathLike, *, task: str | None = None, seed: int = 
                progress: bool = False) -> dict:
     """Probe a run or Hugging Face directory against its random-init floor; a run
     directory (or ``out``) receives ``probe.json``."""
+    from .modalities.audio import is_speech_model  # a speech run or export: the built-in speaker task
     from .modalities.images import is_image_model  # an image run or export: its corpus's labels
 
     if is_image_model(path):
         from .modalities.images import probe_images_path
 
         return probe_images_path(path, seed=seed, device=device, out=out)
+    if is_speech_model(path):
+        from .modalities.audio import probe_speech_path
+
+        return probe_speech_path(path, task=task, seed=seed, device=device, out=out)
     probed = load_probed(path)
     loaded = load_task(task, progress=progress)
     result = probe_encoder(probed.encoder.to(device), probed.tokenizer, loaded, seed=seed, max_len=max_len,

@@ -60,6 +60,29 @@ def task_lines(texts: Sequence[str], labels: Sequence[str], splits: Sequence[str
     return ("\n".join(rows) + "\n").encode()
 
 
+def complete_splits(raw_labels: Sequence[str], given: Sequence[str | None], path, *, flag: str = "--task",
+                    seed: int = SPLIT_SEED, what: str = "documents") -> list[str]:
+    """Every example's split: the given ones, or ``split_by_document`` where none is given; a
+    validation split carved from train when only train/test are given. UsageError when a
+    split stays empty or only some lines give one."""
+    if all(s is not None for s in given):
+        splits = list(given)
+    elif all(s is None for s in given):
+        splits = split_by_document(raw_labels, seed=seed)
+    else:
+        raise UsageError(f"{path}: some lines have a 'split' field and some do not; give it on every line or none")
+    if "val" not in splits:  # a file with train/test only: the classifier's validation set comes from train
+        train = [i for i, s in enumerate(splits) if s == "train"]
+        carved = split_by_document([raw_labels[i] for i in train], seed=seed)
+        for i, c in zip(train, carved):
+            if c == "val":
+                splits[i] = "val"
+    for s in ("train", "val", "test"):
+        if s not in splits:
+            raise UsageError(f"{flag} {path}: no {s} {what} ({len(splits)} in all); give more {what} per label")
+    return splits
+
+
 def read_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> Task:
     """Read a task file; documents without a ``split`` field are split by ``split_by_document``."""
     path = Path(path)
@@ -99,22 +122,7 @@ def read_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED)
     if len(classes) < 2:
         what = f"only the label {classes[0]!r}" if classes else "no documents"
         raise UsageError(f"{flag} {path}: {what}; a probe needs at least 2 classes")
-    if all(s is not None for s in given):
-        splits = given
-    elif all(s is None for s in given):
-        splits = split_by_document(raw_labels, seed=seed)
-    else:
-        raise UsageError(f"{path}: some lines have a 'split' field and some do not; give it on every line or none")
-    if "val" not in splits:  # a file with train/test only: the classifier's validation set comes from train
-        train = [i for i, s in enumerate(splits) if s == "train"]
-        carved = split_by_document([raw_labels[i] for i in train], seed=seed)
-        splits = list(splits)
-        for i, c in zip(train, carved):
-            if c == "val":
-                splits[i] = "val"
-    for s in ("train", "val", "test"):
-        if s not in splits:
-            raise UsageError(f"{flag} {path}: no {s} documents ({len(texts)} in all); give more documents per label")
+    splits = complete_splits(raw_labels, given, path, flag=flag, seed=seed)
     index = {c: i for i, c in enumerate(classes)}
     return Task(texts=texts, labels=[index[l] for l in raw_labels], splits=list(splits), classes=classes,
                 source=str(path))

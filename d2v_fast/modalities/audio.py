@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -284,6 +286,145 @@ def model_flops_per_frame(cfg) -> float:
     return (student + teacher) / T
 
 
+# ----------------------------------------------------------------------------- probe
+PROBE_BATCH = 32  # utterances of 3 s per forward pass
+
+
+@torch.no_grad()
+def pooled_speech_features(encoder: AudioEncoder, task, *, batch_size: int = PROBE_BATCH,
+                           device="cpu") -> torch.Tensor:
+    """``[N, C]`` float32 on the CPU: each utterance's last hidden state averaged over its
+    frames. Only utterances of the same length share a batch: nothing is padded, because
+    padding would reach the real frames through the stacked positional convolutions (each
+    utterance's features are then those of the utterance alone, as in Hugging Face with
+    one utterance per call). Batch by batch; only the pooled vectors are kept. The encoder
+    is left in the mode it came in."""
+    corpus = task.corpus
+    lengths = corpus.lengths.tolist() if hasattr(corpus, "lengths") else [len(w) for w in corpus]
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) == batch_size or lengths[i] != lengths[cur[0]]):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    was_training = encoder.training
+    encoder.eval()
+    out = torch.empty(len(lengths), encoder.config.hidden_size)
+    try:
+        for rows in batches:
+            wav = torch.from_numpy(np.stack([np.asarray(corpus[i], dtype=np.float32) for i in rows]))
+            out[torch.tensor(rows)] = encoder(wav.to(device)).mean(1).float().cpu()
+    finally:
+        encoder.train(was_training)
+    return out
+
+
+def probe_speech(encoder: AudioEncoder, task, *, floor: bool = True, seed: int = 0, device="cpu") -> dict:
+    """Linear probe (``d2v_fast.probe.linear_probe``) of the frozen encoder on a speech task
+    (``data/audio/probe_task.py``), and with ``floor`` the same architecture at random
+    initialisation (seed ``seed``; the global RNG is left alone)."""
+    import time
+
+    from ..probe import linear_probe
+
+    t0 = time.perf_counter()
+    result = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
+              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "unit": "utterances",
+              "seed": seed, **linear_probe(pooled_speech_features(encoder, task, device=device), task)}
+    if floor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            rand = AudioEncoder(encoder.config).to(device)
+        result["random_init"] = linear_probe(pooled_speech_features(rand, task, device=device), task)
+        result["margin"] = result["accuracy"] - result["random_init"]["accuracy"]
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def is_speech_model(path) -> bool:
+    """Whether ``path`` is a speech run directory or a ``Data2VecAudioModel`` directory."""
+    path = Path(path)
+    for name, key, want in (("config.json", "modality", "audio"), ("config.json", "model_type", "data2vec-audio"),
+                            ("encoder.json", "modality", "audio")):
+        try:
+            if json.loads((path / name).read_text()).get(key) == want:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
+def speech_held_out(run_config: dict, task) -> bool | None:
+    """Whether the run cannot have pretrained on the probe's texts: True for a built-in speech
+    corpus (its texts stop before the reserved modules), None for any other corpus."""
+    from ..data.audio.corpus import read_audio_meta
+
+    data_dir = run_config.get("data_dir")
+    if not data_dir:
+        return None
+    try:
+        meta = read_audio_meta(Path(data_dir))
+    except UsageError:
+        return None
+    source = str(((meta.get("source") or {}).get("inputs") or [""])[0])
+    if "builtin" not in meta or not source.startswith("espeak-ng:") or ":n" not in source:
+        return None
+    try:
+        texts = int(source.rsplit(":n", 1)[1])  # the passages it read, before any was dropped
+    except ValueError:
+        return None
+    # every built-in corpus reads the first passages before the reserved modules; one made
+    # before they were reserved read past them only when it asked for more than that
+    return texts <= task.record.get("pretraining_texts_available", 0)
+
+
+def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: str = "cpu", out=None) -> dict:
+    """``python -m d2v_fast.probe`` for a speech run directory or a ``Data2VecAudioModel``
+    directory, on the built-in speaker task or a user's (``task``: a JSON-lines file of
+    ``audio`` and ``label``); a run directory (or ``out``) gets probe.json."""
+    from ..data.audio import probe_task as speech_probe
+    from ..export import load_pretrained
+    from ..models.audio import read_hf_dir
+    from ..probe import PROBE_FILE, write_result
+
+    builtin = task is None or str(task) == "builtin"
+    # a bad task file stops before the model is read
+    loaded = None if builtin else speech_probe.read_user_speech_task(task)
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    if not isinstance(hf, dict):
+        hf = {}
+    if hf.get("model_type") == "data2vec-audio":
+        kind = "hf"
+        try:
+            enc_cfg, weights = read_hf_dir(path)
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise UsageError(f"probe {path}: {err}") from None
+        encoder = AudioEncoder(enc_cfg)
+        state = encoder.state_dict()
+        weights.setdefault("masked_spec_embed", state["masked_spec_embed"])  # unused by the forward pass
+        encoder.load_state_dict(weights)
+        encoder.eval()
+    else:
+        kind = "run"
+        encoder = load_pretrained(path)
+    if builtin:
+        # the size is read here, not bound at import, so that tests can probe a small task
+        loaded = speech_probe.read_speech_probe(speech_probe.builtin_speech_probe(speech_probe.PROBE_UTTERANCES))
+    result = {"model": str(path), "kind": kind, **probe_speech(encoder.to(device), loaded, seed=seed, device=device),
+              "test_held_out_of_pretraining": speech_held_out(hf, loaded) if kind == "run" and builtin else None}
+    target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
+    if target is not None:
+        write_result(result, target)
+    return result
+
+
 # ----------------------------------------------------------------------------- the modality
 class AudioModality(Modality):
     name = "audio"
@@ -292,7 +433,7 @@ class AudioModality(Modality):
     encoder_presets = AUDIO_PRESETS
     size_presets = SIZE_PRESETS
     recipe_presets = RECIPE_PRESETS
-    has_probe = False
+    has_probe = True  # at the end of a job, on the built-in speaker task (probe_speech); not every N steps
 
     # ---------------------------------------------------------------- config
     def validate(self, cfg) -> None:
@@ -320,6 +461,12 @@ class AudioModality(Modality):
             need(r.decoder_kernel % 2 == 1, "--recipe.decoder_kernel", r.decoder_kernel, "must be odd")
             need(r.head_hidden_mult == 0, "--recipe.head_hidden_mult", r.head_hidden_mult,
                  "the speech decoder ends in one Linear; use 0")
+        t = cfg.train
+        need(t.probe_task in ("builtin", "none"), "--train.probe_task", t.probe_task,
+             "the job's speech probe is the built-in speaker task: builtin or none (probe your own "
+             "labels afterwards: python -m d2v_fast.probe RUN --task FILE.jsonl)")
+        need(t.probe_every == 0, "--train.probe_every", t.probe_every,
+             "speech is probed at the end of the job only; set 0")
 
     # ---------------------------------------------------------------- models
     def build_encoder(self, enc_cfg: AudioEncoderConfig) -> AudioEncoder:

@@ -157,7 +157,9 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
                          shard_samples: int = DEFAULT_SHARD_SAMPLES, force: bool = False,
                          progress: bool = True, extra_meta: dict | None = None) -> Path:
     """Build a speech corpus from audio files (``inputs``) or in-memory
-    ``(name, samples, rate)`` triples (``utterances`` with a stable ``source_id``)."""
+    ``(name, samples, rate)`` triples (``utterances`` with a stable ``source_id``).
+    ``extra_meta`` is read only after the last utterance, so an ``utterances`` generator may
+    fill it (the speech probe records the labels of what it yielded)."""
     out = Path(out)
     if (inputs is None) == (utterances is None):
         raise ValueError("pass exactly one of inputs= or utterances=")

@@ -1,0 +1,259 @@
+"""Speech probe tasks: the built-in one (which eSpeak NG voice variant speaks an utterance)
+and a user's (a JSON-lines file of ``audio`` paths and ``label``s).
+
+A SUPERB-style speaker identification task on synthetic speech: every utterance is read by
+one of the 12 voice variants of the built-in speech corpus (``m1`` ... ``klatt2``: each its
+own pitch range, formant scaling, breathiness and voicing source, i.e. a "speaker"), in one
+of its 7 English accents, at a random rate and pitch, so the label is not one easy
+attribute (the mean pitch, say) and the accent and text vary within every class. Every
+utterance is cut to exactly ``PROBE_SECONDS`` (3 s), so batches need no padding.
+
+Nothing here can have been seen in pretraining on the built-in speech corpus:
+- the texts are passages of the docstrings of the standard-library modules that sort from
+  ``RESERVED_FROM`` ('unittest') on, which ``builtin.speech_texts`` leaves out of every
+  built-in speech corpus (they come last in its order: the corpora it builds are unchanged);
+- voices, rates and pitches are drawn from their own seeded stream, not ``voice_for``.
+
+The task is cached like the corpus, under ``$D2V_FAST_CACHE``, as a prepared speech corpus
+(``meta.json``, shards, ``utterances.tsv``) whose ``meta.json`` key ``probe`` holds the
+classes, each utterance's label and its split (by utterance, stratified by label, seeded:
+60/20/20 train/val/test).
+
+A user task: one JSON object per line, ``{"audio": PATH, "label": ..., "split": ...}``
+(``split`` optional, as for text tasks; PATH relative to the file's directory). Each file
+is decoded, resampled to 16 kHz, normalised and cut to ``USER_MAX_SECONDS`` as corpus
+preparation does, and held in memory (a probe task is small).
+"""
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UsageError
+from ..builtin import cache_dir, stdlib_labelled_docstrings
+from ..probe_task import SPLIT_SEED, SPLITS, complete_splits, split_by_document
+from .builtin import VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, speakable_chunks
+from .corpus import META, SAMPLE_RATE, AudioCorpus, open_audio_corpus
+from .prepare import SILENCE_VAR
+
+PROBE_SPEECH_VERSION = 1  # bump when the texts, the draws or the cut below change
+PROBE_UTTERANCES = 600    # 50 per variant: 360/120/120 train/val/test
+PROBE_SECONDS = 3.0
+PIECE_CHARS = (90, 160)   # texts cut at word ends: ~4 s or more of speech at the fastest rate
+_STREAM = 0x7370_6b72     # the probe's own draw stream ("spkr"), apart from voice_for's
+
+
+def probe_texts(n: int, workers: int | None = None) -> tuple[list[str], int]:
+    """``n`` texts from the reserved modules' docstrings (passages cut into pieces of
+    PIECE_CHARS at word ends, in the docstrings' order), and the number of speakable
+    passages the built-in speech corpus can draw on (those before the reserved modules)."""
+    texts: list[str] = []
+    available = 0
+    for module, doc in stdlib_labelled_docstrings(workers):
+        chunks = speakable_chunks(doc)
+        if module < RESERVED_FROM:
+            available += len(chunks)
+            continue
+        for chunk in chunks:
+            texts.extend(_pieces(chunk))
+    if len(texts) < n:
+        raise UsageError(f"speech probe: the reserved docstrings give only {len(texts)} texts, {n} asked for; "
+                         f"ask for fewer utterances")
+    # spread over all reserved modules rather than the first few
+    pick = np.linspace(0, len(texts) - 1, n).round().astype(int)
+    return [texts[i] for i in pick], available
+
+
+def _pieces(chunk: str) -> list[str]:
+    out, cur = [], ""
+    for word in chunk.split():
+        cur = f"{cur} {word}".strip()
+        if len(cur) >= PIECE_CHARS[0]:
+            out.append(cur[:PIECE_CHARS[1]])
+            cur = ""
+    return out
+
+
+def probe_voice(index: int) -> dict:
+    """Utterance ``index``'s variant (the label, balanced: index mod 12), accent, rate and pitch."""
+    rng = np.random.default_rng([_STREAM, PROBE_SPEECH_VERSION, index])
+    variant = VARIANTS[index % len(VARIANTS)]
+    return {"voice": f"{VOICES[rng.integers(len(VOICES))]}+{variant}",
+            "rate": int(rng.integers(RATE_WPM[0], RATE_WPM[1] + 1)),
+            "pitch": int(rng.integers(PITCH[0], PITCH[1] + 1))}
+
+
+def _synth(job: tuple[int, str]) -> tuple[str, np.ndarray | None]:
+    """Worker: utterance ``index``'s name and its first PROBE_SECONDS at 16 kHz (None when
+    the speech is shorter)."""
+    from .resample import resample
+
+    index, text = job
+    engine = Espeak.get()
+    v = probe_voice(index)
+    wav = resample(engine.synthesize(text, **v).astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
+    n = int(PROBE_SECONDS * SAMPLE_RATE)
+    # cut before preparation normalises it: each utterance is zero-mean unit-variance over
+    # the 3 s the encoder sees, as Wav2Vec2FeatureExtractor would make it
+    return f"probe{index:05d} {v['voice']} rate={v['rate']} pitch={v['pitch']}", \
+        (wav[:n] if len(wav) >= n and wav[:n].var() > SILENCE_VAR else None)
+
+
+def _synthesized(texts: list[str], workers: int):
+    from .builtin import _init_worker
+
+    jobs = list(enumerate(texts))
+    if workers <= 1:
+        yield from map(_synth, jobs)
+        return
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap(_synth, jobs, chunksize=8)
+
+
+def builtin_speech_probe_path(utterances: int = PROBE_UTTERANCES) -> Path:
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return cache_dir() / f"speech-probe-espeak-{tag}-v{PROBE_SPEECH_VERSION}-n{utterances}"
+
+
+def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | None = None,
+                         progress: bool = True) -> Path:
+    """Path of the built-in speech probe task (a prepared speech corpus with labels),
+    building it on first use; safe from several processes at once (a lock)."""
+    from ..prepare import default_workers
+    from .prepare import prepare_audio_corpus
+
+    if utterances < 5 * len(VARIANTS):
+        raise UsageError(f"speech probe: {utterances} utterances; need at least {5 * len(VARIANTS)} "
+                         f"(five per class, so that train, val and test each get some)")
+    out = builtin_speech_probe_path(utterances)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cache directory {out.parent}: cannot be created ({err.strerror}); "
+                         f"set D2V_FAST_CACHE to a writable directory") from None
+    workers = default_workers() if workers is None else workers
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / META).is_file():
+            try:
+                read_speech_probe(out)
+                return out
+            except UsageError:
+                pass  # unreadable or unlabelled: rebuilt below
+        version = Espeak.get().version  # fails early, with one line, when espeak is missing
+        if progress:
+            print(f"building the built-in speech probe task ({utterances} utterances by eSpeak NG {version}, "
+                  f"{len(VARIANTS)} voice variants) into {out}", file=sys.stderr, flush=True)
+        texts, available = probe_texts(utterances, workers)
+        record: dict = {}
+
+        def kept():
+            labels = []
+            for name, wav in _synthesized(texts, workers):
+                if wav is not None:  # too short (rare): left out, so every class keeps ~n/12
+                    labels.append(name.split()[1].split("+")[1])
+                    yield name, wav, SAMPLE_RATE
+            # prepare_audio_corpus reads extra_meta after the last utterance (documented there)
+            record["probe"] = {
+                "label": "eSpeak NG voice variant (speaker identity)", "classes": list(VARIANTS),
+                "labels": [VARIANTS.index(l) for l in labels], "splits": split_by_document(labels, seed=SPLIT_SEED),
+                "split_seed": SPLIT_SEED, "seconds": PROBE_SECONDS, "texts_from_modules": f">= {RESERVED_FROM!r}",
+                "pretraining_texts_available": available, "engine": f"eSpeak NG {version}"}
+
+        source_id = (f"espeak-ng:{version}:python-stdlib-docstrings:{sys.version.split()[0]}:speech-probe"
+                     f":v{PROBE_SPEECH_VERSION}:n{utterances}")
+        prepare_audio_corpus(out, utterances=kept(), source_id=source_id, min_seconds=PROBE_SECONDS,
+                             max_seconds=PROBE_SECONDS, force=True, progress=progress, extra_meta=record)
+        read_speech_probe(out)  # every kept utterance has its label
+        return out
+
+
+@dataclass
+class SpeechProbeTask:
+    """What ``d2v_fast.probe.linear_probe`` reads off a task (labels, classes, split indices)
+    and the audio: ``corpus[i]`` is utterance ``i``."""
+
+    corpus: AudioCorpus | list  # a list of float32 arrays for a user's task
+    labels: list[int]
+    classes: list[str]
+    splits: list[str]
+    source: str
+    record: dict
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+
+def read_speech_probe(path: str | Path, *, flag: str = "speech probe task") -> SpeechProbeTask:
+    corpus = open_audio_corpus(path, flag=flag)
+    rec = corpus.meta.get("probe")
+    if not isinstance(rec, dict) or len(rec.get("labels", ())) != len(corpus) \
+            or len(rec.get("splits", ())) != len(corpus):
+        raise UsageError(f"{flag} {path}: holds no labels for its {len(corpus)} utterances (meta.json 'probe'); "
+                         f"delete it so that it is rebuilt")
+    return SpeechProbeTask(corpus=corpus, labels=[int(x) for x in rec["labels"]], classes=list(rec["classes"]),
+                           splits=list(rec["splits"]), source=str(path), record=rec)
+
+
+# ----------------------------------------------------------------------------- a user's task
+USER_MAX_SECONDS = 20.0  # the published recipes' longest training utterance
+
+
+def read_user_speech_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> SpeechProbeTask:
+    """A JSON-lines speech task (see the module docstring); UsageError naming the line or file."""
+    import json
+
+    from .prepare import decode, to_corpus_audio
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with 'audio' and 'label' fields")
+    waves, raw_labels, given = [], [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8 JSON lines") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}:{n}: not a JSON object; one object per line with 'audio' and 'label'")
+        for field in ("audio", "label"):
+            if field not in obj:
+                found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+                raise UsageError(f"{path}:{n}: no {field!r} field (found {found}); every line of a speech task "
+                                 f"needs 'audio' (a file path) and 'label'")
+        label, split = obj["label"], obj.get("split")
+        if not isinstance(obj["audio"], str) or not obj["audio"]:
+            raise UsageError(f"{path}:{n}: 'audio' must be a file path (a non-empty string)")
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise UsageError(f"{path}:{n}: 'label' {label!r} must be a string or an integer")
+        if split is not None and split not in SPLITS:
+            raise UsageError(f"{path}:{n}: 'split' {split!r}: expected one of {', '.join(SPLITS)} or no split field")
+        audio = path.parent / obj["audio"]
+        if not audio.is_file():
+            raise UsageError(f"{path}:{n}: audio file {audio} does not exist; paths are relative to the task file")
+        wav, rate = decode(audio)
+        wav = to_corpus_audio(wav, rate, str(audio))
+        if wav is None:
+            raise UsageError(f"{audio}: silent; remove it from {path}")
+        waves.append(wav[:int(USER_MAX_SECONDS * SAMPLE_RATE)])
+        raw_labels.append(str(label))
+        given.append(split)
+    classes = sorted(set(raw_labels))
+    if len(classes) < 2:
+        what = f"only the label {classes[0]!r}" if classes else "no utterances"
+        raise UsageError(f"{flag} {path}: {what}; a probe needs at least 2 classes")
+    splits = complete_splits(raw_labels, given, path, flag=flag, seed=seed, what="utterances")
+    index = {c: i for i, c in enumerate(classes)}
+    return SpeechProbeTask(corpus=waves, labels=[index[l] for l in raw_labels], classes=classes, splits=splits,
+                           source=str(path), record={"label": "user labels"})
