@@ -13,6 +13,7 @@ key ``probe``).
 from __future__ import annotations
 
 import ast
+import contextlib
 import fcntl
 import hashlib
 import multiprocessing as mp
@@ -21,7 +22,7 @@ import shutil
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import UsageError
 from .corpus import META, read_meta
@@ -121,6 +122,29 @@ def builtin_corpus_path(vocab_size: int = BUILTIN_VOCAB_SIZE) -> Path:
     return cache_dir() / f"stdlib-docstrings-{tag}-v{BUILTIN_VERSION}-bpe{vocab_size}"
 
 
+@contextlib.contextmanager
+def build_once(out: Path, is_ready: Callable[[Path], object]) -> Iterator[bool]:
+    """Around building the cached ``out``: makes its cache folder (one line naming
+    ``D2V_FAST_CACHE`` when it cannot), holds an exclusive lock on it and yields whether a
+    finished build is there already: ``out/meta.json`` exists and ``is_ready(out)`` is truthy
+    (a UsageError from it counts as not ready). Safe from several processes at once
+    (torchrun ranks, loader workers): one builds, the others wait and then find it ready."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cache directory {out.parent}: cannot be created ({err.strerror}); "
+                         f"set D2V_FAST_CACHE to a writable directory") from None
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ready = False
+        if (out / META).is_file():
+            try:
+                ready = bool(is_ready(out))
+            except UsageError:
+                ready = False  # unreadable: built again
+        yield ready
+
+
 def builtin_corpus(vocab_size: int = BUILTIN_VOCAB_SIZE, *, workers: int | None = None,
                    progress: bool = True) -> Path:
     """Path of the prepared built-in corpus, building it on first use.
@@ -129,22 +153,12 @@ def builtin_corpus(vocab_size: int = BUILTIN_VOCAB_SIZE, *, workers: int | None 
     wait on a lock and then find it ready.
     """
     out = builtin_corpus_path(vocab_size)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cache directory {out.parent}: cannot be created ({err.strerror}); "
-                         f"set D2V_FAST_CACHE to a writable directory") from None
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / META).is_file():
-            try:
-                if probe_record(read_meta(out), out) is not None:
-                    return out
-            except UsageError:
-                pass  # unreadable: rebuild below
-            # unreadable, or without an intact hold-out record: it may hold the probe's
-            # test documents, so it is rebuilt rather than reused
-            shutil.rmtree(out, ignore_errors=True)
+    with build_once(out, lambda p: probe_record(read_meta(p), p) is not None) as ready:
+        if ready:
+            return out
+        # unreadable, or without an intact hold-out record: it may hold the probe's test
+        # documents, so it is removed rather than reused, even if the build below fails
+        shutil.rmtree(out, ignore_errors=True)
         if progress:
             print(f"building the built-in corpus (Python {sys.version.split()[0]} standard-library "
                   f"docstrings) into {out}", file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import multiprocessing as mp
 import re
 import sys
@@ -30,9 +29,9 @@ from typing import Iterator
 import numpy as np
 
 from ...errors import UsageError, cli_entry
-from ..builtin import cache_dir, stdlib_labelled_docstrings
+from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
 from ..prepare import default_workers
-from .corpus import META, SAMPLE_RATE, read_audio_meta
+from .corpus import SAMPLE_RATE, read_audio_meta
 from .prepare import prepare_audio_corpus
 from .resample import resample
 
@@ -206,20 +205,10 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
     if utterances < 1:
         raise UsageError(f"--utterances {utterances}: must be at least 1")
     out = builtin_speech_path(utterances)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cache directory {out.parent}: cannot be created ({err.strerror}); "
-                         f"set D2V_FAST_CACHE to a writable directory") from None
     workers = default_workers() if workers is None else workers
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / META).is_file():
-            try:
-                read_audio_meta(out)
-                return out
-            except UsageError:
-                pass  # unreadable: rebuild below
+    with build_once(out, read_audio_meta) as ready:
+        if ready:
+            return out
         engine_version = Espeak.get().version  # fails early, with one line, when espeak is missing
         if progress:
             print(f"building the built-in speech corpus ({utterances} standard-library docstring passages read "

@@ -26,7 +26,6 @@ preparation does, and held in memory (a probe task is small).
 """
 from __future__ import annotations
 
-import fcntl
 import multiprocessing as mp
 import sys
 from dataclasses import dataclass
@@ -35,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UsageError
-from ..builtin import cache_dir, stdlib_labelled_docstrings
+from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
 from ..probe_task import SPLIT_SEED, SPLITS, complete_splits, split_by_document
 from .builtin import VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, speakable_chunks
-from .corpus import META, SAMPLE_RATE, AudioCorpus, open_audio_corpus
+from .corpus import SAMPLE_RATE, AudioCorpus, open_audio_corpus
 from .prepare import SILENCE_VAR
 
 PROBE_SPEECH_VERSION = 1  # bump when the texts, the draws or the cut below change
@@ -131,20 +130,10 @@ def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | N
         raise UsageError(f"speech probe: {utterances} utterances; need at least {5 * len(VARIANTS)} "
                          f"(five per class, so that train, val and test each get some)")
     out = builtin_speech_probe_path(utterances)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cache directory {out.parent}: cannot be created ({err.strerror}); "
-                         f"set D2V_FAST_CACHE to a writable directory") from None
     workers = default_workers() if workers is None else workers
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / META).is_file():
-            try:
-                read_speech_probe(out)
-                return out
-            except UsageError:
-                pass  # unreadable or unlabelled: rebuilt below
+    with build_once(out, lambda p: read_speech_probe(p) is not None) as ready:
+        if ready:
+            return out
         version = Espeak.get().version  # fails early, with one line, when espeak is missing
         if progress:
             print(f"building the built-in speech probe task ({utterances} utterances by eSpeak NG {version}, "

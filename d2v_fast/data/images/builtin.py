@@ -14,7 +14,6 @@ holding the four ``*-ubyte.gz`` files.
 """
 from __future__ import annotations
 
-import fcntl
 import gzip
 import os
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UsageError
-from ..builtin import cache_dir
-from .corpus import META, read_meta
+from ..builtin import build_once, cache_dir
+from .corpus import read_meta
 from .prepare import write_image_corpus
 
 BUILTIN_VERSION = 1  # bump when the conversion below changes
@@ -85,19 +84,9 @@ def builtin_images(*, limit: int | None = None, progress: bool = True) -> Path:
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     out = builtin_images_path(limit)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cache directory {out.parent}: cannot be created ({err.strerror}); "
-                         f"set D2V_FAST_CACHE to a writable directory") from None
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / META).is_file():
-            try:
-                read_meta(out)
-                return out
-            except UsageError:
-                pass  # unreadable: rebuild below
+    with build_once(out, read_meta) as ready:
+        if ready:
+            return out
         images, labels = load_fashion_mnist()
         train = np.arange(60000) if limit is None else np.arange(min(limit, 60000))
         test = 60000 + (np.arange(10000) if limit is None else np.arange(min(max(limit // 6, 1), 10000)))
