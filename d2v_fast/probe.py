@@ -116,13 +116,6 @@ def load_probed(path: str | os.PathLike) -> Probed:
     return Probed(encoder, load_tokenizer(tok_dir, flag=f"{path}: tokenizer"), "run", path, corpus)
 
 
-def random_init_like(encoder: Encoder, seed: int) -> Encoder:
-    """The same architecture at random initialisation, without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Encoder(encoder.config).eval()
-
-
 # ----------------------------------------------------------------------------- features
 def tokenize(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     """``<s> text </s>`` as in pretraining blocks, cut to ``max_len`` tokens."""
@@ -215,6 +208,38 @@ def linear_probe(features: torch.Tensor, task) -> dict:
 
 
 # ----------------------------------------------------------------------------- the probe
+def probe_with_floor(encoder, task, features, fresh, head: dict, *, floor: bool = True, seed: int = 0) -> dict:
+    """The probe of every modality: ``linear_probe`` of ``features(encoder)`` ([N, C] pooled
+    features of the task's examples) and, with ``floor``, of ``features(fresh())``, the same
+    architecture at random initialisation made under ``seed`` (the global RNG is left as it
+    was). ``head`` leads the JSON-ready result (task, classes, examples, ...)."""
+    t0 = time.perf_counter()
+    result = {**head, "seed": seed, **linear_probe(features(encoder), task)}
+    if floor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            rand = fresh()
+        result["random_init"] = linear_probe(features(rand), task)
+        result["margin"] = result["accuracy"] - result["random_init"]["accuracy"]
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def is_model_dir(path, modality: str, hf_model_type: str) -> bool:
+    """Whether ``path`` is a run directory of ``modality`` or a Hugging Face model directory
+    of ``hf_model_type`` (``config.json``'s ``modality`` or ``model_type``, or the run's
+    ``encoder.json``)."""
+    path = Path(path)
+    for name, key, want in (("config.json", "modality", modality), ("config.json", "model_type", hf_model_type),
+                            ("encoder.json", "modality", modality)):
+        try:
+            if json.loads((path / name).read_text()).get(key) == want:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
 def load_task(task: str | os.PathLike | None, *, progress: bool = False):
     """A task file, or the built-in task (None or "builtin")."""
     from .data.probe_task import read_task
@@ -231,24 +256,21 @@ def probe_encoder(encoder: Encoder, tokenizer, task, *, floor: bool = True, seed
                   device: torch.device | str = "cpu") -> dict:
     """Probe ``encoder`` (left in the mode it came in) and, with ``floor``, the same
     architecture at random initialisation. Returns the result as a JSON-ready dict."""
-    t0 = time.perf_counter()
     max_len = max(3, min(max_len, encoder.config.max_seq_len))
     ids = tokenize(tokenizer, task.texts, max_len)
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        feats = mean_pooled(encoder, ids, batch_size=batch_size, device=device)
-    finally:
-        encoder.train(was_training)
-    result = {"task": task.source, "classes": len(task.classes),
-              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")},
-              "max_len": max_len, "seed": seed, **linear_probe(feats, task)}
-    if floor:
-        rand = random_init_like(encoder, seed).to(device)
-        result["random_init"] = linear_probe(mean_pooled(rand, ids, batch_size=batch_size, device=device), task)
-        result["margin"] = result["accuracy"] - result["random_init"]["accuracy"]
-    result["seconds"] = time.perf_counter() - t0
-    return result
+
+    def features(enc):
+        was_training = enc.training
+        enc.eval()
+        try:
+            return mean_pooled(enc, ids, batch_size=batch_size, device=device)
+        finally:
+            enc.train(was_training)
+
+    head = {"task": task.source, "classes": len(task.classes),
+            "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "max_len": max_len}
+    return probe_with_floor(encoder, task, features, lambda: Encoder(encoder.config).to(device), head,
+                            floor=floor, seed=seed)
 
 
 def held_out(probed: Probed, task) -> bool | None:

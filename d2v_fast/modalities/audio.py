@@ -326,35 +326,19 @@ def probe_speech(encoder: AudioEncoder, task, *, floor: bool = True, seed: int =
     """Linear probe (``d2v_fast.probe.linear_probe``) of the frozen encoder on a speech task
     (``data/audio/probe_task.py``), and with ``floor`` the same architecture at random
     initialisation (seed ``seed``; the global RNG is left alone)."""
-    import time
+    from ..probe import probe_with_floor
 
-    from ..probe import linear_probe
-
-    t0 = time.perf_counter()
-    result = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
-              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "unit": "utterances",
-              "seed": seed, **linear_probe(pooled_speech_features(encoder, task, device=device), task)}
-    if floor:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            rand = AudioEncoder(encoder.config).to(device)
-        result["random_init"] = linear_probe(pooled_speech_features(rand, task, device=device), task)
-        result["margin"] = result["accuracy"] - result["random_init"]["accuracy"]
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    head = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
+            "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "unit": "utterances"}
+    return probe_with_floor(encoder, task, lambda enc: pooled_speech_features(enc, task, device=device),
+                            lambda: AudioEncoder(encoder.config).to(device), head, floor=floor, seed=seed)
 
 
 def is_speech_model(path) -> bool:
     """Whether ``path`` is a speech run directory or a ``Data2VecAudioModel`` directory."""
-    path = Path(path)
-    for name, key, want in (("config.json", "modality", "audio"), ("config.json", "model_type", "data2vec-audio"),
-                            ("encoder.json", "modality", "audio")):
-        try:
-            if json.loads((path / name).read_text()).get(key) == want:
-                return True
-        except (OSError, ValueError, AttributeError):
-            pass
-    return False
+    from ..probe import is_model_dir
+
+    return is_model_dir(path, "audio", "data2vec-audio")
 
 
 def speech_held_out(run_config: dict, task) -> bool | None:

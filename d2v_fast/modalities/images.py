@@ -341,35 +341,20 @@ def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor: bool = T
                  device="cpu") -> dict:
     """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.probe``'s
     classifier), and with ``floor`` the same architecture at random initialisation."""
-    import time
+    from ..probe import probe_with_floor
 
-    from ..probe import linear_probe
-
-    t0 = time.perf_counter()
     task = image_probe_task(corpus)
-    result = {"task": f"{task.source} (image classes)", "classes": len(task.classes),
-              "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "seed": seed,
-              **linear_probe(pooled_features(encoder, corpus, task.images, device=device), task)}
-    if floor:
-        torch.manual_seed(seed)
-        rand = VisionEncoder(encoder.config).to(device)
-        result["random_init"] = linear_probe(pooled_features(rand, corpus, task.images, device=device), task)
-        result["margin"] = result["accuracy"] - result["random_init"]["accuracy"]
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    head = {"task": f"{task.source} (image classes)", "classes": len(task.classes),
+            "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}}
+    return probe_with_floor(encoder, task, lambda enc: pooled_features(enc, corpus, task.images, device=device),
+                            lambda: VisionEncoder(encoder.config).to(device), head, floor=floor, seed=seed)
 
 
 def is_image_model(path) -> bool:
     """Whether ``path`` is a run directory of an image run or a ``Data2VecVisionModel`` export."""
-    path = Path(path)
-    for name, key, want in (("config.json", "modality", "images"), ("config.json", "model_type", "data2vec-vision"),
-                            ("encoder.json", "modality", "images")):
-        try:
-            if json.loads((path / name).read_text()).get(key) == want:
-                return True
-        except (OSError, ValueError, AttributeError):
-            pass
-    return False
+    from ..probe import is_model_dir
+
+    return is_model_dir(path, "images", "data2vec-vision")
 
 
 def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None) -> dict:
