@@ -83,45 +83,61 @@ def complete_splits(raw_labels: Sequence[str], given: Sequence[str | None], path
     return splits
 
 
+def labelled_lines(path: str | Path, field: str, *, flag: str = "--task", needs: str = ""):
+    """The lines of a JSON-lines task file, checked: yields ``(line number, obj[field], label
+    as a string, split or None)`` per non-empty line; a missing file, non-UTF-8 text, a line
+    that is not an object, a missing field, a label that is neither a string nor an integer or
+    an unknown split is a UsageError naming the file (and line). ``needs`` says what every
+    line must hold (for the message)."""
+    path = Path(path)
+    needs = needs or f"{field!r} and 'label'"
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with {needs} on every line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8 JSON lines") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}:{n}: not a JSON object; one object per line with {needs}")
+        for name in (field, "label"):
+            if name not in obj:
+                found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+                raise UsageError(f"{path}:{n}: no {name!r} field (found {found}); every line needs {needs}")
+        label, split = obj["label"], obj.get("split")
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise UsageError(f"{path}:{n}: 'label' {label!r} must be a string or an integer")
+        if split is not None and split not in SPLITS:
+            raise UsageError(f"{path}:{n}: 'split' {split!r}: expected one of {', '.join(SPLITS)} or no split field")
+        yield n, obj[field], str(label), split
+
+
+def label_classes(raw_labels: list[str], path, *, flag: str = "--task", what: str = "documents") -> list[str]:
+    """The sorted class names; fewer than two is a UsageError."""
+    classes = sorted(set(raw_labels))
+    if len(classes) < 2:
+        found = f"only the label {classes[0]!r}" if classes else f"no {what}"
+        raise UsageError(f"{flag} {path}: {found}; a probe needs at least 2 classes")
+    return classes
+
+
 def read_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> Task:
     """Read a task file; documents without a ``split`` field are split by ``split_by_document``."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with 'text' and 'label' fields")
     texts, raw_labels, given = [], [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line") from None
-                if not isinstance(obj, dict):
-                    raise UsageError(f"{path}:{n}: not a JSON object; one object per line with 'text' and 'label'")
-                for field in ("text", "label"):
-                    if field not in obj:
-                        found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
-                        raise UsageError(f"{path}:{n}: no {field!r} field (found {found}); every line needs "
-                                         f"'text' and 'label'")
-                text, label, split = obj["text"], obj["label"], obj.get("split")
-                if not isinstance(text, str) or not text.strip():
-                    raise UsageError(f"{path}:{n}: 'text' must be a non-empty string")
-                if not isinstance(label, (str, int)) or isinstance(label, bool):
-                    raise UsageError(f"{path}:{n}: 'label' {label!r} must be a string or an integer")
-                if split is not None and split not in SPLITS:
-                    raise UsageError(f"{path}:{n}: 'split' {split!r}: expected one of {', '.join(SPLITS)} "
-                                     f"or no split field")
-                texts.append(text)
-                raw_labels.append(str(label))
-                given.append(split)
-        except UnicodeDecodeError:
-            raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8 JSON lines") from None
-    classes = sorted(set(raw_labels))
-    if len(classes) < 2:
-        what = f"only the label {classes[0]!r}" if classes else "no documents"
-        raise UsageError(f"{flag} {path}: {what}; a probe needs at least 2 classes")
+    for n, text, label, split in labelled_lines(path, "text", flag=flag):
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError(f"{path}:{n}: 'text' must be a non-empty string")
+        texts.append(text)
+        raw_labels.append(label)
+        given.append(split)
+    classes = label_classes(raw_labels, path, flag=flag)
     splits = complete_splits(raw_labels, given, path, flag=flag, seed=seed)
     index = {c: i for i, c in enumerate(classes)}
     return Task(texts=texts, labels=[index[l] for l in raw_labels], splits=list(splits), classes=classes,

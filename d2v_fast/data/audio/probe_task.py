@@ -35,7 +35,7 @@ import numpy as np
 
 from ...errors import UsageError
 from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
-from ..probe_task import SPLIT_SEED, SPLITS, complete_splits, split_by_document
+from ..probe_task import SPLIT_SEED, complete_splits, label_classes, labelled_lines, split_by_document
 from .builtin import VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, speakable_chunks
 from .corpus import SAMPLE_RATE, AudioCorpus, open_audio_corpus
 from .prepare import SILENCE_VAR
@@ -195,40 +195,14 @@ USER_MAX_SECONDS = 20.0  # the published recipes' longest training utterance
 
 def read_user_speech_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> SpeechProbeTask:
     """A JSON-lines speech task (see the module docstring); UsageError naming the line or file."""
-    import json
-
     from .prepare import decode, to_corpus_audio
 
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with 'audio' and 'label' fields")
     waves, raw_labels, given = [], [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8 JSON lines") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line") from None
-        if not isinstance(obj, dict):
-            raise UsageError(f"{path}:{n}: not a JSON object; one object per line with 'audio' and 'label'")
-        for field in ("audio", "label"):
-            if field not in obj:
-                found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
-                raise UsageError(f"{path}:{n}: no {field!r} field (found {found}); every line of a speech task "
-                                 f"needs 'audio' (a file path) and 'label'")
-        label, split = obj["label"], obj.get("split")
-        if not isinstance(obj["audio"], str) or not obj["audio"]:
+    for n, name, label, split in labelled_lines(path, "audio", flag=flag, needs="'audio' (a file path) and 'label'"):
+        if not isinstance(name, str) or not name:
             raise UsageError(f"{path}:{n}: 'audio' must be a file path (a non-empty string)")
-        if not isinstance(label, (str, int)) or isinstance(label, bool):
-            raise UsageError(f"{path}:{n}: 'label' {label!r} must be a string or an integer")
-        if split is not None and split not in SPLITS:
-            raise UsageError(f"{path}:{n}: 'split' {split!r}: expected one of {', '.join(SPLITS)} or no split field")
-        audio = path.parent / obj["audio"]
+        audio = path.parent / name
         if not audio.is_file():
             raise UsageError(f"{path}:{n}: audio file {audio} does not exist; paths are relative to the task file")
         wav, rate = decode(audio)
@@ -236,12 +210,9 @@ def read_user_speech_task(path: str | Path, *, flag: str = "--task", seed: int =
         if wav is None:
             raise UsageError(f"{audio}: silent; remove it from {path}")
         waves.append(wav[:int(USER_MAX_SECONDS * SAMPLE_RATE)])
-        raw_labels.append(str(label))
+        raw_labels.append(label)
         given.append(split)
-    classes = sorted(set(raw_labels))
-    if len(classes) < 2:
-        what = f"only the label {classes[0]!r}" if classes else "no utterances"
-        raise UsageError(f"{flag} {path}: {what}; a probe needs at least 2 classes")
+    classes = label_classes(raw_labels, path, flag=flag, what="utterances")
     splits = complete_splits(raw_labels, given, path, flag=flag, seed=seed, what="utterances")
     index = {c: i for i, c in enumerate(classes)}
     return SpeechProbeTask(corpus=waves, labels=[index[l] for l in raw_labels], classes=classes, splits=splits,
