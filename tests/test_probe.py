@@ -19,14 +19,14 @@ from d2v_fast.trainer import Trainer
 
 from .helpers import ROOT, losses, small_cfg, subprocess_env
 
-# The default job (tiny, 300 steps, CPU) measured over 5 runs (benchmarks/results/
-# probe-default-job-cpu.json): accuracy 0.43-0.46 against 0.45-0.48 for its random-init
-# floor, a margin of -0.028 to -0.003 for both target normalisations. The tiny encoder
-# does NOT beat the floor yet, so the test guards what holds, well inside those numbers:
-# far above chance (majority class 0.06), and not far below the floor (a collapsed or
-# broken encoder falls well under it).
-MIN_ACCURACY = 0.30
-MIN_MARGIN = -0.08
+# The default job (tiny, 300 steps, CPU; its probe's seed is the run's, 0) measured over
+# seeds 0-2 (benchmarks/results/probe-default-job-cpu.json): accuracy 0.48-0.49 against
+# 0.45-0.48 for its random-init floor, margins +0.036, +0.003 and +0.036. The test asserts
+# that the pretrained encoder beats its floor (seed 0 by 0.036; the worst seed's +0.003 is
+# within the task's noise, so no larger bound holds over seeds), and far above chance
+# (majority class 0.06).
+MIN_ACCURACY = 0.40
+MIN_MARGIN = 0.0
 
 
 def write_jsonl(path, rows):
@@ -212,7 +212,7 @@ def test_default_job_prints_and_writes_its_probe_result(default_job):
     res = json.loads((out / probe.PROBE_FILE).read_text())
     assert line == probe.summary(res)
     assert res["test_held_out_of_pretraining"] is True and res["classes"] >= 10
-    assert res["accuracy"] >= MIN_ACCURACY and res["margin"] >= MIN_MARGIN, res
+    assert res["accuracy"] >= MIN_ACCURACY and res["margin"] > MIN_MARGIN, res
 
 
 @pytest.mark.slow

@@ -205,7 +205,7 @@ def test_rerun_resumes_automatically_and_a_different_config_is_refused(builtin_c
     assert rc == 0 and "resumed from" in err and "(step 2)" in err
     assert sorted(losses(out)) == [1, 2, 3, 4]
     rc, err = run_cli(SMALL + ["--out", str(out), "--max-steps", "6", "--optim.lr", "0.5"], capsys)
-    assert rc == 2 and "holds a run with a different config (optim.lr: 0.001 there, 0.5 now)" in err
+    assert rc == 2 and "holds a run with a different config (optim.lr: 0.003 there, 0.5 now)" in err
     rc, err = run_cli(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", "no"], capsys)
     assert rc == 2 and "already holds checkpoints" in err
     assert sorted(losses(out)) == [1, 2, 3, 4]  # nothing was overwritten
