@@ -183,13 +183,16 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def synthesized(texts: list[str], workers: int) -> Iterator[tuple[str, np.ndarray, int]]:
+def synthesized(texts: list[str], workers: int, job=None) -> Iterator:
+    """``job((index, text))`` for every text, in order, in ``workers`` spawned processes
+    (``job`` a module-level function; the corpus's ``_synth_job`` by default)."""
+    job = job or _synth_job
     jobs = list(enumerate(texts))
     if workers <= 1:
-        yield from map(_synth_job, jobs)
+        yield from map(job, jobs)
         return
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(_synth_job, jobs, chunksize=8)
+        yield from pool.imap(job, jobs, chunksize=8)
 
 
 # ----------------------------------------------------------------------------- the corpus

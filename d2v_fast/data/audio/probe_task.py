@@ -26,7 +26,6 @@ preparation does, and held in memory (a probe task is small).
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 from ...errors import UsageError
 from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
 from ..probe_task import SPLIT_SEED, complete_splits, label_classes, labelled_lines, split_by_document
-from .builtin import VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, speakable_chunks
+from .builtin import VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, speakable_chunks, synthesized
 from .corpus import SAMPLE_RATE, AudioCorpus, open_audio_corpus
 from .prepare import SILENCE_VAR
 
@@ -103,17 +102,6 @@ def _synth(job: tuple[int, str]) -> tuple[str, np.ndarray | None]:
         (wav[:n] if len(wav) >= n and wav[:n].var() > SILENCE_VAR else None)
 
 
-def _synthesized(texts: list[str], workers: int):
-    from .builtin import _init_worker
-
-    jobs = list(enumerate(texts))
-    if workers <= 1:
-        yield from map(_synth, jobs)
-        return
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(_synth, jobs, chunksize=8)
-
-
 def builtin_speech_probe_path(utterances: int = PROBE_UTTERANCES) -> Path:
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
     return cache_dir() / f"speech-probe-espeak-{tag}-v{PROBE_SPEECH_VERSION}-n{utterances}"
@@ -143,7 +131,7 @@ def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | N
 
         def kept():
             labels = []
-            for name, wav in _synthesized(texts, workers):
+            for name, wav in synthesized(texts, workers, _synth):
                 if wav is not None:  # too short (rare): left out, so every class keeps ~n/12
                     labels.append(name.split()[1].split("+")[1])
                     yield name, wav, SAMPLE_RATE
