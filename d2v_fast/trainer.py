@@ -193,7 +193,10 @@ class Trainer:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            # eager even with --train.compile blocks: a compile per trial size would spend the
+            # recompile budget before the run's own size (and eager memory is the safe bound)
+            with torch.random.fork_rng(devices=[self.device] if cuda else []), \
+                    torch.compiler.set_stance("force_eager"):
                 with self.autocast(), self.attention():
                     pred, teacher_input = student(mb)
                     target = self.model.targets(mb, teacher_input)
