@@ -63,7 +63,7 @@ def open_offset_shards(path: Path, meta: dict, dtype: np.dtype, *, data: str, in
             raise UsageError(f"{ipath}: unreadable ({err}); {fix}") from None
         if (starts.ndim != 1 or len(starts) != shard[items] + 1 or starts[0] != 0
                 or starts[-1] != shard[count] or np.any(np.diff(starts) <= 0)):
-            raise UsageError(f"{ipath}: {items.removeprefix('num_')} offsets do not match {META}; {fix}")
+            raise UsageError(f"{ipath}: {items.removeprefix('num_').rstrip('s')} offsets do not match {META}; {fix}")
         shards.append(np.memmap(dpath, dtype=dtype, mode="r") if want else np.zeros(0, dtype))
         offsets.append(starts)
     return shards, offsets
