@@ -118,7 +118,7 @@ rm -rf "$RUN"
 stage pretrain 90 bash -c "$PY -m d2v_fast.pretrain --max-steps 100 --out $RUN --train.progress false \
   && cp $RUN/metrics.jsonl '$OUTDIR/pretrain-metrics.jsonl'"
 
-stage step-d2v-32-all 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers hf,d2v_fast --train.skip_on_device true \
+stage step-d2v-32-all 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers hf,d2v_fast --train.skip_on_device true --train.host_counts true \
   --train.compile blocks --train.fused_qkv true --train.bf16_teacher true --json "$OUTDIR/step.jsonl"
 stage step-d2v2-16 40 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 

@@ -71,6 +71,7 @@ class TrainConfig:
     max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
     # Performance switches (issue 13), each computing the same step; off until a GPU row shows a gain.
     skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
+    host_counts: bool = False  # masked-row counts taken from the CPU batch: gathers and targets allocate without a sync
     compile: str = "none"  # none | blocks (torch.compile of every student and teacher encoder block)
     fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     bf16_teacher: bool = False  # the EMA also writes a bf16 copy of the teacher's Linears, read by its forward

@@ -294,7 +294,10 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer update over this rank's micro-batches. Returns global metrics as
         tensors (reading them is the caller's choice, so steps need not sync)."""
-        count = torch.tensor([float(sum(int(mb["mask"].sum()) for mb in micro_batches))], device=self.device)
+        count = torch.tensor([float(sum(int(mb["mask"].sum()) for mb in micro_batches))])
+        if self.cfg.train.host_counts and self.device.type == "cuda":  # a pinned copy: no wait for the queue
+            count = count.pin_memory()
+        count = count.to(self.device, non_blocking=True)
         if self.distributed:
             dist.all_reduce(count)
         denom = count.clamp_min(1.0)
@@ -320,6 +323,8 @@ class Trainer:
         pad = mb.get("padding_mask")
         if pad is not None and not bool(pad.any()):  # checked on the CPU copy: no sync
             mb = dict(mb, padding_mask=None)
+        if self.cfg.train.host_counts:
+            mb = self._with_host_counts(mb)
         mb = self._to_device(mb)
         if self.fsdp:
             self.student.set_requires_gradient_sync(last)
@@ -342,6 +347,19 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=False) if cast_once else contextlib.nullcontext():
             (loss * (self.world_size / denom)).backward()
         return loss, pred, target
+
+    @staticmethod
+    def _with_host_counts(mb: dict) -> dict:
+        """``--train.host_counts``: the counts the step's masked gathers and target building
+        would otherwise read back from the device to size their outputs (one sync each),
+        taken from the micro-batch while it is still on the CPU: ``mask_rows``, the true
+        entries of ``mask``, and ``kept``, the false entries of its first row (data2vec 2.0:
+        every row of an unpadded batch keeps that many; a batch that sets it already wins)."""
+        mask = mb["mask"]
+        extra = {"mask_rows": int(mask.sum())}
+        if "kept" not in mb and mask.dim() == 2 and len(mask):
+            extra["kept"] = int((~mask[0]).sum())
+        return {**mb, **extra}
 
     def _finish_step(self, micro_batches, count, denom, loss_sum, tvar, pvar) -> dict:
         """Clip, then the optimizer update and one EMA step (or the skip of a non-finite one)."""

@@ -82,7 +82,7 @@ def test_decoder_input_dropout_in_training_only_and_teacher_takes_the_students_e
     gathered = []
     real_gather = rec.ops.masked_gather
     monkeypatch.setattr(rec.ops, "masked_gather",
-                        lambda x, m: (gathered.append(x), real_gather(x, m))[1])
+                        lambda x, m, count=None: (gathered.append(x), real_gather(x, m, count))[1])
     hooks = [student.encoder.encoder.layer[-1].register_forward_hook(lambda m, a, out: seen.update(enc=out[0])),
              student.decoder.register_forward_pre_hook(lambda m, a: seen.update(dec=a[0])),
              teacher[0].register_forward_pre_hook(lambda m, a: seen.update(teacher=a[0]))]

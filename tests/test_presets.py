@@ -99,6 +99,7 @@ BASE_V1 = {
     "train.min_pred_var": (0.01, "M2 Data2VecMultiConfig.min_pred_var (SPEC collapse guard)"),
     "train.max_skipped_steps": (10, OURS),
     "train.skip_on_device": (False, OURS + " (performance switch, same math)"),
+    "train.host_counts": (False, OURS + " (performance switch, same math)"),
     "train.compile": ("none", OURS + " (performance switch, same math)"),
     "train.fused_qkv": (False, OURS + " (performance switch, same math)"),
     "train.bf16_teacher": (False, OURS + " (performance switch, same math)"),

@@ -230,7 +230,8 @@ def test_all_switches_on_gpu_compute_the_same_losses(builtin_cache, tmp_path):
         return [r["loss"] for r in Trainer(cfg, open_corpus(builtin_cache), out, device="cuda").fit()]
 
     plain = losses(tmp_path / "plain")
-    fast = losses(tmp_path / "fast", skip_on_device=True, compile="blocks", fused_qkv=True, bf16_teacher=True)
+    fast = losses(tmp_path / "fast", skip_on_device=True, host_counts=True, compile="blocks", fused_qkv=True,
+                  bf16_teacher=True)
     for step, (a, b) in enumerate(zip(plain, fast), 1):
         assert abs(a - b) <= 1e-2 * abs(a), f"step {step}: defaults {a} all switches {b}"
 
@@ -395,3 +396,87 @@ def test_automatic_micro_batch_on_gpu(builtin_cache, tmp_path, monkeypatch):
     assert tr.fit_micro_batch(8, budget=budget) == 4
     stream = tr.batches()
     assert torch.isfinite(torch.as_tensor(float(tr.train_step(next(stream))["loss"])))
+
+
+# ----------------------------------------------------------------------------- host counts
+@pytest.mark.parametrize("side", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="the Triton side on CPU needs TRITON_INTERPRET=1 before import"))])
+@pytest.mark.parametrize("clones", [1, 3])
+@pytest.mark.parametrize("density", [0.0, 0.37, 1.0])
+def test_counted_gather_and_targets_match_the_synced_ones(side, clones, density):
+    """``--train.host_counts``: with the true count given, masked_gather (forward and backward)
+    and build_targets compute what they compute when they read the count from the device."""
+    B, T, C = 3, 17, 5
+    x = torch.randn(B, T, C, requires_grad=True)
+    mask = torch.rand(clones * B, T) < density
+    n = int(mask.sum())
+    layers = [torch.randn(B, T, C) for _ in range(3)]
+    ops.set_kernels(side)
+    try:
+        synced = ops.masked_gather(x, mask)
+        counted = ops.masked_gather(x, mask, n)
+        assert counted.shape == (n, C)
+        assert torch.equal(synced, counted)
+        g = torch.randn(n, C)
+        (ga,) = torch.autograd.grad(synced, x, g, allow_unused=True, materialize_grads=True)
+        (gb,) = torch.autograd.grad(counted, x, g, allow_unused=True, materialize_grads=True)
+        torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)  # clones: sums in another order
+        for norms in (("instance", None), ("layer", "layer"), ("instance", "instance"), (None, "layer")):
+            kw = dict(mask=mask, layer_norm=norms[0], final_norm=norms[1])
+            want, got = ops.build_targets(layers, **kw), ops.build_targets(layers, count=n, **kw)
+            assert got.shape == (n, C)
+            assert torch.equal(want, got), norms
+        if n:  # a count that disagrees with the mask is refused, not read past the rows
+            with pytest.raises(RuntimeError, match="count differs"):
+                ops.masked_gather(x, mask, n - 1)
+            with pytest.raises(RuntimeError, match="count differs"):
+                ops.build_targets(layers, mask=mask, count=n - 1, layer_norm="layer", final_norm=None)
+    finally:
+        ops.set_kernels("auto")
+
+
+@pytest.mark.parametrize("recipe", ["data2vec", "data2vec2"])
+def test_host_counts_compute_the_same_step(builtin_cache, tmp_path, recipe):
+    def run(out, **train):
+        cfg = small_cfg(builtin_cache, recipe=recipe, seq_len=32, micro_batch_size=4, **train)
+        cfg.model.num_layers, cfg.recipe.top_k, cfg.optim.warmup_steps = 2, 2, 2
+        tr = Trainer(cfg, open_corpus(builtin_cache), out)
+        stream = tr.batches()
+        return [float(tr.train_step(next(stream))["loss"]) for _ in range(3)], tr
+
+    synced, _ = run(tmp_path / "synced")
+    counted, tr = run(tmp_path / "counted", host_counts=True)
+    mb = next(tr.batches())[0]
+    extra = tr._with_host_counts(mb)
+    assert extra["mask_rows"] == int(mb["mask"].sum()) > 0
+    assert extra["kept"] == int((~mb["mask"][0]).sum())
+    for step, (a, b) in enumerate(zip(synced, counted), 1):
+        assert abs(a - b) <= 1e-6 * abs(a), f"step {step}: synced {a} host counts {b}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_host_counts_take_syncs_out_of_the_step_on_gpu(builtin_cache, tmp_path):
+    """Counted by CUDA's sync debug mode over one update (after a warm-up one): fewer
+    synchronising calls with ``--train.host_counts``; the numbers are printed for the log."""
+    import warnings
+
+    def syncs(out, **train):
+        cfg = small_cfg(builtin_cache, micro_batch_size=4, device="cuda", skip_on_device=True, **train)
+        tr = Trainer(cfg, open_corpus(builtin_cache), out, device="cuda")
+        stream = tr.batches()
+        tr.train_step(next(stream))
+        batch = next(stream)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tr.train_step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    synced, counted = syncs(tmp_path / "synced"), syncs(tmp_path / "counted", host_counts=True)
+    print(f"synchronising calls in one update of 2 micro-batches: {synced} by default, {counted} with host counts")
+    assert counted < synced

@@ -32,19 +32,45 @@ def mask_clones(x_shape: Sequence[int], mask_shape: Sequence[int], what: str) ->
                      f"[B, T] or [clones*B, T] for an input [B, T, C] (clones an integer >= 1)")
 
 
-def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def selected_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The flat indices of the true entries of ``mask`` (row-major), int64 ``[count]``, where
+    the caller knows ``count`` (the true entries) on the host: unlike ``mask.nonzero()`` or
+    ``x[mask]``, nothing waits for the device to say how many there are. Each true entry is
+    written to its slot (an exclusive cumsum); the false ones all go to one spare slot past
+    the end, which is dropped. A ``count`` that disagrees with the mask fails on the device
+    (an async assert), never reads past the rows."""
+    m = mask.reshape(-1)
+    csum = torch.cumsum(m, 0)
+    if m.numel():
+        torch._assert_async(csum[-1] == count, "selected_rows: count differs from mask.sum()")
+    slot = torch.where(m, csum - 1, count)
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(0, slot, torch.arange(m.numel(), device=mask.device))
+    return out[:count]
+
+
+def masked_gather(x: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
     """The rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, in row-major order: ``[N, C]``.
 
     Multi-mask (data2vec 2.0): ``mask`` may be ``[clones*B, T]``, row ``r`` belonging to sample
     ``r // clones``; then each true ``mask[r, t]`` (row-major) gives ``x[r // clones, t]``. The
     index runs on an expanded view (no ``[B*clones, T, C]`` copy of ``x``); its backward sums
-    the clones' gradients into ``grad_x[b, t]``."""
-    if tuple(mask.shape) == tuple(x.shape[:-1]):
-        return x[mask]
-    clones = mask_clones(x.shape, mask.shape, "masked_gather")
-    if x.dim() != 3:
+    the clones' gradients into ``grad_x[b, t]``.
+
+    ``count``: ``N``, when the caller knows it on the host (``--train.host_counts``): the rows
+    are then picked by ``index_select`` at ``selected_rows(mask, count)``, without a sync."""
+    clones = 1 if tuple(mask.shape) == tuple(x.shape[:-1]) else mask_clones(x.shape, mask.shape, "masked_gather")
+    if clones > 1 and x.dim() != 3:
         raise ValueError(f"masked_gather: a [clones*B, T] mask needs x [B, T, C], got x {tuple(x.shape)} and "
                          f"mask {tuple(mask.shape)}")
+    if count is not None:
+        idx = selected_rows(mask, count)
+        if clones > 1:  # cloned row i = (b*clones + c)*T + t reads sample row b*T + t
+            T = x.shape[1]
+            idx = idx // (clones * T) * T + idx % T
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
+    if clones == 1:
+        return x[mask]
     B, T, C = x.shape
     return x.unsqueeze(1).expand(B, clones, T, C)[mask.reshape(B, clones, T)]
 
@@ -86,7 +112,7 @@ def _norm(y: torch.Tensor, kind: Optional[str], padding_mask, eps: float) -> tor
 @torch.no_grad()
 def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
-                  final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
+                  final_norm: Optional[str] = None, eps: float = 1e-5, count: Optional[int] = None) -> torch.Tensor:
     """data2vec targets (SPEC §1 step 3): per-layer norm of each of the K layer outputs
     (``[K, B, T, C]`` or a list of K ``[B, T, C]``), their mean, an optional final norm; fp32
     ``[B, T, C]``, or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0.
@@ -94,7 +120,8 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
     ``padding_mask`` is per sample, ``[B, T]``. ``mask`` may be ``[B, T]`` or, for data2vec 2.0's
     multi-mask, ``[clones*B, T]`` (row ``r`` belongs to sample ``r // clones``): each true
     ``mask[r, t]`` (row-major) gives the target of sample ``r // clones`` at ``t``. The targets
-    are computed once per sample and indexed through an expanded view for the clones."""
+    are computed once per sample and indexed through an expanded view for the clones.
+    ``count``: the number of true entries of ``mask``, when known on the host (no sync)."""
     for kind, what in ((layer_norm, "layer_norm"), (final_norm, "final_norm")):
         if kind not in NORMS:
             raise ValueError(f"build_targets: {what}={kind!r}, expected one of {NORMS}")
@@ -106,6 +133,8 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
         y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
     if mask is None:
         return y
+    if count is not None:  # N known on the host: no sync (see masked_gather)
+        return masked_gather(y, mask, count)
     if clones == 1:
         return y[mask]
     B, T, C = y.shape

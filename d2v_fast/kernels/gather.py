@@ -15,7 +15,8 @@ gather reads ``N*C*e`` and writes ``N*C*e``; scatter reads ``N*C*e`` (+ ``(R-N)*
 full fill) and writes ``R*C*e``; both read ``pos`` (4 bytes a row, once per column block).
 That is the floor: one read and one write of the selected rows. ``pos`` costs a cumsum
 over the mask (``R`` bytes in, ``4R`` out); the gather also needs ``N`` on the host to
-allocate its output (one sync, as ``x[mask]``); the scatter needs none.
+allocate its output (one sync, as ``x[mask]``, unless the caller passes it); the scatter
+needs none.
 
 Multi-mask (data2vec 2.0, SPEC §1b): the gather also takes ``mask[clones*B, T]`` for
 ``x[B, T, C]`` (row ``r`` of the mask belongs to sample ``r // clones``). ``pos`` then lives in
@@ -208,19 +209,24 @@ def _check_mask(x: torch.Tensor, mask: torch.Tensor, what: str) -> int:
                      f"expected mask.shape == x.shape[:-1] (e.g. [B, T] for [B, T, C]) or [clones*B, T]")
 
 
-def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_gather(x: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
     """``x[mask]``: the rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, ``[N, C]``.
 
     ``mask`` may also be ``[clones*B, T]`` (data2vec 2.0 multi-mask, row ``r`` of sample
     ``r // clones``): each true ``mask[r, t]`` (row-major) gives ``x[r // clones, t]``, read
     straight from ``x`` (no cloned copy). Backward: each program owns rows ``(b, t)`` of
-    ``grad_x`` and adds up their ``clones`` contributions in a fixed order (no atomics)."""
+    ``grad_x`` and adds up their ``clones`` contributions in a fixed order (no atomics).
+    ``count``: ``N``, when the caller knows it on the host (``--train.host_counts``); else it
+    is read from the device (one sync, as ``x[mask]``)."""
     clones = _check_mask(x, mask, "masked_gather")
     C = x.shape[-1]
     T = x.shape[1] if x.dim() == 3 else 1
-    pos, count = _positions(mask)
-    # int(): N for the output
-    return rows_to_compact(x.reshape(-1, C).contiguous(), pos, int(count), T, clones)
+    pos, total = _positions(mask)
+    if count is None:
+        count = int(total)  # N for the output: the sync
+    else:
+        torch._assert_async(total == count, "masked_gather: count differs from mask.sum()")
+    return rows_to_compact(x.reshape(-1, C).contiguous(), pos, count, T, clones)
 
 
 def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:

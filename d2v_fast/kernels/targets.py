@@ -57,7 +57,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .eager import mask_clones
+from .eager import mask_clones, selected_rows
 from . import check_device, num_warps_for, tl, triton
 
 MAX_LIST_LAYERS = 16  # pointer arguments of the kernels; longer lists are stacked (one copy)
@@ -287,7 +287,7 @@ def _run_token(src: _Layers, pad, idx, pos, out, layer: bool, final_layer: bool,
 
 
 def _targets(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-             layer_norm: str, final_norm: str, eps: float) -> torch.Tensor:
+             layer_norm: str, final_norm: str, eps: float, count: int = -1) -> torch.Tensor:
     src = _Layers(layers[0] if len(layers) == 1 and layers[0].dim() == 4 else layers)
     B, T, C = src.B, src.T, src.C
     lnorm = None if layer_norm == "none" else layer_norm
@@ -318,9 +318,15 @@ def _targets(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], m
             # kernel that writes walks the samples' tokens and stores each result once per clone.
             csum = torch.cumsum(m, 0, dtype=torch.int32)
             pos = (csum - 1).masked_fill_(~m, -1)
-            n = int(csum[-1]) if m.numel() else 0  # rows to allocate: one sync, as y[mask]
+            if count >= 0:  # known on the host (--train.host_counts): no sync
+                n = count
+                if m.numel():
+                    torch._assert_async(csum[-1] == count, "build_targets: count differs from mask.sum()")
+            else:
+                n = int(csum[-1]) if m.numel() else 0  # rows to allocate: one sync, as y[mask]
         else:  # one clone, token kernel: one program row per masked token
-            idx = m.nonzero().squeeze(1).to(torch.int32)
+            # nonzero() waits for the device to count; with the count known it need not
+            idx = (selected_rows(m, count) if count >= 0 else m.nonzero().squeeze(1)).to(torch.int32)
             n = idx.numel()
         out = torch.empty(n, C, device=dev, dtype=torch.float32)
     else:
@@ -345,17 +351,18 @@ def _targets(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], m
 
 @torch.library.custom_op("d2v_fast::build_targets", mutates_args=())
 def build_targets_op(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                     layer_norm: str, final_norm: str, eps: float) -> torch.Tensor:
-    return _targets(layers, padding_mask, mask, layer_norm, final_norm, eps)
+                     layer_norm: str, final_norm: str, eps: float, count: int = -1) -> torch.Tensor:
+    return _targets(layers, padding_mask, mask, layer_norm, final_norm, eps, count)
 
 
 @build_targets_op.register_fake
-def _(layers, padding_mask, mask, layer_norm, final_norm, eps):
+def _(layers, padding_mask, mask, layer_norm, final_norm, eps, count=-1):
     x = layers[0]
     C = x.shape[-1]
     if mask is None:
         return x.new_empty(*x.shape[-3:], dtype=torch.float32)
-    return x.new_empty(torch.library.get_ctx().new_dynamic_size(), C, dtype=torch.float32)
+    rows = count if count >= 0 else torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty(rows, C, dtype=torch.float32)
 
 
 def _norm_name(kind: Optional[str], what: str) -> str:
@@ -366,9 +373,9 @@ def _norm_name(kind: Optional[str], what: str) -> str:
 
 def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
-                  final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
+                  final_norm: Optional[str] = None, eps: float = 1e-5, count: Optional[int] = None) -> torch.Tensor:
     """Fused data2vec targets; same contract as ``d2v_fast.kernels.eager.build_targets``."""
     layers = [layers] if isinstance(layers, torch.Tensor) else list(layers)
     with torch.no_grad():
         return build_targets_op(layers, padding_mask, mask, _norm_name(layer_norm, "layer_norm"),
-                                _norm_name(final_norm, "final_norm"), float(eps))
+                                _norm_name(final_norm, "final_norm"), float(eps), -1 if count is None else int(count))

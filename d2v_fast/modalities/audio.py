@@ -163,7 +163,7 @@ class AudioStudent(Student):
         """Predictions at the masked frames, and the frame features for the teacher (computed
         once: the conv extractor is most of a small model's cost)."""
         h, features = self._encode(batch)
-        return self.head(ops.masked_gather(h, batch["mask"])), features.detach()
+        return self.head(ops.masked_gather(h, batch["mask"], batch.get("mask_rows"))), features.detach()
 
     @torch.no_grad()
     def teacher_layers(self, teacher, batch, teacher_input):
@@ -187,13 +187,13 @@ class AudioDecoder(nn.Module):
                                              padding=kernel // 2, groups=groups) for i in range(layers))
         self.proj = nn.Linear(decoder_dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
         h = x.transpose(1, 2)  # [R, C, T]
         for conv in self.convs:
             y = conv(h)
             y = F.gelu(F.layer_norm(y.transpose(1, 2), y.shape[1:2], eps=self.eps)).transpose(1, 2)
             h = y + h if y.shape[1] == h.shape[1] else y
-        return self.proj(ops.masked_gather(h.transpose(1, 2), mask))
+        return self.proj(ops.masked_gather(h.transpose(1, 2), mask, count))
 
 
 class AudioStudent2(Student2):
@@ -230,7 +230,7 @@ class AudioStudent2(Student2):
         x = x + enc.encoder.pos_conv_embed(x)
         keep = ~mask
         k = batch["kept"] if "kept" in batch else int(keep[0].sum())
-        h = ops.masked_gather(x, keep).view(R, k, C)
+        h = ops.masked_gather(x, keep, R * k).view(R, k, C)  # every row keeps k: no second sync
         h = F.dropout(enc.encoder.layer_norm(h), enc.config.dropout, self.training)
         layerdrop = enc.config.layerdrop if self.training else 0.0
         h = run_layers(self.blocks(), h, None, layerdrop=layerdrop)[0]

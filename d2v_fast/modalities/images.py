@@ -182,7 +182,7 @@ class ImageStudent(_ImageStudentMixin, Student):
         pixels = pixels_of(batch)
         mask = batch["mask"]
         h, _ = self.encoder.encode(pixels, mask)
-        return self.head(ops.masked_gather(h, _with_cls(mask, False))), pixels.detach()
+        return self.head(ops.masked_gather(h, _with_cls(mask, False), batch.get("mask_rows"))), pixels.detach()
 
     @torch.no_grad()
     def teacher_layers(self, teacher: nn.Module, batch: dict, teacher_input: torch.Tensor) -> list[torch.Tensor]:

@@ -71,8 +71,8 @@ class TextStudent2(Student2):
         C = x.shape[-1]
         keep = ~mask
         if padding_mask is None:  # every row keeps the same count: one fused gather
-            k = int(keep[0].sum())
-            h, _ = run_layers(self.blocks(), ops.masked_gather(x, keep).view(R, k, C), None)
+            k = batch["kept"] if "kept" in batch else int(keep[0].sum())
+            h, _ = run_layers(self.blocks(), ops.masked_gather(x, keep, R * k).view(R, k, C), None)
             return h, None, keep, x.detach()
         keep = keep & ~padding_mask.repeat_interleave(clones, 0)
         order, kpad, k = kept_layout(keep)

@@ -357,8 +357,9 @@ class GridDecoder(nn.Module):
             nn.init.normal_(m.weight, std=init_std)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predictions [M, dim] for the M true entries of ``mask`` [R, N], row-major."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Predictions [M, dim] for the M (``count``, when known on the host) true entries of
+        ``mask`` [R, N], row-major."""
         from .. import ops
 
         R, N, C = x.shape
@@ -367,7 +368,7 @@ class GridDecoder(nn.Module):
             y = conv(h)
             y = F.gelu(F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2], eps=self.eps).permute(0, 3, 1, 2))
             h = y + h if y.shape == h.shape else y
-        return self.proj(ops.masked_gather(h.flatten(2).transpose(1, 2), mask))
+        return self.proj(ops.masked_gather(h.flatten(2).transpose(1, 2), mask, count))
 
 
 class VisionEncoder(nn.Module):

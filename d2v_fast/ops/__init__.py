@@ -74,9 +74,10 @@ def kernels_backend(tensor: torch.Tensor, op: str | None = None) -> str:
     return "triton" if tensor.is_cuda and compiled else "torch"
 
 
-def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_gather(x: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
     """The rows of ``x[B, T, C]`` where ``mask[B, T]`` is true, in row-major order: ``[N, C]``.
-    Backward scatters the gradient back (zeros elsewhere). Needs ``N`` on the host (one sync).
+    Backward scatters the gradient back (zeros elsewhere). Needs ``N`` on the host: ``count``
+    when the caller knows it (the trainer's ``--train.host_counts``), else one sync.
 
     data2vec 2.0 multi-mask: ``mask`` may be ``[clones*B, T]`` (row ``r`` belongs to sample
     ``r // clones``, the clones of a sample adjacent); each true ``mask[r, t]`` gives
@@ -85,8 +86,8 @@ def masked_gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     row count is a ValueError."""
     op = "masked_gather" if mask.shape[0] == x.shape[0] else "masked_gather_clones"
     if kernels_backend(x, op) == "triton":
-        return _gather.masked_gather(x, mask)
-    return _twin.masked_gather(x, mask)
+        return _gather.masked_gather(x, mask, count)
+    return _twin.masked_gather(x, mask, count)
 
 
 def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
@@ -102,7 +103,7 @@ def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.
 
 def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
-                  final_norm: Optional[str] = None, eps: float = 1e-5) -> torch.Tensor:
+                  final_norm: Optional[str] = None, eps: float = 1e-5, count: Optional[int] = None) -> torch.Tensor:
     """data2vec targets (SPEC §1 step 3): per-layer norm ("instance" over time per sample and
     channel, padding excluded; "layer" per token; None) of each of the K layer outputs
     (``[K, B, T, C]`` or K ``[B, T, C]``), their mean, an optional final norm; fp32 ``[B, T, C]``
@@ -111,7 +112,8 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
     ``padding_mask`` is per sample ``[B, T]``; ``mask`` may be ``[B, T]`` or ``[clones*B, T]``
     (data2vec 2.0 multi-mask, row ``r`` of sample ``r // clones``): then row-major, each true
     ``mask[r, t]`` gives the target of sample ``r // clones`` at ``t``. The targets are computed
-    once per sample; the Triton side writes them straight to every clone's rows."""
+    once per sample; the Triton side writes them straight to every clone's rows. ``count``:
+    the number of true entries of ``mask`` when the caller knows it on the host (no sync)."""
     layers = layers if isinstance(layers, torch.Tensor) else list(layers)
     if not len(layers):
         raise ValueError("build_targets: got no layers (expected K >= 1 tensors [B, T, C] or one [K, B, T, C])")
@@ -120,9 +122,9 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
     time_axis = "instance" in (layer_norm, final_norm)
     if side == "triton" and not (_requested() == "auto" and time_axis and first.shape[-2] > _targets.MAX_T):
         return _targets.build_targets(layers, padding_mask=padding_mask, mask=mask, layer_norm=layer_norm,
-                                      final_norm=final_norm, eps=eps)
+                                      final_norm=final_norm, eps=eps, count=count)
     return _twin.build_targets(layers, padding_mask=padding_mask, mask=mask, layer_norm=layer_norm,
-                               final_norm=final_norm, eps=eps)
+                               final_norm=final_norm, eps=eps, count=count)
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, scale: Optional[float] = None,

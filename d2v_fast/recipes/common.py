@@ -132,7 +132,7 @@ class Data2Vec(nn.Module):
         layers = self.student.teacher_layers(self.teacher, batch, teacher_input)
         return build_targets(layers[-self.cfg.top_k:], padding_mask=self.student.target_padding(batch),
                              mask=batch["mask"], layer_norm=self.cfg.norm(self.cfg.layer_norm),
-                             final_norm=self.cfg.norm(self.cfg.final_norm))
+                             final_norm=self.cfg.norm(self.cfg.final_norm), count=batch.get("mask_rows"))
 
     def loss_sum(self, pred: torch.Tensor, target: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
         """The summed regression loss, plus the student's ``extra_loss`` when ``batch`` is given."""

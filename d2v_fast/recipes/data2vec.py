@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from .common import RecipeConfig, StudentBase, regression_head
 
 __all__ = ["RecipeConfig", "Student"]
@@ -31,4 +32,5 @@ class Student(StudentBase):
     def forward(self, batch: dict) -> tuple[torch.Tensor, None]:
         """Predictions at the masked rows, and no teacher input: the v1 teacher embeds the
         unmasked input itself, without the student's dropout."""
-        return self.head(self.masked_hidden(batch)[batch["mask"]]), None
+        rows = ops.masked_gather(self.masked_hidden(batch), batch["mask"], batch.get("mask_rows"))
+        return self.head(rows), None

@@ -36,12 +36,12 @@ class Decoder(nn.Module):
             nn.init.zeros_(conv.bias)
         self.proj = regression_head(d, mult, init_std, out_dim=dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
         h = x.transpose(1, 2)  # [R, C, T]
         for conv in self.convs:
             h = conv(h)
             h = F.gelu(F.layer_norm(h.transpose(1, 2), h.shape[1:2], eps=self.eps).transpose(1, 2))
-        return self.proj(ops.masked_gather(h.transpose(1, 2), mask))
+        return self.proj(ops.masked_gather(h.transpose(1, 2), mask, count))
 
 
 def kept_layout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -58,8 +58,8 @@ class Student2(StudentBase):
     """Encoder + decoder. A modality implements ``encode_visible(batch) -> (h, kpad, keep,
     teacher_input)``: the encoder output ``[R, k, C]`` of the kept positions of every clone,
     its padding ``[R, k]`` (None when every row keeps k), the kept positions ``[R, T]`` and
-    what the teacher consumes; and sets ``self.decoder`` (``decoder(full [R, T, C], mask)``
-    -> predictions at the masked rows)."""
+    what the teacher consumes; and sets ``self.decoder`` (``decoder(full [R, T, C], mask,
+    count)`` -> predictions at the ``count`` masked rows; ``count`` None: read from the device)."""
 
     def __init__(self, encoder: nn.Module, cfg):
         super().__init__()
@@ -77,4 +77,4 @@ class Student2(StudentBase):
         rows = h[~kpad] if kpad is not None else h.reshape(R * k, C)
         noise = torch.randn(R, keep.shape[1], C, device=h.device, dtype=rows.dtype) * self.cfg.mask_noise_std
         full = ops.masked_scatter(rows, keep, noise)
-        return self.decoder(full, batch["mask"]), teacher_input
+        return self.decoder(full, batch["mask"], batch.get("mask_rows")), teacher_input
