@@ -23,7 +23,8 @@
 #             (rows in step.jsonl)
 #   kernels   benchmarks/test_kernels.py (not the torch.compile rows)
 #   pretrain  the default job, 100 steps on the GPU
-#   last, if time is left: hf and d2v_fast with every switch on at batch 32; data2vec2 at
+#   last, if time is left: hf and d2v_fast with every switch on at batch 32, then the same
+#             with CUDA graphs of the compiled blocks (--train.compile blocks-cudagraphs); data2vec2 at
 #             batch 16; d2v_fast at batch 64 with SDPA pinned to flash, cuDNN and
 #             memory-efficient attention (--train.attention); reference+compile at batch 32 (it compiles for about a minute and was
 #             slower than reference on 2026-11-28)
@@ -120,6 +121,11 @@ stage pretrain 90 bash -c "$PY -m d2v_fast.pretrain --max-steps 100 --out $RUN -
 
 stage step-d2v-32-all 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers hf,d2v_fast --train.skip_on_device true --train.host_counts true \
   --train.compile blocks --train.fused_qkv true --train.bf16_teacher true --json "$OUTDIR/step.jsonl"
+# CUDA graphs of the compiled blocks (--train.compile blocks-cudagraphs): at batch 32 the host's
+# launches were slower than the GPU's work (2026-11-28 profile), so this is where it should tell
+stage step-d2v-32-graphs 90 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v_fast --train.skip_on_device true \
+  --train.host_counts true --train.compile blocks-cudagraphs --train.fused_qkv true --train.bf16_teacher true \
+  --json "$OUTDIR/step.jsonl"
 stage step-d2v2-16 40 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 
 # The SDPA backend pinned (--train.attention): which of flash and cuDNN attention is faster here.

@@ -72,7 +72,9 @@ class TrainConfig:
     # Performance switches (issue 13), each computing the same step; off until a GPU row shows a gain.
     skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
     host_counts: bool = False  # masked-row counts taken from the CPU batch: gathers and targets allocate without a sync
-    compile: str = "none"  # none | blocks (torch.compile of every student and teacher encoder block)
+    # none | blocks (torch.compile of every student and teacher encoder block) | blocks-cudagraphs
+    # (the same, mode "reduce-overhead": each block's kernels replayed as one CUDA graph on a GPU)
+    compile: str = "none"
     fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     bf16_teacher: bool = False  # the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
     cast_once: bool = False  # bf16: one autocast region per update, so weights are cast once, not per micro-batch
@@ -115,6 +117,7 @@ SECTIONS = ("model", "recipe", "optim", "data", "train")
 
 RECIPES = ("data2vec", "data2vec2")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+COMPILE_CHOICES = ("none", "blocks", "blocks-cudagraphs")
 
 
 def preset(name: str, recipe: str = "data2vec", modality: str = "text") -> Config:
@@ -360,7 +363,7 @@ def validate(cfg: Config) -> None:
     need(t.device in ("auto", "cpu", "cuda"), "--train.device", t.device, "expected auto, cpu or cuda")
     need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")
     need(t.kernels in ("auto", "triton", "torch"), "--train.kernels", t.kernels, "expected auto, triton or torch")
-    need(t.compile in ("none", "blocks"), "--train.compile", t.compile, "expected none or blocks")
+    need(t.compile in COMPILE_CHOICES, "--train.compile", t.compile, "expected " + ", ".join(COMPILE_CHOICES))
     need(t.attention in ATTENTION_BACKENDS, "--train.attention", t.attention,
          f"expected one of {', '.join(ATTENTION_BACKENDS)}")
     need(t.probe_every >= 0, "--train.probe_every", t.probe_every, "must be >= 0 (0 = only at the end)")

@@ -125,11 +125,15 @@ class Trainer:
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)
-        if t.compile == "blocks":
+        # blocks-cudagraphs: on a GPU each compiled block also runs as a CUDA graph (one launch
+        # for its forward, one for its backward), for steps whose GPU waits on Python's launches
+        self.cudagraphs = t.compile == "blocks-cudagraphs" and self.device.type == "cuda"
+        if t.compile in ("blocks", "blocks-cudagraphs"):
             # Each block compiled in place (state_dict names unchanged): inductor fuses the
             # residual + dropout + LayerNorm and GELU chains that eager runs as separate kernels.
+            mode = "reduce-overhead" if self.cudagraphs else None
             for layer in [*self.model.student.blocks(), *self._teacher_blocks()]:
-                layer.compile(dynamic=False)
+                layer.compile(dynamic=False, mode=mode)
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
         if t.skip_on_device and self.fsdp:
             from .errors import UsageError
@@ -325,6 +329,8 @@ class Trainer:
             mb = dict(mb, padding_mask=None)
         if self.cfg.train.host_counts:
             mb = self._with_host_counts(mb)
+        if self.cudagraphs:  # a new iteration: the graphs' outputs of the last one are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         mb = self._to_device(mb)
         if self.fsdp:
             self.student.set_requires_gradient_sync(last)

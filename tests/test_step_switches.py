@@ -8,6 +8,7 @@ import torch
 
 from d2v_fast import kernels, ops
 from d2v_fast.data.corpus import open_corpus
+from d2v_fast.config import validate
 from d2v_fast.errors import UsageError
 from d2v_fast.kernels import ema as kema
 from d2v_fast.trainer import NonFiniteError, Trainer
@@ -122,6 +123,20 @@ def test_compiled_blocks_compute_the_same_step(builtin_cache, tmp_path):
     assert hasattr(tr.model.teacher[0], "_compiled_call_impl") and tr.model.teacher[0]._compiled_call_impl is not None
 
 
+def test_cudagraph_blocks_are_compiled_blocks_off_the_gpu(builtin_cache, tmp_path):
+    """``--train.compile blocks-cudagraphs`` compiles the same blocks; CUDA graphs only on a
+    GPU (its step is compared with eager's in the gpu test below), so the CPU runs the
+    blocks compiled as ``blocks`` does (tested above)."""
+    cfg = small_cfg(builtin_cache, compile="blocks-cudagraphs")
+    tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)
+    assert tr.cudagraphs is False
+    assert all(getattr(b, "_compiled_call_impl", None) is not None
+               for b in [*tr.model.student.blocks(), *tr._teacher_blocks()])
+    cfg.train.compile = "graphs"
+    with pytest.raises(UsageError, match="--train.compile 'graphs'.*none, blocks, blocks-cudagraphs"):
+        validate(cfg)
+
+
 # ----------------------------------------------------------------------------- fused QKV
 def test_fused_qkv_layer_computes_the_same_and_keeps_hf_names():
     from d2v_fast.models import Encoder, EncoderConfig
@@ -230,10 +245,11 @@ def test_all_switches_on_gpu_compute_the_same_losses(builtin_cache, tmp_path):
         return [r["loss"] for r in Trainer(cfg, open_corpus(builtin_cache), out, device="cuda").fit()]
 
     plain = losses(tmp_path / "plain")
-    fast = losses(tmp_path / "fast", skip_on_device=True, host_counts=True, compile="blocks", fused_qkv=True,
-                  bf16_teacher=True)
-    for step, (a, b) in enumerate(zip(plain, fast), 1):
-        assert abs(a - b) <= 1e-2 * abs(a), f"step {step}: defaults {a} all switches {b}"
+    for compiled in ("blocks", "blocks-cudagraphs"):
+        fast = losses(tmp_path / compiled, skip_on_device=True, host_counts=True, compile=compiled, fused_qkv=True,
+                      bf16_teacher=True, micro_batch_size=4)  # two micro-batches: each graph replays twice a step
+        for step, (a, b) in enumerate(zip(plain, fast), 1):
+            assert abs(a - b) <= 1e-2 * abs(a), f"step {step}: defaults {a} all switches ({compiled}) {b}"
 
 
 # ----------------------------------------------------------------------------- bf16 teacher copy
