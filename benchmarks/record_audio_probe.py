@@ -40,7 +40,8 @@ def run_one(recipe: str, seed: int, out: Path) -> dict:
             "printed": proc.stdout.strip().splitlines()[-1], "accuracy": round(res["accuracy"], 4),
             "random_init_accuracy": round(res["random_init"]["accuracy"], 4), "margin": round(res["margin"], 4),
             "macro_f1": round(res["macro_f1"], 4), "random_init_macro_f1": round(res["random_init"]["macro_f1"], 4),
-            "weight_decay": res["weight_decay"], "random_init_weight_decay": res["random_init"]["weight_decay"],
+            "weight_decay": res["weight_decay"],
+            "random_init_weight_decays": [r["weight_decay"] for r in res["random_init"]["inits"]],
             "test_held_out_of_pretraining": res["test_held_out_of_pretraining"],
             "probe_s": round(res["seconds"], 1), "job_wall_s": round(wall, 1)}
 

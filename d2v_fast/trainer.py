@@ -711,7 +711,7 @@ class Trainer:
         if getattr(self, "_probe_inputs", None) is None:
             self._probe_inputs = (load_task(self.cfg.train.probe_task), self.corpus.tokenizer())
         task, tokenizer = self._probe_inputs
-        result = probe_encoder(encoder, tokenizer, task, floor=False, device=self.device)
+        result = probe_encoder(encoder, tokenizer, task, floor_inits=0, device=self.device)
         self._log({"step": self.step, "probe_accuracy": result["accuracy"], "probe_macro_f1": result["macro_f1"],
                    "probe_s": result["seconds"]})
         return result

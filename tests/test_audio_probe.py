@@ -132,7 +132,8 @@ def test_export_gives_the_run_dirs_features_and_result_deterministically(speech_
     first, from_hf = (json.loads(p.read_text()) for p in (run / probe.PROBE_FILE, tmp_path / "hf.json"))
     assert from_hf["kind"] == "hf" and from_hf["test_held_out_of_pretraining"] is None
     for key in ("accuracy", "macro_f1", "val_accuracy", "weight_decay"):
-        assert from_hf[key] == first[key] and from_hf["random_init"][key] == first["random_init"][key], key
+        assert from_hf[key] == first[key], key
+    assert from_hf["random_init"] == first["random_init"]  # every init's result, and their mean
 
 
 @pytest.fixture

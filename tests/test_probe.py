@@ -177,8 +177,12 @@ def test_user_task_probe_writes_probe_json(random_run, small_task, capsys):
     res = json.loads((random_run / probe.PROBE_FILE).read_text())
     assert res["classes"] == 6 and sum(res["examples"].values()) == 120
     assert res["test_held_out_of_pretraining"] is None  # a user task: the run's corpus says nothing about it
-    # the run holds a random init with seed 0, and so is the floor: the same features, the same result
-    assert res["accuracy"] == res["random_init"]["accuracy"]
+    # the run holds a random init with seed 0, and so is the floor's first: the same features, the same result
+    first, *others = res["random_init"]["inits"]
+    assert first["seed"] == 0 and first["accuracy"] == res["accuracy"]
+    assert [r["seed"] for r in others] == [1, 2]  # probe.FLOOR_INITS draws, averaged
+    mean = sum(r["accuracy"] for r in res["random_init"]["inits"]) / 3
+    assert abs(res["random_init"]["accuracy"] - mean) < 1e-12 and abs(res["margin"] - (res["accuracy"] - mean)) < 1e-12
 
 
 # ------------------------------------------------------------------ probing during training

@@ -322,16 +322,24 @@ def pooled_speech_features(encoder: AudioEncoder, task, *, batch_size: int = PRO
     return out
 
 
-def probe_speech(encoder: AudioEncoder, task, *, floor: bool = True, seed: int = 0, device="cpu") -> dict:
+# One random init for the floor by default (text averages 3): the tiny speech job's margins
+# were 5-10 points on every seed (benchmarks/results/probe-default-job-audio-cpu.json), far
+# above one draw's spread, and each floor costs a pass over the task's recordings.
+SPEECH_FLOOR_INITS = 1
+
+
+def probe_speech(encoder: AudioEncoder, task, *, floor_inits: int | None = None, seed: int = 0, device="cpu") -> dict:
     """Linear probe (``d2v_fast.probe.linear_probe``) of the frozen encoder on a speech task
-    (``data/audio/probe_task.py``), and with ``floor`` the same architecture at random
-    initialisation (seed ``seed``; the global RNG is left alone)."""
+    (``data/audio/probe_task.py``), and for the floor the same architecture at ``floor_inits``
+    random initialisations (seeds from ``seed``; default ``SPEECH_FLOOR_INITS``; the global
+    RNG is left alone)."""
     from ..probe import probe_with_floor
 
     head = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
             "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "unit": "utterances"}
     return probe_with_floor(encoder, task, lambda enc: pooled_speech_features(enc, task, device=device),
-                            lambda: AudioEncoder(encoder.config).to(device), head, floor=floor, seed=seed)
+                            lambda: AudioEncoder(encoder.config).to(device), head,
+                            floor_inits=SPEECH_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed)
 
 
 def is_speech_model(path) -> bool:
@@ -365,7 +373,8 @@ def speech_held_out(run_config: dict, task) -> bool | None:
     return texts <= task.record.get("pretraining_texts_available", 0)
 
 
-def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: str = "cpu", out=None) -> dict:
+def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: str = "cpu", out=None,
+                      floor_inits: int | None = None) -> dict:
     """``python -m d2v_fast.probe`` for a speech run directory or a ``Data2VecAudioModel``
     directory, on the built-in speaker task or a user's (``task``: a JSON-lines file of
     ``audio`` and ``label``); a run directory (or ``out``) gets probe.json."""
@@ -401,7 +410,8 @@ def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: s
     if builtin:
         # the size is read here, not bound at import, so that tests can probe a small task
         loaded = speech_probe.read_speech_probe(speech_probe.builtin_speech_probe(speech_probe.PROBE_UTTERANCES))
-    result = {"model": str(path), "kind": kind, **probe_speech(encoder.to(device), loaded, seed=seed, device=device),
+    probed = probe_speech(encoder.to(device), loaded, seed=seed, device=device, floor_inits=floor_inits)
+    result = {"model": str(path), "kind": kind, **probed,
               "test_held_out_of_pretraining": speech_held_out(hf, loaded) if kind == "run" and builtin else None}
     target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
     if target is not None:

@@ -337,17 +337,25 @@ def pooled_features(encoder: VisionEncoder, corpus: ImageCorpus, images: list[in
     return torch.cat(out)
 
 
-def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor: bool = True, seed: int = 0,
+# One random init for the floor by default (text averages 3): the tiny image jobs' margins
+# were 10-12 points (benchmarks/results/default-job-images*.json), and each floor costs a
+# pass over the photos (about half of the probe's ~75 s on 2 CPU cores).
+IMAGE_FLOOR_INITS = 1
+
+
+def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor_inits: int | None = None, seed: int = 0,
                  device="cpu") -> dict:
     """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.probe``'s
-    classifier), and with ``floor`` the same architecture at random initialisation."""
+    classifier), and for the floor the same architecture at ``floor_inits`` random
+    initialisations (default ``IMAGE_FLOOR_INITS``)."""
     from ..probe import probe_with_floor
 
     task = image_probe_task(corpus)
     head = {"task": f"{task.source} (image classes)", "classes": len(task.classes),
             "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}}
     return probe_with_floor(encoder, task, lambda enc: pooled_features(enc, corpus, task.images, device=device),
-                            lambda: VisionEncoder(encoder.config).to(device), head, floor=floor, seed=seed)
+                            lambda: VisionEncoder(encoder.config).to(device), head,
+                            floor_inits=IMAGE_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed)
 
 
 def is_image_model(path) -> bool:
@@ -357,7 +365,7 @@ def is_image_model(path) -> bool:
     return is_model_dir(path, "images", "data2vec-vision")
 
 
-def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None) -> dict:
+def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, floor_inits: int | None = None) -> dict:
     """``python -m d2v_fast.probe`` for an image run directory or export: the encoder on
     its run's corpus (an export, or a run whose corpus has no splits: the built-in photos)."""
     from ..export import load_pretrained
@@ -390,7 +398,7 @@ def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None) -> 
 
         corpus = open_images(builtin_images(progress=False))
     result = {"model": str(path), "kind": kind,
-              **probe_images(encoder.to(device), corpus, seed=seed, device=device),
+              **probe_images(encoder.to(device), corpus, seed=seed, device=device, floor_inits=floor_inits),
               # the image loader trains on the train split only: the t10k photos were never seen
               "test_held_out_of_pretraining": True if kind == "run" and corpus_dir else None}
     target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
