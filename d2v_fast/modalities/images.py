@@ -38,10 +38,6 @@ from ..recipes.data2vec import Student
 from ..recipes.data2vec2 import Student2
 from . import Modality
 
-# fairseq Decoder2d's decoder_groups of the published 2.0 image model (not a recipe field:
-# every published 2.0 decoder uses 16 groups).
-DECODER_GROUPS = 16
-
 # ---------------------------------------------------------------------------- presets
 # Sizes of the encoder (the ``model`` section); the block flavour comes from the recipe.
 ENCODER_PRESETS = {name: dict(values) for name, values in VISION_PRESETS.items()}
@@ -100,6 +96,7 @@ RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
                        "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100_000,
                        "mask_prob": 0.8, "mask_span": 3, "mask_prob_adjust": 0.07,  # inverse_mask, mask_length 3
                        "clones": 16, "decoder_layers": 6, "decoder_kernel": 3, "decoder_dim": 0,  # 768
+                       "decoder_groups": 16,  # D2vDecoderConfig's default, not overridden by the yaml
                        "decoder_dropout": 0.0, "mask_noise_std": 0.01,
                        # cls_loss 0.01: fairseq multiplies each clone's CLS loss by 0.01 x the masked-patch
                        # count of the GPU's batch (16 images x 16 clones) before dividing by that count,
@@ -201,7 +198,7 @@ class ImageStudent2(_ImageStudentMixin, Student2):
     def __init__(self, enc: VisionConfig, cfg):
         super().__init__(VisionEncoder(enc), cfg)
         self.decoder = GridDecoder(enc.hidden_size, enc.grid, layers=cfg.decoder_layers, kernel=cfg.decoder_kernel,
-                                   groups=DECODER_GROUPS, decoder_dim=cfg.decoder_dim, init_std=enc.init_std)
+                                   groups=cfg.decoder_groups, decoder_dim=cfg.decoder_dim, init_std=enc.init_std)
         # the last forward's CLS outputs and the last teacher pass's CLS targets, for extra_loss
         self._cls_pred: torch.Tensor | None = None
         self._cls_target: torch.Tensor | None = None
@@ -272,7 +269,7 @@ def flops_per_patch(cfg) -> float:
     teacher = T * (2 * n + 4 * L * T * C) / N + embed
     student = r.clones * Tv * (6 * n + 12 * L * Tv * C) / N + 3 * embed
     k2 = r.decoder_kernel ** 2
-    convs = 2 * k2 * (C * D + (r.decoder_layers - 1) * D * D) / DECODER_GROUPS
+    convs = 2 * k2 * (C * D + (r.decoder_layers - 1) * D * D) / r.decoder_groups
     decoder = r.clones * 3 * (convs + 2 * D * C * (N - visible) / N)
     return teacher + student + decoder
 
@@ -595,8 +592,10 @@ class ImagesModality(Modality):
                  "the side of the visible blocks: 1 to the grid side")
             need(r.mask_prob_adjust >= 0, "--recipe.mask_prob_adjust", r.mask_prob_adjust, "must be >= 0")
             D = r.decoder_dim or m.hidden_size
-            need(m.hidden_size % DECODER_GROUPS == 0 and D % DECODER_GROUPS == 0, "--recipe.decoder_dim", r.decoder_dim,
-                 f"the decoder width and --model.hidden_size must be multiples of {DECODER_GROUPS} (conv groups)")
+            g = r.decoder_groups
+            need(g >= 1 and m.hidden_size % g == 0 and D % g == 0, "--recipe.decoder_groups", g,
+                 f"the decoder's conv groups must divide the decoder width {D} and --model.hidden_size "
+                 f"{m.hidden_size}")
             need(r.cls_loss_weight >= 0, "--recipe.cls_loss_weight", r.cls_loss_weight, "must be >= 0 (0 = off)")
         else:
             need(m.use_mask_token, "--model.use_mask_token", m.use_mask_token, "data2vec (v1) masks with the mask token")
@@ -697,4 +696,4 @@ class ImagesModality(Modality):
 IMAGES = ImagesModality()
 
 __all__ = ["ImagesModality", "IMAGES", "ImageStudent", "ImageStudent2", "RECIPE_PRESETS", "ENCODER_PRESETS",
-           "flops_per_patch", "pixels_of", "DECODER_GROUPS"]
+           "flops_per_patch", "pixels_of"]
