@@ -456,11 +456,11 @@ def save_hf_dir(weights: dict[str, torch.Tensor], cfg: AudioEncoderConfig, out, 
     ``preprocessor_config.json``, and ``d2v_fast.json`` from ``extra``), built in a staging
     directory and renamed into place. The exporter's last step; it decides which weights."""
     import json
-    import os
-    import shutil
     from pathlib import Path
 
     from safetensors.torch import save_file
+
+    from ..files import staged_directory
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -475,23 +475,12 @@ def save_hf_dir(weights: dict[str, torch.Tensor], cfg: AudioEncoderConfig, out, 
                          f"wrong shape {wrong[:3]}")
     tensors = {k: v.detach().to("cpu", dtypes[dtype]).contiguous() for k, v in sorted(weights.items())}
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(out) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
         (staging / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_dict(), indent=2) + "\n")
         if extra:
             (staging / "d2v_fast.json").write_text(json.dumps(extra, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
