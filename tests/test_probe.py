@@ -19,12 +19,12 @@ from d2v_fast.trainer import Trainer
 
 from .helpers import ROOT, losses, small_cfg, subprocess_env
 
-# The default job (tiny, 300 steps, CPU; its probe's seed is the run's, 0) measured over
-# seeds 0-2 (benchmarks/results/probe-default-job-cpu.json): accuracy 0.48-0.49 against
-# 0.45-0.48 for its random-init floor, margins +0.036, +0.003 and +0.036. The test asserts
-# that the pretrained encoder beats its floor (seed 0 by 0.036; the worst seed's +0.003 is
-# within the task's noise, so no larger bound holds over seeds), and far above chance
-# (majority class 0.06).
+# The default job (tiny, 300 steps, CPU; the probe's seed is the run's, 0) measured over
+# seeds 0-7 (benchmarks/results/probe-default-job-cpu.json, "session_20"): accuracy 0.47-0.54
+# against a floor (the mean of 3 random inits, seeds S..S+2) of 0.45-0.47; margins +0.030,
+# +0.012, +0.027, +0.086, +0.054, +0.026, +0.088 and +0.077 (mean +0.050). The test runs seed 0
+# (+0.030) and asserts that it beats the floor (margin > 0, a bound below every seed measured:
+# the smallest, seed 1's, is +0.012) and is far above chance (majority class 0.06).
 MIN_ACCURACY = 0.40
 MIN_MARGIN = 0.0
 
@@ -216,6 +216,9 @@ def test_default_job_prints_and_writes_its_probe_result(default_job):
     res = json.loads((out / probe.PROBE_FILE).read_text())
     assert line == probe.summary(res)
     assert res["test_held_out_of_pretraining"] is True and res["classes"] >= 10
+    inits = res["random_init"]["inits"]
+    assert [r["seed"] for r in inits] == list(range(probe.FLOOR_INITS))  # the run's own init first
+    assert abs(res["random_init"]["accuracy"] - sum(r["accuracy"] for r in inits) / len(inits)) < 1e-12
     assert res["accuracy"] >= MIN_ACCURACY and res["margin"] > MIN_MARGIN, res
 
 
