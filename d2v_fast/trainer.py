@@ -711,7 +711,10 @@ class Trainer:
         if getattr(self, "_probe_inputs", None) is None:
             self._probe_inputs = (load_task(self.cfg.train.probe_task), self.corpus.tokenizer())
         task, tokenizer = self._probe_inputs
-        result = probe_encoder(encoder, tokenizer, task, floor_inits=0, device=self.device)
+        # eager even with compiled blocks: eval-mode, variable-length batches would spend the
+        # recompile budget, and CUDA graphs (blocks-cudagraphs) would replay outside a step
+        with torch.compiler.set_stance("force_eager"):
+            result = probe_encoder(encoder, tokenizer, task, floor_inits=0, device=self.device)
         self._log({"step": self.step, "probe_accuracy": result["accuracy"], "probe_macro_f1": result["macro_f1"],
                    "probe_s": result["seconds"]})
         return result
