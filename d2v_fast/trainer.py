@@ -91,6 +91,8 @@ class Trainer:
         self.model.train()
         use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.fsdp = self.distributed and t.parallel == "fsdp"
+        if self.fsdp:  # layer drop: every rank skips the same blocks (reseeded each update, below)
+            self.model.student.layerdrop_generator = torch.Generator()
         ops.set_kernels(t.kernels)
         self.student = self.model.student
         if t.fused_qkv:
@@ -256,14 +258,28 @@ class Trainer:
         fully_shard(student, mp_policy=mp)
         in_blocks = {id(p) for b in teacher_blocks for p in b.parameters()}
         outside = any(id(p) not in in_blocks for p in self.model.teacher.parameters())
+        # A teacher that averages more than the blocks is sharded too, so those parameters are
+        # split as the student's (each on dim 0) for the EMA; a unit's forward (not its other
+        # methods) gathers them. The whole encoder (images) is one unit; a container without a
+        # forward of its own (speech: a ModuleDict of the encoder LayerNorm, the positional conv
+        # and the blocks) gives one unit per part outside the blocks, each called as a module.
+        # (found before the blocks are sharded: sharding replaces their parameters)
+        self._teacher_roots = []
+        if outside:
+            teacher = self.model.teacher
+            if type(teacher).forward is not torch.nn.Module.forward:
+                self._teacher_roots = [teacher]
+            else:
+                self._teacher_roots = [m for m in teacher.children()
+                                       if any(id(p) not in in_blocks for p in m.parameters())]
+                for part in self._teacher_roots:
+                    if type(part).forward is torch.nn.Module.forward:
+                        raise NotImplementedError(f"--parallel fsdp: the teacher's {type(part).__name__} holds "
+                                                  f"parameters outside the blocks but has no forward to gather them")
         for layer in teacher_blocks:
             fully_shard(layer, mp_policy=mp)
-        if outside:
-            # A teacher that averages more than the blocks (images: the whole encoder) is a root
-            # too, so those parameters are sharded as the student's (each on dim 0) for the EMA;
-            # its forward (not other methods) gathers them.
-            fully_shard(self.model.teacher, mp_policy=mp)
-        self._teacher_root = outside
+        for part in self._teacher_roots:
+            fully_shard(part, mp_policy=mp)
 
     def _teacher_blocks(self) -> list[torch.nn.Module]:
         """The teacher's copies of the student's blocks (the same block class, in order),
@@ -313,6 +329,9 @@ class Trainer:
         # outermost region ends) are made once per update instead of once per micro-batch.
         # Backward runs with autocast off inside it, as it does outside.
         cast_once = self.cfg.train.cast_once and self.use_bf16
+        layerdrop_rng = self.model.student.layerdrop_generator
+        if layerdrop_rng is not None:  # the same on every rank, and again after a resume
+            layerdrop_rng.manual_seed(self.cfg.train.seed * 1_000_003 + self.attempts)
         with self.autocast() if cast_once else contextlib.nullcontext():
             for i, mb in enumerate(micro_batches):
                 loss, pred, target = self._micro_step(mb, i == len(micro_batches) - 1, denom, cast_once)
@@ -344,8 +363,8 @@ class Trainer:
             if self.fsdp:  # each teacher block is its own FSDP root: free its gathered weights now
                 for layer in self._teacher_blocks():
                     layer.reshard()
-                if self._teacher_root:
-                    self.model.teacher.reshard()
+                for part in self._teacher_roots:
+                    part.reshard()
             loss = self.model.loss_sum(pred, target, mb)
             if self.attempts + 1 in self._inject_nan:
                 loss = loss * float("nan")

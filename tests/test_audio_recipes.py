@@ -4,6 +4,7 @@ reference (10 steps), resume, two processes vs one, export to ``Data2VecAudioMod
 built-in speech corpus (synthesised once per session)."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -163,7 +164,10 @@ def test_stop_and_resume_is_exact(speech_corpus, tmp_path, recipe, capsys):
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
-def test_two_processes_match_one(speech_corpus, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(speech_corpus, tmp_path, parallel):
+    """FSDP shards the speech teacher's parts outside the blocks (positional conv, encoder
+    LayerNorm) as units of their own; the EMA over them must stay exact."""
     # no randomness left in a step: no dropout, no mask-token noise (drawn per rank)
     base = ["--max-steps", "3", "--train.micro_batch_size", "4", "--model.dropout", "0",
             "--model.attention_dropout", "0", "--recipe.decoder_dropout", "0", "--recipe.mask_noise_std", "0"]
@@ -173,13 +177,29 @@ def test_two_processes_match_one(speech_corpus, tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "d2v_fast.pretrain", *cli_args(speech_corpus, "data2vec2", tmp_path / "two", *base)],
+                          "-m", "d2v_fast.pretrain", *cli_args(speech_corpus, "data2vec2", tmp_path / "two", *base),
+                          "--parallel", parallel],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == [1, 2, 3]
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) or pytest.fail(f"step {s}: one {a[s]} two {b[s]}")
+
+
+def test_fsdp_layerdrop_skips_the_same_blocks_on_every_rank(speech_corpus, tmp_path):
+    """Layer drop under FSDP: were the ranks to skip different blocks, their per-block
+    all-gathers would mismatch (gloo aborts, NCCL hangs). The trainer reseeds one generator
+    alike on every rank each update; v1's published layerdrop is 0.05, here 0.5 and two
+    micro-batches so that skips differ between blocks, micro-batches and updates."""
+    args = cli_args(speech_corpus, "data2vec", tmp_path / "run", "--max-steps", "3", "--train.micro_batch_size", "2",
+                    "--model.layerdrop", "0.5", "--parallel", "fsdp")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "d2v_fast.pretrain", *args], env=subprocess_env(speech_corpus), capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    l = losses(tmp_path / "run")
+    assert sorted(l) == [1, 2, 3] and all(math.isfinite(v) for v in l.values()), l
 
 
 # ----------------------------------------------------------------------------- export and warm start

@@ -124,13 +124,15 @@ class FrameMasks:
 
 # ----------------------------------------------------------------------------- students
 def run_layers(layers: nn.ModuleList, h: torch.Tensor, padding_mask: torch.Tensor | None, *,
-               layerdrop: float = 0.0, collect_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               layerdrop: float = 0.0, collect_ffn: bool = False,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The post-LN blocks in training; with ``layerdrop`` > 0 each is skipped with that
-    probability (one draw per block from the global RNG, seeded per rank by the trainer). A
-    skipped block adds ``0 * sum(parameters)``: every parameter stays in the graph, as DDP
-    needs (not under FSDP2, whose sharded parameters need no help; untested there)."""
+    probability (one draw per block from ``generator``, else the global RNG, seeded per rank
+    by the trainer). A skipped block adds ``0 * sum(parameters)``: every parameter stays in the
+    graph, as DDP needs (not under FSDP2, whose sharded parameters need no help; there every
+    rank must skip the same blocks: ``StudentBase.layerdrop_generator``)."""
     return run_blocks(layers, h, attention_mask(padding_mask, h), collect="ffn" if collect_ffn else None,
-                      layerdrop=layerdrop, keep_dropped_in_graph=True)
+                      layerdrop=layerdrop, generator=generator, keep_dropped_in_graph=True)
 
 
 class AudioStudent(Student):
@@ -157,7 +159,7 @@ class AudioStudent(Student):
         pad = batch.get("padding_mask")
         h = self.encoder.embed(features, batch["mask"], pad)
         layerdrop = self.encoder.config.layerdrop if self.training else 0.0
-        return run_layers(self.blocks(), h, pad, layerdrop=layerdrop)[0], features
+        return run_layers(self.blocks(), h, pad, layerdrop=layerdrop, generator=self.layerdrop_generator)[0], features
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions at the masked frames, and the frame features for the teacher (computed
@@ -233,7 +235,7 @@ class AudioStudent2(Student2):
         h = ops.masked_gather(x, keep, R * k).view(R, k, C)  # every row keeps k: no second sync
         h = F.dropout(enc.encoder.layer_norm(h), enc.config.dropout, self.training)
         layerdrop = enc.config.layerdrop if self.training else 0.0
-        h = run_layers(self.blocks(), h, None, layerdrop=layerdrop)[0]
+        h = run_layers(self.blocks(), h, None, layerdrop=layerdrop, generator=self.layerdrop_generator)[0]
         return h, None, keep, features.detach()
 
     @torch.no_grad()

@@ -74,6 +74,11 @@ class StudentBase(nn.Module):
     implements the hooks below; ``Data2Vec`` and the trainer use nothing else."""
 
     encoder: nn.Module
+    # Where a student with layer drop draws which blocks to skip: None = the global RNG (seeded
+    # per rank, so ranks skip different blocks, as DDP allows); under FSDP the trainer sets a
+    # generator seeded alike on every rank, so all ranks skip the same blocks and their
+    # per-block all-gathers and reduce-scatters stay in step.
+    layerdrop_generator: torch.Generator | None = None
 
     def blocks(self) -> nn.ModuleList:
         """The student's transformer blocks: FSDP units, the flat buffer of the EMA, compile units."""
