@@ -314,7 +314,10 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer update over this rank's micro-batches. Returns global metrics as
         tensors (reading them is the caller's choice, so steps need not sync)."""
-        count = torch.tensor([float(sum(int(mb["mask"].sum()) for mb in micro_batches))])
+        if self.cfg.train.host_counts:  # each micro-batch's counts, summed once, used below and by its ops
+            micro_batches = [self._with_host_counts(mb) for mb in micro_batches]
+        count = torch.tensor([float(sum(mb["mask_rows"] if "mask_rows" in mb else int(mb["mask"].sum())
+                                        for mb in micro_batches))])
         if self.cfg.train.host_counts and self.device.type == "cuda":  # a pinned copy: no wait for the queue
             count = count.pin_memory()
         count = count.to(self.device, non_blocking=True)
@@ -346,8 +349,6 @@ class Trainer:
         pad = mb.get("padding_mask")
         if pad is not None and not bool(pad.any()):  # checked on the CPU copy: no sync
             mb = dict(mb, padding_mask=None)
-        if self.cfg.train.host_counts:
-            mb = self._with_host_counts(mb)
         if self.cudagraphs:  # a new iteration: the graphs' outputs of the last one are no longer read
             torch.compiler.cudagraph_mark_step_begin()
         mb = self._to_device(mb)
