@@ -1,5 +1,7 @@
 """Fused kernels vs their eager twins (SPEC §3): providers `triton` (d2v_fast/kernels),
-`eager` (d2v_fast/kernels/eager.py) and `compiled` (torch.compile of the eager twin).
+`triton+custom_op` (the same kernels reached through their torch.library custom ops, as
+under torch.compile, instead of the direct autograd Functions: the difference is host
+time), `eager` (d2v_fast/kernels/eager.py) and `compiled` (torch.compile of the eager twin).
 
     python -m pytest benchmarks/test_kernels.py -q
     D2V_BENCH_WRITE=1 python -m pytest benchmarks/test_kernels.py -q
@@ -10,7 +12,11 @@ bf16 or fp32 student). Times are `triton.testing.do_bench` medians (CUDA events,
 flushed between runs), stored in `extra_info` with the effective bandwidth (the op's
 minimum bytes / time) and its fraction of this device's measured device-to-device copy
 bandwidth (measured once per session). The pytest-benchmark statistics of each row time
-the same call with a synchronize, host side.
+the same call with a synchronize, host side. On CUDA each row also has `device_ms`: the
+same call captured in a CUDA graph and replayed (`do_bench_cudagraph`), i.e. its GPU work
+alone; `time_ms - device_ms` is what the host adds (Python, dispatch, launches, waits).
+Calls that synchronise cannot be captured and say why; the `*_counted` rows are the gather
+and the targets with the masked-row count given (`--train.host_counts`), which can.
 
 The `*_clones` rows are data2vec 2.0 multi-mask (SPEC §1b) at its text-base shape: B=64
 samples, clone_batch 8, T=512, C=768, K=12 layers, exactly int(0.48*T) masked per clone;
@@ -61,7 +67,7 @@ SESSION: dict = {}
 def shape_for(provider: str) -> dict:
     if CUDA:
         return dict(B=128, T=512, C=768, K=10, ffn=3072, layers=12)
-    if provider == "triton":  # Triton's interpreter: NumPy per program
+    if provider.startswith("triton"):  # Triton's interpreter: NumPy per program
         return dict(B=2, T=16, C=32, K=2, ffn=64, layers=1)
     return dict(B=4, T=64, C=64, K=3, ffn=256, layers=2)
 
@@ -70,7 +76,7 @@ def shape_for_clones(provider: str) -> dict:
     """data2vec 2.0 text base (SPEC §1b); tiny on the CPU."""
     if CUDA:
         return dict(B=64, clones=CLONES, T=512, C=768, K=12)
-    if provider == "triton":
+    if provider.startswith("triton"):
         return dict(B=2, clones=CLONES, T=16, C=32, K=2)
     return dict(B=4, clones=CLONES, T=64, C=64, K=3)
 
@@ -109,10 +115,26 @@ def _time(fn, rounds: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _device_time(fn) -> tuple[float | None, str]:
+    """Seconds of the op's GPU work alone: ``fn`` captured in a CUDA graph and replayed
+    (``triton.testing.do_bench_cudagraph``), so no host time (Python, dispatch, launches)
+    is in it. ``time_ms`` minus this is what the host adds. An op that synchronises (reads
+    a count from the device) cannot be captured: (None, why)."""
+    if not CUDA:
+        return None, "CPU"
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3, ""
+    except Exception as exc:  # e.g. a host sync inside the op
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {exc}"[:200]
+
+
 def run(benchmark, op: str, provider: str, fn, nbytes: int, shape: dict):
     """Time ``fn`` (one op call), record a row; ``nbytes`` = the op's minimum memory traffic."""
     benchmark.group = f"{op} ({DEVICE})"
-    rounds = 3 if (provider == "triton" and not CUDA) else 20
+    rounds = 3 if (provider.startswith("triton") and not CUDA) else 20
     if provider == "compiled":
         try:
             fn()
@@ -129,11 +151,27 @@ def run(benchmark, op: str, provider: str, fn, nbytes: int, shape: dict):
     row = {"op": op, "provider": provider, "dtype": str(DTYPE).replace("torch.", ""), "shape": shape,
            "time_ms": seconds * 1e3, "bytes": nbytes, "GB_per_s": nbytes / seconds / 1e9,
            "fraction_of_copy_bandwidth": nbytes / seconds / copy_bandwidth()}
+    device_s, why = _device_time(fn)
+    if device_s is not None:
+        row.update(device_ms=device_s * 1e3, device_fraction_of_copy_bandwidth=nbytes / device_s / copy_bandwidth())
+    else:
+        row["device_ms"] = None
+        row["device_ms_why_not"] = why
     benchmark.extra_info.update(row)
     RESULTS.append(row)
 
 
 def provider_fn(provider: str, kernel_fn, twin_fn):
+    if provider == "triton+custom_op":  # the same kernels through their torch.library ops
+        inner = provider_fn("triton", kernel_fn, twin_fn)
+
+        def through_custom_ops(*args, **kwargs):
+            kernels.DISPATCH = "custom_op"
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                kernels.DISPATCH = "direct"
+        return through_custom_ops
     if provider == "triton":
         if not kernels.AVAILABLE:
             pytest.skip("triton is not installed")
@@ -181,7 +219,7 @@ def randn(*shape, dtype=DTYPE):
     return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
-PROVIDERS = ["triton", "eager", "compiled"]
+PROVIDERS = ["triton", "triton+custom_op", "eager", "compiled"]
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -193,6 +231,18 @@ def test_masked_gather(benchmark, provider):
     x, mask = randn(B, T, C), make_mask(B, T)
     N = int(mask.sum())
     run(benchmark, "masked_gather", provider, lambda: fn(x, mask), 2 * N * C * x.element_size(), s)
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager"])
+def test_masked_gather_counted(benchmark, provider):
+    """The gather as the step runs it with ``--train.host_counts``: N given by the caller, so
+    nothing waits for the device (and the call can be captured in a CUDA graph)."""
+    s = shape_for(provider)
+    B, T, C = s["B"], s["T"], s["C"]
+    fn = provider_fn(provider, kgather.masked_gather, twin.masked_gather)
+    x, mask = randn(B, T, C), make_mask(B, T)
+    N = int(mask.sum())
+    run(benchmark, "masked_gather_counted", provider, lambda: fn(x, mask, N), 2 * N * C * x.element_size(), s)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -217,6 +267,19 @@ def test_build_targets(benchmark, provider):
     N = int(mask.sum())
     nbytes = K * B * T * C * layers[0].element_size() + N * C * 4
     run(benchmark, "build_targets", provider, lambda: fn(layers, mask=mask), nbytes, s)
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager"])
+def test_build_targets_counted(benchmark, provider):
+    """``test_build_targets`` with the masked-row count given (``--train.host_counts``)."""
+    s = shape_for(provider)
+    K, B, T, C = s["K"], s["B"], s["T"], s["C"]
+    fn = provider_fn(provider, ktargets.build_targets, twin.build_targets)
+    layers = [randn(B, T, C) for _ in range(K)]
+    mask = make_mask(B, T)
+    N = int(mask.sum())
+    nbytes = K * B * T * C * layers[0].element_size() + N * C * 4
+    run(benchmark, "build_targets_counted", provider, lambda: fn(layers, mask=mask, count=N), nbytes, s)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])

@@ -18,6 +18,8 @@ must be set before that (``tests/conftest.py`` does it; SPEC §5).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -86,8 +88,39 @@ def check_device(kernel, *tensors: torch.Tensor) -> None:
                 "inputs to CUDA, or use the torch path (D2V_KERNELS=torch or d2v_fast.ops.set_kernels('torch'))")
 
 
+# "direct" (default) or "custom_op": how the ops reach their launchers outside torch.compile
+# (see ``direct``); D2V_KERNEL_DISPATCH=custom_op forces the custom ops, for comparisons.
+DISPATCH = os.environ.get("D2V_KERNEL_DISPATCH", "direct").strip().lower() or "direct"
+if DISPATCH not in ("direct", "custom_op"):
+    raise ValueError(f"D2V_KERNEL_DISPATCH={DISPATCH!r}: expected 'direct' or 'custom_op' (unset means direct)")
+
+
+def direct(*tensors) -> bool:
+    """True when an op may call its launcher straight through a ``torch.autograd.Function``
+    rather than its ``torch.library`` custom op: outside ``torch.compile`` tracing, on plain
+    tensors (not fake tensors, DTensors or other subclasses; parameters are fine). The custom
+    op's Python dispatch costs more host time than the launch itself (about 60 µs a call on
+    the 2-core CPU machine, benchmarks/test_host_overhead.py); Dynamo and fake-tensor
+    tracing still see the custom ops, which compute the same thing."""
+    if DISPATCH != "direct" or torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    return True
+
+
 def num_warps_for(elements: int) -> int:
     """Warps for a program that holds ``elements`` values of one tile in registers: about 32
     fp32 values per thread per live tile (the kernels keep two or three tiles alive, well
     under the 255-register limit). A first guess, not tuned on a GPU yet."""
-    return max(1, min(16, triton.next_power_of_2(max(elements // 1024, 1))))
+    return max(1, min(16, next_pow2(max(elements // 1024, 1))))
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` in plain Python (the launchers call it on the host every call)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from . import check_device, tl, triton
+from . import cdiv, check_device, direct, tl, triton
 
 BLOCK = 4096
 NUM_WARPS = 8  # 16 fp32 per thread: four 16-byte loads per operand
@@ -129,7 +129,7 @@ def _launch_flat(teacher: torch.Tensor, student: torch.Tensor, decay: Optional[t
     if n == 0:
         return
     ptr, d, w, on_device = _decay_args(decay, decay_f, teacher)
-    _ema_flat_kernel[(triton.cdiv(n, BLOCK),)](teacher, student, ptr, d, w, n, teacher if skip is None else skip,
+    _ema_flat_kernel[(cdiv(n, BLOCK),)](teacher, student, ptr, d, w, n, teacher if skip is None else skip,
                                               teacher if shadow is None else shadow,
                                               DECAY_PTR=on_device, SKIP_PTR=skip is not None,
                                               SHADOW=shadow is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -238,10 +238,11 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
         if teacher and decay.device.type == "cpu" and teacher[0].device.type != "cpu":
             decay = float(decay)  # a host scalar: reading it costs no device sync
     skip = None if skip is None else skip.reshape(())
-    if isinstance(decay, torch.Tensor):
-        ema_update_op(teacher, student, decay.reshape(()), 0.0, skip, shadow)
+    decay_t, decay_f = (decay.reshape(()), 0.0) if isinstance(decay, torch.Tensor) else (None, float(decay))
+    if direct(decay_t, skip, shadow, *teacher[:1], *student[:1]):  # the launcher itself, no custom-op dispatch
+        _update(teacher, student, decay_t, decay_f, skip, shadow)
     else:
-        ema_update_op(teacher, student, None, float(decay), skip, shadow)
+        ema_update_op(teacher, student, decay_t, decay_f, skip, shadow)
 
 
 # ----------------------------------------------------------------------------- flat buffers

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from .eager import mask_clones
-from . import check_device, num_warps_for, tl, triton
+from . import cdiv, check_device, direct, next_pow2, num_warps_for, tl, triton
 
 BLOCK_C_MAX = 256  # 512 contiguous bytes of a bf16 row per program: full 128-byte lines
 
@@ -108,15 +108,27 @@ def _launch(src: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, fill: Optio
         return out
     if src.numel() == 0:  # scatter of no rows: all fill; hand the kernel a valid pointer it never reads
         src = out
-    BLOCK_C = min(triton.next_power_of_2(C), BLOCK_C_MAX)
-    BLOCK_R = max(1, min(4096 // BLOCK_C, triton.next_power_of_2(R)))
+    BLOCK_C = min(next_pow2(C), BLOCK_C_MAX)
+    BLOCK_R = max(1, min(4096 // BLOCK_C, next_pow2(R)))
     fill_kind = 0 if fill is None else (1 if fill.dim() == 1 else 2)
-    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C))
+    grid = (cdiv(R, BLOCK_R), cdiv(C, BLOCK_C))
     _move_rows_kernel[grid](src, out, pos, src if fill is None else fill, R, C, n_sel, max(T, 1), clones,
                             src.stride(0), out.stride(0), fill.stride(0) if fill_kind == 2 else 0,
                             TO_COMPACT=to_compact, FILL=fill_kind, CLONED=cloned, BLOCK_R=BLOCK_R,
                             BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_R * BLOCK_C))
     return out
+
+
+# ----------------------------------------------------------------------------- raw launchers
+def _to_compact(x: torch.Tensor, pos: torch.Tensor, n: int, T: int, clones: int) -> torch.Tensor:
+    return _launch(x, x.new_empty(n, x.shape[1]), pos, None, to_compact=True, T=T, clones=clones)
+
+
+def _to_full(rows: torch.Tensor, pos: torch.Tensor, fill: Optional[torch.Tensor], T: int, clones: int) -> torch.Tensor:
+    if clones > 1 and fill is not None:
+        raise ValueError("rows_to_full: a fill is not supported with clones > 1")
+    out = rows.new_empty(pos.shape[0] // max(clones, 1), rows.shape[1])
+    return _launch(rows, out, pos, fill, to_compact=False, T=T, clones=clones)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -125,7 +137,7 @@ def rows_to_compact(x: torch.Tensor, pos: torch.Tensor, n: int, T: int = 1, clon
     """``out[pos[i]] = x[i]`` for ``pos[i] >= 0``; ``x`` is ``[R, C]``, ``out`` ``[n, C]``. With
     ``clones > 1``, ``x`` is ``[B*T, C]``, ``pos`` ``[B*clones*T]`` and cloned row
     ``i = (b*clones + c)*T + t`` takes ``x[b*T + t]``."""
-    return _launch(x, x.new_empty(n, x.shape[1]), pos, None, to_compact=True, T=T, clones=clones)
+    return _to_compact(x, pos, n, T, clones)
 
 
 @rows_to_compact.register_fake
@@ -139,10 +151,7 @@ def rows_to_full(rows: torch.Tensor, pos: torch.Tensor, fill: Optional[torch.Ten
     """``out[i] = rows[pos[i]]`` where ``pos[i] >= 0``, else 0 / ``fill`` (``[C]``) / ``fill[i]``.
     With ``clones > 1`` (no fill): ``out[b*T + t] = sum_c rows[pos[(b*clones + c)*T + t]]``
     (0 for the unselected clone rows), ``[B*T, C]``: the adjoint of the cloned compaction."""
-    if clones > 1 and fill is not None:
-        raise ValueError("rows_to_full: a fill is not supported with clones > 1")
-    out = rows.new_empty(pos.shape[0] // max(clones, 1), rows.shape[1])
-    return _launch(rows, out, pos, fill, to_compact=False, T=T, clones=clones)
+    return _to_full(rows, pos, fill, T, clones)
 
 
 @rows_to_full.register_fake
@@ -157,7 +166,7 @@ def _compact_setup(ctx, inputs, output):
 
 def _compact_backward(ctx, grad):
     (pos,) = ctx.saved_tensors
-    return rows_to_full(grad.contiguous(), pos, None, ctx.T, ctx.clones), None, None, None, None
+    return full(grad.contiguous(), pos, None, ctx.T, ctx.clones), None, None, None, None
 
 
 def _full_setup(ctx, inputs, output):
@@ -171,7 +180,7 @@ def _full_setup(ctx, inputs, output):
 def _full_backward(ctx, grad):
     (pos,) = ctx.saved_tensors
     grad = grad.contiguous()
-    g_rows = rows_to_compact(grad, pos, ctx.n, ctx.T, ctx.clones) if ctx.needs_input_grad[0] else None
+    g_rows = compact(grad, pos, ctx.n, ctx.T, ctx.clones) if ctx.needs_input_grad[0] else None
     g_fill = None
     if ctx.fill_kind and ctx.needs_input_grad[2]:
         # The fill's gradient is the gradient at the unselected rows: one elementwise pass
@@ -186,13 +195,62 @@ rows_to_compact.register_autograd(_compact_backward, setup_context=_compact_setu
 rows_to_full.register_autograd(_full_backward, setup_context=_full_setup)
 
 
+# ----------------------------------------------------------------------------- direct path
+class _Compact(torch.autograd.Function):
+    """``rows_to_compact`` without the custom op's dispatch (``kernels.direct``)."""
+
+    @staticmethod
+    def forward(ctx, x, pos, n, T, clones):
+        _compact_setup(ctx, (x, pos, n, T, clones), None)
+        return _to_compact(x, pos, n, T, clones)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _compact_backward(ctx, grad)
+
+
+class _Full(torch.autograd.Function):
+    """``rows_to_full`` without the custom op's dispatch (``kernels.direct``)."""
+
+    @staticmethod
+    def forward(ctx, rows, pos, fill, T, clones):
+        _full_setup(ctx, (rows, pos, fill, T, clones), None)
+        return _to_full(rows, pos, fill, T, clones)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _full_backward(ctx, grad)
+
+
+def compact(x: torch.Tensor, pos: torch.Tensor, n: int, T: int = 1, clones: int = 1) -> torch.Tensor:
+    """``rows_to_compact``: straight through an autograd Function when ``kernels.direct``
+    allows, else the custom op (under ``torch.compile``); the same kernels either way."""
+    if direct(x, pos):
+        return _Compact.apply(x, pos, n, T, clones)
+    return rows_to_compact(x, pos, n, T, clones)
+
+
+def full(rows: torch.Tensor, pos: torch.Tensor, fill: Optional[torch.Tensor], T: int = 1,
+         clones: int = 1) -> torch.Tensor:
+    """``rows_to_full``, by the same choice as ``compact``."""
+    if direct(rows, pos, fill):
+        return _Full.apply(rows, pos, fill, T, clones)
+    return rows_to_full(rows, pos, fill, T, clones)
+
+
 # ----------------------------------------------------------------------------- public
 def _positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``pos[i]`` = compact row of full row ``i`` or -1, and the number of selected rows."""
     m = mask.reshape(-1)
     csum = torch.cumsum(m, 0, dtype=torch.int32)
     count = csum[-1] if m.numel() else csum.new_zeros(())
-    return (csum - 1).masked_fill_(~m, -1), count
+    return positions_from_cumsum(csum, m), count
+
+
+def positions_from_cumsum(csum: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``pos`` from the inclusive int32 cumsum of the flat mask ``m``: ``csum*m - 1`` is the
+    compact row at a true entry and -1 at a false one (two launches; ``csum`` is kept)."""
+    return (csum * m).sub_(1)
 
 
 def _check_mask(x: torch.Tensor, mask: torch.Tensor, what: str) -> int:
@@ -226,7 +284,7 @@ def masked_gather(x: torch.Tensor, mask: torch.Tensor, count: Optional[int] = No
         count = int(total)  # N for the output: the sync
     else:
         torch._assert_async(total == count, "masked_gather: count differs from mask.sum()")
-    return rows_to_compact(x.reshape(-1, C).contiguous(), pos, count, T, clones)
+    return compact(x.reshape(-1, C).contiguous(), pos, count, T, clones)
 
 
 def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
@@ -244,4 +302,4 @@ def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.
         fill = fill.contiguous() if fill.dim() == 1 else fill.reshape(-1, C).contiguous()
     pos, count = _positions(mask)
     torch._assert_async(count == rows.shape[0], "masked_scatter: rows.shape[0] differs from mask.sum()")
-    return rows_to_full(rows.contiguous(), pos, fill).view(shape)
+    return full(rows.contiguous(), pos, fill).view(shape)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import check_device, num_warps_for, tl, triton
+from . import cdiv, check_device, direct, next_pow2, num_warps_for, tl, triton
 
 BLOCK_C_MAX = 1024
 
@@ -65,16 +65,14 @@ def _scale_rows_kernel(g, go, out, N, C, stride_go, BLOCK_R: tl.constexpr, BLOCK
 
 
 def _blocks(N: int, C: int, block_c_max: int) -> tuple[int, int]:
-    BLOCK_C = min(triton.next_power_of_2(C), block_c_max)
-    BLOCK_R = max(1, min(4096 // BLOCK_C, triton.next_power_of_2(N)))
+    BLOCK_C = min(next_pow2(C), block_c_max)
+    BLOCK_R = max(1, min(4096 // BLOCK_C, next_pow2(N)))
     return BLOCK_R, BLOCK_C
 
 
-# ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("d2v_fast::regression_loss", mutates_args=())
-def regression_loss_op(pred: torch.Tensor, target: torch.Tensor, beta: float, scale: float,
-                       need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss ``[N]`` (fp32) and its gradient w.r.t. ``pred`` (``[N, C]``, or ``[0]``)."""
+# ----------------------------------------------------------------------------- raw launchers
+def _loss_rows(pred: torch.Tensor, target: torch.Tensor, beta: float, scale: float,
+               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     check_device(_regression_loss_kernel, pred, target)
     N, C = pred.shape
     rows = torch.empty(N, device=pred.device, dtype=torch.float32)
@@ -84,11 +82,32 @@ def regression_loss_op(pred: torch.Tensor, target: torch.Tensor, beta: float, sc
     if C == 0:
         return rows.zero_(), grad
     BLOCK_R, BLOCK_C = _blocks(N, C, BLOCK_C_MAX)
-    _regression_loss_kernel[(triton.cdiv(N, BLOCK_R),)](
+    _regression_loss_kernel[(cdiv(N, BLOCK_R),)](
         pred, target, rows, grad if need_grad else pred, N, C, pred.stride(0), target.stride(0),
         grad.stride(0) if need_grad else 0, float(beta), float(scale), BETA_ZERO=beta == 0, WRITE_GRAD=need_grad,
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_R * BLOCK_C))
     return rows, grad
+
+
+def _scale_rows(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    check_device(_scale_rows_kernel, g, go)
+    N, C = g.shape
+    out = g.new_empty(N, C)
+    if g.numel() == 0:
+        return out
+    BLOCK_R, BLOCK_C = _blocks(N, C, 256)
+    grid = (cdiv(N, BLOCK_R), cdiv(C, BLOCK_C))
+    _scale_rows_kernel[grid](g, go, out, N, C, go.stride(0), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                             num_warps=num_warps_for(BLOCK_R * BLOCK_C))
+    return out
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("d2v_fast::regression_loss", mutates_args=())
+def regression_loss_op(pred: torch.Tensor, target: torch.Tensor, beta: float, scale: float,
+                       need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss ``[N]`` (fp32) and its gradient w.r.t. ``pred`` (``[N, C]``, or ``[0]``)."""
+    return _loss_rows(pred, target, beta, scale, need_grad)
 
 
 @regression_loss_op.register_fake
@@ -100,16 +119,7 @@ def _(pred, target, beta, scale, need_grad):
 @torch.library.custom_op("d2v_fast::scale_rows", mutates_args=())
 def scale_rows(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     """``g[N, C] * go[N, None]`` with fp32 math, in ``g``'s dtype (``g`` contiguous)."""
-    check_device(_scale_rows_kernel, g, go)
-    N, C = g.shape
-    out = g.new_empty(N, C)
-    if g.numel() == 0:
-        return out
-    BLOCK_R, BLOCK_C = _blocks(N, C, 256)
-    grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C))
-    _scale_rows_kernel[grid](g, go, out, N, C, go.stride(0), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-                             num_warps=num_warps_for(BLOCK_R * BLOCK_C))
-    return out
+    return _scale_rows(g, go)
 
 
 @scale_rows.register_fake
@@ -125,10 +135,25 @@ def _backward(ctx, grad_rows, _grad_of_grad):
     (g,) = ctx.saved_tensors
     if g.numel() == 0 and grad_rows.numel() != 0:
         raise RuntimeError("regression_loss: backward through a call made without need_grad")
-    return scale_rows(g, grad_rows), None, None, None, None
+    return (_scale_rows(g, grad_rows) if direct(g, grad_rows) else scale_rows(g, grad_rows)), None, None, None, None
 
 
 regression_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _Loss(torch.autograd.Function):
+    """``regression_loss_op`` without the custom op's dispatch (``kernels.direct``)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, beta, scale, need_grad):
+        rows, grad = _loss_rows(pred, target, beta, scale, need_grad)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(grad)
+        return rows, grad
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_of_grad):
+        return _backward(ctx, grad_rows, _grad_of_grad)
 
 
 # ----------------------------------------------------------------------------- public
@@ -146,5 +171,6 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, sc
     p2 = p2 if p2.stride(-1) == 1 else p2.contiguous()
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
     need_grad = torch.is_grad_enabled() and pred.requires_grad
-    rows, _ = regression_loss_op(p2, t2, float(beta), scale, need_grad)
+    op = _Loss.apply if direct(p2, t2) else regression_loss_op
+    rows, _ = op(p2, t2, float(beta), scale, need_grad)
     return rows.sum() if reduction == "sum" else rows.view(pred.shape[:-1])

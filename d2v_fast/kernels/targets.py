@@ -58,7 +58,8 @@ from typing import Optional, Sequence
 import torch
 
 from .eager import mask_clones, selected_rows
-from . import check_device, num_warps_for, tl, triton
+from .gather import positions_from_cumsum
+from . import cdiv, check_device, direct, next_pow2, num_warps_for, tl, triton
 
 MAX_LIST_LAYERS = 16  # pointer arguments of the kernels; longer lists are stacked (one copy)
 TILE = 8192  # values of one [T, BLOCK_C] tile held in registers by a time-kernel program
@@ -260,9 +261,9 @@ class _Layers:
 def _run_time(src: _Layers, pad, pos, out, instance: bool, final_instance: bool, eps: float,
               clones: int = 1) -> None:
     B, T, C = src.B, src.T, src.C
-    BLOCK_T = triton.next_power_of_2(T)
-    BLOCK_C = max(1, min(TILE // BLOCK_T, 32, triton.next_power_of_2(C)))
-    grid = (triton.cdiv(C, BLOCK_C), B)
+    BLOCK_T = next_pow2(T)
+    BLOCK_C = max(1, min(TILE // BLOCK_T, 32, next_pow2(C)))
+    grid = (cdiv(C, BLOCK_C), B)
     _targets_time_kernel[grid](*src.ptrs, src.stride_k, src.stride_b, src.stride_t,
                                out if pad is None else pad, out if pos is None else pos, out, out.stride(-2),
                                T, C, clones, eps, K=src.K, STACKED=src.stacked, INSTANCE=instance,
@@ -275,9 +276,9 @@ def _run_token(src: _Layers, pad, idx, pos, out, layer: bool, final_layer: bool,
     """Rows: the ``idx`` tokens (one output row each), or with ``pos`` every token ``(b, t)``
     written at the compact rows of its clones, or without either every row of ``out``."""
     n_rows = src.B * src.T if pos is not None else out.numel() // src.C
-    BLOCK_C = triton.next_power_of_2(src.C)
-    BLOCK_R = max(1, min(4096 // BLOCK_C, triton.next_power_of_2(n_rows)))
-    grid = (triton.cdiv(n_rows, BLOCK_R),)
+    BLOCK_C = next_pow2(src.C)
+    BLOCK_R = max(1, min(4096 // BLOCK_C, next_pow2(n_rows)))
+    grid = (cdiv(n_rows, BLOCK_R),)
     _targets_token_kernel[grid](*src.ptrs, src.stride_k, src.stride_b, src.stride_t,
                                 out if pad is None else pad, out if idx is None else idx,
                                 out if pos is None else pos, out, src.C, n_rows, src.T, src.C, clones, eps,
@@ -317,7 +318,7 @@ def _targets(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], m
             # pos[(b*clones + c)*T + t]: compact row of clone c of sample b at t, or -1. The
             # kernel that writes walks the samples' tokens and stores each result once per clone.
             csum = torch.cumsum(m, 0, dtype=torch.int32)
-            pos = (csum - 1).masked_fill_(~m, -1)
+            pos = positions_from_cumsum(csum, m)
             if count >= 0:  # known on the host (--train.host_counts): no sync
                 n = count
                 if m.numel():
@@ -376,6 +377,9 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
                   final_norm: Optional[str] = None, eps: float = 1e-5, count: Optional[int] = None) -> torch.Tensor:
     """Fused data2vec targets; same contract as ``d2v_fast.kernels.eager.build_targets``."""
     layers = [layers] if isinstance(layers, torch.Tensor) else list(layers)
+    args = (layers, padding_mask, mask, _norm_name(layer_norm, "layer_norm"), _norm_name(final_norm, "final_norm"),
+            float(eps), -1 if count is None else int(count))
     with torch.no_grad():
-        return build_targets_op(layers, padding_mask, mask, _norm_name(layer_norm, "layer_norm"),
-                                _norm_name(final_norm, "final_norm"), float(eps), -1 if count is None else int(count))
+        if direct(padding_mask, mask, *layers):  # no gradient flows: the launchers themselves
+            return _targets(*args)
+        return build_targets_op(*args)
