@@ -111,7 +111,7 @@ IMG=($PY -m d2v_fast.bench --modality images --config base --data.num_workers 0)
 stage step-img-v1 60 "${IMG[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 stage step-img-v2 60 "${IMG[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 
-stage kernels 60 bash -c "D2V_BENCH_WRITE=1 $PY -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py -k 'not compiled' \
+stage kernels 90 bash -c "D2V_BENCH_WRITE=1 $PY -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py -k 'not compiled' \
   && cp benchmarks/results/kernels-*h[12]00*.json '$OUTDIR/kernels.json'"
 
 RUN=/tmp/d2v_fast-suite-run

@@ -1,7 +1,7 @@
 """Fused kernels vs their eager twins (SPEC §3): providers `triton` (d2v_fast/kernels),
 `triton+custom_op` (the same kernels reached through their torch.library custom ops, as
 under torch.compile, instead of the direct autograd Functions: the difference is host
-time), `eager` (d2v_fast/kernels/eager.py) and `compiled` (torch.compile of the eager twin).
+time), `triton_split` (build_targets' two-pass instance norm, ``D2V_TARGETS_TIME=split``), `eager` (d2v_fast/kernels/eager.py) and `compiled` (torch.compile of the eager twin).
 
     python -m pytest benchmarks/test_kernels.py -q
     D2V_BENCH_WRITE=1 python -m pytest benchmarks/test_kernels.py -q
@@ -162,16 +162,20 @@ def run(benchmark, op: str, provider: str, fn, nbytes: int, shape: dict):
 
 
 def provider_fn(provider: str, kernel_fn, twin_fn):
-    if provider == "triton+custom_op":  # the same kernels through their torch.library ops
+    if provider in ("triton+custom_op", "triton_split"):
+        # the same kernels through their torch.library ops / the two-pass instance norm
         inner = provider_fn("triton", kernel_fn, twin_fn)
+        module, name, value = ((kernels, "DISPATCH", "custom_op") if provider == "triton+custom_op"
+                               else (ktargets, "TIME_METHOD", "split"))
 
-        def through_custom_ops(*args, **kwargs):
-            kernels.DISPATCH = "custom_op"
+        def variant(*args, **kwargs):
+            before = getattr(module, name)
+            setattr(module, name, value)
             try:
                 return inner(*args, **kwargs)
             finally:
-                kernels.DISPATCH = "direct"
-        return through_custom_ops
+                setattr(module, name, before)
+        return variant
     if provider == "triton":
         if not kernels.AVAILABLE:
             pytest.skip("triton is not installed")
@@ -256,7 +260,10 @@ def test_masked_scatter(benchmark, provider):
     run(benchmark, "masked_scatter", provider, lambda: fn(rows, mask, fill), (N + B * T) * C * rows.element_size(), s)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+TARGET_PROVIDERS = ["triton", "triton_split", "triton+custom_op", "eager", "compiled"]
+
+
+@pytest.mark.parametrize("provider", TARGET_PROVIDERS)
 def test_build_targets(benchmark, provider):
     """data2vec v1 text: top-10 layers, instance norm, mean, no final norm, masked rows."""
     s = shape_for(provider)
@@ -269,7 +276,7 @@ def test_build_targets(benchmark, provider):
     run(benchmark, "build_targets", provider, lambda: fn(layers, mask=mask), nbytes, s)
 
 
-@pytest.mark.parametrize("provider", ["triton", "eager"])
+@pytest.mark.parametrize("provider", ["triton", "triton_split", "eager"])
 def test_build_targets_counted(benchmark, provider):
     """``test_build_targets`` with the masked-row count given (``--train.host_counts``)."""
     s = shape_for(provider)
@@ -309,7 +316,7 @@ def test_masked_gather_clones(benchmark, provider, direction):
     run(benchmark, f"masked_gather_clones_{direction}", provider, call, nbytes, s)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", TARGET_PROVIDERS)
 def test_build_targets_clones(benchmark, provider):
     """data2vec 2.0 text: top-12 layers, instance norm, mean, no final norm, at the masked
     rows of all 8 clones (targets computed once per sample)."""

@@ -433,6 +433,38 @@ def test_build_targets_clones(triton_side, clones, K, B, T, C, padded):
         close(twin.build_targets(x, padding_mask=pad, mask=m), want, atol=2e-5, rtol=1e-5)
 
 
+@cpu_triton
+def test_build_targets_split_method(triton_side, monkeypatch):
+    """The two-pass instance norm (statistics, then the normalised mean at the selected rows)
+    against fp64, over awkward shapes, padding, one and several clones, and the mixed path
+    that goes through it; and it really is the split kernels that ran."""
+    log = []
+    monkeypatch.setattr(ktargets, "TIME_METHOD", "split")
+    for name in ("_instance_stats_kernel", "_instance_apply_kernel", "_targets_time_kernel"):
+        monkeypatch.setattr(ktargets, name, Launches(getattr(ktargets, name), log))
+    monkeypatch.setattr(ktargets, "check_device", lambda *args: None)  # it asks the (wrapped) time kernel
+    monkeypatch.setattr(ktargets, "SPLIT_BLOCK_T", 8)  # several time chunks merged at these T
+    for K, B, T, C in [(1, 1, 1, 5), (3, 3, 7, 17), (2, 3, 13, 33), (3, 1, 40, 3)]:
+        for padded in (False, True):
+            x, pad, mask = targets_case(K, B, T, C, padded)
+            for m in (None, mask):
+                for ln, fn in [("instance", None), ("instance", "layer")]:
+                    out = ops.build_targets(list(x), padding_mask=pad, mask=m, layer_norm=ln, final_norm=fn)
+                    close(out, targets_f64(x, pad, m, ln, fn), atol=2e-5, rtol=1e-5)
+    for clones in (2, 3):
+        x, pad, mask = clone_targets_case(3, 3, 13, 33, clones, padded=True)
+        out = ops.build_targets(x, padding_mask=pad, mask=mask)
+        close(out, clone_targets_f64(x, pad, mask, clones, "instance", None), atol=2e-5, rtol=1e-5)
+    # mean/std = 2000: fp32 E[x^2] - E[x]^2 would be off by ~40% of the variance here; the
+    # merged chunk statistics stay within fp32 rounding of x - mean
+    x = torch.randn(2, 2, 64, 8) * 0.5 + 1000.0
+    close(ops.build_targets(x), targets_f64(x, None, None, "instance", None), atol=1e-3, rtol=1e-4)
+    stats = [kw for grid, kw in log if "HAS_POS" not in kw]
+    apply = [kw["HAS_POS"] for grid, kw in log if "HAS_POS" in kw]
+    assert len(stats) == len(apply) > 0 and set(apply) == {True, False}
+    assert not any("FINAL_INSTANCE" in kw for grid, kw in log)  # the one-pass time kernel never ran
+
+
 class Launches:
     """Stands in for a kernel: records each launch's grid and meta-parameters."""
 
@@ -809,11 +841,15 @@ def bf16_rule(out, ref32, torch_out, atol):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("op", ["gather", "gather_clones", "scatter", "targets", "targets_clones", "loss", "ema"])
-def test_bf16_on_gpu(op):
+@pytest.mark.parametrize("op", ["gather", "gather_clones", "scatter", "targets", "targets_clones", "targets_split",
+                                "targets_clones_split", "loss", "ema"])
+def test_bf16_on_gpu(op, monkeypatch):
     dev, B, T, C = "cuda", 3, 131, 257
     mask = random_mask(B, T).to(dev)
     ops.set_kernels("triton")
+    if op.endswith("_split"):
+        monkeypatch.setattr(ktargets, "TIME_METHOD", "split")
+        op = op[:-len("_split")]
     try:
         if op == "gather":
             x = torch.randn(B, T, C, device=dev, dtype=torch.bfloat16, requires_grad=True)

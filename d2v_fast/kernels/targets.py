@@ -53,6 +53,7 @@ intermediate per sample.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -65,6 +66,17 @@ MAX_LIST_LAYERS = 16  # pointer arguments of the kernels; longer lists are stack
 TILE = 8192  # values of one [T, BLOCK_C] tile held in registers by a time-kernel program
 MAX_T = 8192  # beyond this BLOCK_C would be < 1: not supported by the time kernel
 NORMS = (None, "instance", "layer")
+# How the per-layer instance norm without a final norm (data2vec text and speech) runs:
+# "fused" (one program holds a sample's [T, BLOCK_C] tile for all K layers: each input read
+# once) or "split" (statistics pass + apply pass: more, smaller programs, the selected rows
+# read twice). Measured by benchmarks/test_kernels.py (provider triton_split); the faster
+# at base shapes is the default. D2V_TARGETS_TIME overrides.
+TIME_METHODS = ("fused", "split")
+TIME_METHOD = os.environ.get("D2V_TARGETS_TIME", "fused").strip().lower() or "fused"
+if TIME_METHOD not in TIME_METHODS:
+    raise ValueError(f"D2V_TARGETS_TIME={TIME_METHOD!r}: expected one of {TIME_METHODS} (unset means fused)")
+SPLIT_BLOCK_T = 64
+SPLIT_BLOCK_C = 64  # 128 contiguous bytes of a bf16 row: one full cache line
 
 
 @triton.jit
@@ -161,6 +173,93 @@ def _targets_time_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, 
             tl.store(out + dst[:, None] * stride_out + c[None, :], acc, mask=sel[:, None] & in_c[None, :])
     else:
         tl.store(out + (b * T + t[:, None]) * stride_out + c[None, :], acc, mask=m2)
+
+
+@triton.jit
+def _instance_stats_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                           stride_k, stride_b, stride_t, pad, mean_out, rstd_out, B, T, C, eps,
+                           K: tl.constexpr, STACKED: tl.constexpr, HAS_PAD: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split method, pass 1: per (layer, sample, channel) mean and 1/std over the real
+    positions, streamed in [BLOCK_T, BLOCK_C] chunks merged with Chan's formula (each chunk's
+    mean and squared deviations exact in registers: no E[x^2] - E[x]^2 cancellation)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(1).to(tl.int64)
+    in_c = c < C
+    for k in tl.static_range(K):
+        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                           stride_k, STACKED)
+        n = tl.zeros((BLOCK_C,), dtype=tl.float32)  # real positions so far (the same in every column)
+        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            in_t = t < T
+            if HAS_PAD:
+                real = in_t & (tl.load(pad + b * T + t, mask=in_t, other=1) == 0)
+            else:
+                real = in_t
+            w = real.to(tl.float32)[:, None]
+            x = tl.load(base + b * stride_b + t[:, None].to(tl.int64) * stride_t + c[None, :],
+                        mask=real[:, None] & in_c[None, :], other=0.0).to(tl.float32)
+            n_c = tl.sum(real.to(tl.float32), axis=0)
+            mean_c = tl.sum(x, axis=0) / tl.maximum(n_c, 1.0)
+            d = (x - mean_c[None, :]) * w
+            m2_c = tl.sum(d * d, axis=0)
+            n_new = n + n_c
+            delta = mean_c - mean
+            mean = mean + delta * (n_c / tl.maximum(n_new, 1.0))
+            m2 = m2 + m2_c + delta * delta * (n * n_c / tl.maximum(n_new, 1.0))
+            n = n_new
+        var = m2 / tl.maximum(n, 1.0)
+        at = (k * B + b) * C + c
+        tl.store(mean_out + at, mean, mask=in_c)
+        tl.store(rstd_out + at, tl.rsqrt(var + eps), mask=in_c)
+
+
+@triton.jit
+def _instance_apply_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                           stride_k, stride_b, stride_t, pad, mean_in, rstd_in, pos, out, stride_out, B, T, C,
+                           clones, K: tl.constexpr, STACKED: tl.constexpr, HAS_PAD: tl.constexpr,
+                           HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split method, pass 2: for a [BLOCK_T, BLOCK_C] block of sample ``b``, the mean over the
+    K layers of ``(x - mean) * rstd``, loading only the rows some clone's mask selects (the
+    masked-off rows issue no memory requests), stored at each clone's compact row."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_t = t < T
+    in_c = c < C
+    if HAS_POS:
+        used = in_t & (t < 0)
+        for cl in range(0, clones):
+            used = used | (tl.load(pos + (b * clones + cl) * T + t, mask=in_t, other=-1) >= 0)
+    else:
+        used = in_t
+    if HAS_PAD:
+        real = used & (tl.load(pad + b * T + t, mask=in_t, other=1) == 0)
+    else:
+        real = used
+    m_load = real[:, None] & in_c[None, :]
+    offs = b * stride_b + t[:, None].to(tl.int64) * stride_t + c[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                           stride_k, STACKED)
+        x = tl.load(base + offs, mask=m_load, other=0.0).to(tl.float32)
+        at = (k * B + b) * C + c
+        mu = tl.load(mean_in + at, mask=in_c, other=0.0)
+        rs = tl.load(rstd_in + at, mask=in_c, other=0.0)
+        acc += (x - mu[None, :]) * rs[None, :]
+    acc = tl.where(real[:, None], acc * (1.0 / K), 0.0)  # padded positions hold 0
+    if HAS_POS:
+        for cl in range(0, clones):
+            p = tl.load(pos + (b * clones + cl) * T + t, mask=in_t, other=-1)
+            sel = p >= 0
+            dst = tl.where(sel, p, 0).to(tl.int64)
+            tl.store(out + dst[:, None] * stride_out + c[None, :], acc, mask=sel[:, None] & in_c[None, :])
+    else:
+        tl.store(out + (b * T + t[:, None]) * stride_out + c[None, :], acc, mask=in_t[:, None] & in_c[None, :])
 
 
 @triton.jit
@@ -261,6 +360,9 @@ class _Layers:
 def _run_time(src: _Layers, pad, pos, out, instance: bool, final_instance: bool, eps: float,
               clones: int = 1) -> None:
     B, T, C = src.B, src.T, src.C
+    if TIME_METHOD == "split" and instance and not final_instance:
+        _run_time_split(src, pad, pos, out, eps, clones)
+        return
     BLOCK_T = next_pow2(T)
     BLOCK_C = max(1, min(TILE // BLOCK_T, 32, next_pow2(C)))
     grid = (cdiv(C, BLOCK_C), B)
@@ -269,6 +371,27 @@ def _run_time(src: _Layers, pad, pos, out, instance: bool, final_instance: bool,
                                T, C, clones, eps, K=src.K, STACKED=src.stacked, INSTANCE=instance,
                                FINAL_INSTANCE=final_instance, HAS_PAD=pad is not None, HAS_POS=pos is not None,
                                BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_T * BLOCK_C))
+
+
+def _run_time_split(src: _Layers, pad, pos, out, eps: float, clones: int) -> None:
+    """Per-layer instance norm, mean over K (no final norm) in two passes: the statistics
+    ``[K, B, C]`` (fp32, reads every input element once), then the normalised mean at the
+    rows that need it (reads those rows of the K layers again: 31% more at data2vec text's
+    masking, ~100% with data2vec 2.0's clones). Many small programs instead of one
+    register-resident ``[T, BLOCK_C]`` tile per program; no limit on T."""
+    B, T, C = src.B, src.T, src.C
+    mean = torch.empty(src.K, B, C, device=out.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    BLOCK_C = min(SPLIT_BLOCK_C, next_pow2(C))
+    BLOCK_T = min(SPLIT_BLOCK_T, next_pow2(T))
+    common = dict(K=src.K, STACKED=src.stacked, HAS_PAD=pad is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+                  num_warps=num_warps_for(BLOCK_T * BLOCK_C))
+    pad_arg = out if pad is None else pad
+    _instance_stats_kernel[(cdiv(C, BLOCK_C), B)](*src.ptrs, src.stride_k, src.stride_b, src.stride_t, pad_arg,
+                                                 mean, rstd, B, T, C, eps, **common)
+    _instance_apply_kernel[(cdiv(C, BLOCK_C), B, cdiv(T, BLOCK_T))](
+        *src.ptrs, src.stride_k, src.stride_b, src.stride_t, pad_arg, mean, rstd, out if pos is None else pos, out,
+        out.stride(-2), B, T, C, clones, HAS_POS=pos is not None, **common)
 
 
 def _run_token(src: _Layers, pad, idx, pos, out, layer: bool, final_layer: bool, eps: float,
