@@ -293,6 +293,26 @@ def test_build_targets_counted(benchmark, provider):
     run(benchmark, "build_targets_counted", provider, lambda: fn(layers, mask=mask, count=N), nbytes, s, capturable=True)
 
 
+@pytest.mark.parametrize("provider", ["triton", "triton_split", "eager"])
+def test_build_targets_speech(benchmark, provider):
+    """data2vec speech base (SPEC §1c): top-8 layers, instance norm over T = 999 frames (20 s
+    crops), 8 utterances, ~48% of the frames masked (1 - exp(-0.65)), count given. The long
+    time axis leaves the one-pass kernel 8-channel (16-byte) tiles: the split method's case."""
+    if CUDA:
+        K, B, T, C = 8, 8, 999, 768
+    else:
+        K, B, T, C = (2, 2, 40, 16) if provider.startswith("triton") else (3, 4, 200, 64)
+    s = dict(K=K, B=B, T=T, C=C)
+    fn = provider_fn(provider, ktargets.build_targets, twin.build_targets)
+    layers = [randn(B, T, C) for _ in range(K)]
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(B, T, generator=g) < 0.48).to(DEVICE)
+    N = int(mask.sum())
+    nbytes = K * B * T * C * layers[0].element_size() + N * C * 4
+    run(benchmark, "build_targets_speech", provider, lambda: fn(layers, mask=mask, count=N), nbytes, s,
+        capturable=True)
+
+
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_masked_gather_clones(benchmark, provider, direction):
