@@ -41,8 +41,9 @@ from d2v_fast.kernels import targets as ktargets  # noqa: E402
 RESULTS: list[dict] = []
 RESULTS_FILE = Path(__file__).parent / "results" / "host-overhead-cpu.json"
 KERNELS = [(kgather, "_move_rows_kernel"), (kloss, "_regression_loss_kernel"), (kloss, "_scale_rows_kernel"),
-           (ktargets, "_targets_time_kernel"), (ktargets, "_targets_token_kernel"), (kema, "_ema_flat_kernel"),
-           (kema, "_ema_multi_kernel")]
+           (ktargets, "_targets_time_kernel"), (ktargets, "_targets_token_kernel"),
+           (ktargets, "_instance_stats_kernel"), (ktargets, "_instance_finalize_kernel"),
+           (ktargets, "_instance_apply_kernel"), (kema, "_ema_flat_kernel"), (kema, "_ema_multi_kernel")]
 
 
 class _NoLaunch:
@@ -58,8 +59,7 @@ def no_launches(monkeypatch):
         monkeypatch.setattr(module, name, _NoLaunch())
     for module in (kgather, kloss, ktargets, kema):
         monkeypatch.setattr(module, "check_device", lambda *args: None)
-    yield
-    kernels.DISPATCH = "direct"
+    monkeypatch.setattr(kernels, "DISPATCH", kernels.DISPATCH)  # restored after the test
 
 
 @pytest.fixture(scope="module", autouse=True)

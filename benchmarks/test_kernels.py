@@ -131,10 +131,31 @@ def _device_time(fn) -> tuple[float | None, str]:
         return None, f"{type(exc).__name__}: {exc}"[:200]
 
 
+# providers that run the triton kernels another way: (module, attribute, value) held for the
+# whole timed call, backward included
+VARIANTS = {"triton+custom_op": (kernels, "DISPATCH", "custom_op"), "triton_split": (ktargets, "TIME_METHOD", "split")}
+
+
+def in_variant(provider: str, fn):
+    if provider not in VARIANTS:
+        return fn
+    module, name, value = VARIANTS[provider]
+
+    def call():
+        before = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, before)
+    return call
+
+
 def run(benchmark, op: str, provider: str, fn, nbytes: int, shape: dict, capturable: bool = False):
     """Time ``fn`` (one op call), record a row; ``nbytes`` = the op's minimum memory traffic.
     ``capturable``: ``fn`` never synchronises, so its GPU work alone can be timed in a CUDA
     graph (only then is a capture tried: a failed capture can leave errors behind)."""
+    fn = in_variant(provider, fn)
     benchmark.group = f"{op} ({DEVICE})"
     rounds = 3 if (provider.startswith("triton") and not CUDA) else 20
     if provider == "compiled":
@@ -153,7 +174,10 @@ def run(benchmark, op: str, provider: str, fn, nbytes: int, shape: dict, captura
     row = {"op": op, "provider": provider, "dtype": str(DTYPE).replace("torch.", ""), "shape": shape,
            "time_ms": seconds * 1e3, "bytes": nbytes, "GB_per_s": nbytes / seconds / 1e9,
            "fraction_of_copy_bandwidth": nbytes / seconds / copy_bandwidth()}
-    device_s, why = _device_time(fn) if capturable and provider != "compiled" else (None, "not capturable: it synchronises")
+    if provider == "compiled":
+        device_s, why = None, "not tried for torch.compile rows"
+    else:
+        device_s, why = _device_time(fn) if capturable else (None, "not capturable: it synchronises")
     if device_s is not None:
         row.update(device_ms=device_s * 1e3, device_fraction_of_copy_bandwidth=nbytes / device_s / copy_bandwidth())
     else:
@@ -164,20 +188,8 @@ def run(benchmark, op: str, provider: str, fn, nbytes: int, shape: dict, captura
 
 
 def provider_fn(provider: str, kernel_fn, twin_fn):
-    if provider in ("triton+custom_op", "triton_split"):
-        # the same kernels through their torch.library ops / the two-pass instance norm
-        inner = provider_fn("triton", kernel_fn, twin_fn)
-        module, name, value = ((kernels, "DISPATCH", "custom_op") if provider == "triton+custom_op"
-                               else (ktargets, "TIME_METHOD", "split"))
-
-        def variant(*args, **kwargs):
-            before = getattr(module, name)
-            setattr(module, name, value)
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                setattr(module, name, before)
-        return variant
+    if provider in VARIANTS:  # the triton kernels, run in a variant set around the whole call (see run)
+        return provider_fn("triton", kernel_fn, twin_fn)
     if provider == "triton":
         if not kernels.AVAILABLE:
             pytest.skip("triton is not installed")

@@ -165,15 +165,6 @@ def clone_mask(B, T, clones, kind, p=0.4):
     return random_mask(B * clones, T, p)
 
 
-def _in_triton_interpreter() -> bool:
-    frame = sys._getframe(1)
-    while frame is not None:
-        if "triton/runtime/interpreter" in frame.f_code.co_filename.replace("\\", "/"):
-            return True
-        frame = frame.f_back
-    return False
-
-
 class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
     """The shapes of every tensor that the ops under it create."""
 
@@ -183,8 +174,6 @@ class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if _in_triton_interpreter():  # its own copies of the launch arguments, CPU only
-            return out
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
@@ -440,10 +429,12 @@ def test_build_targets_split_method(triton_side, monkeypatch):
     that goes through it; and it really is the split kernels that ran."""
     log = []
     monkeypatch.setattr(ktargets, "TIME_METHOD", "split")
-    for name in ("_instance_stats_kernel", "_instance_apply_kernel", "_targets_time_kernel"):
+    for name in ("_instance_stats_kernel", "_instance_finalize_kernel", "_instance_apply_kernel",
+                 "_targets_time_kernel"):
         monkeypatch.setattr(ktargets, name, Launches(getattr(ktargets, name), log))
     monkeypatch.setattr(ktargets, "check_device", lambda *args: None)  # it asks the (wrapped) time kernel
     monkeypatch.setattr(ktargets, "SPLIT_BLOCK_T", 8)  # several time chunks merged at these T
+    monkeypatch.setattr(ktargets, "SPLIT_MIN_PROGRAMS", 24)  # and several time splits (finalize kernel)
     for K, B, T, C in [(1, 1, 1, 5), (3, 3, 7, 17), (2, 3, 13, 33), (3, 1, 40, 3)]:
         for padded in (False, True):
             x, pad, mask = targets_case(K, B, T, C, padded)
@@ -459,9 +450,19 @@ def test_build_targets_split_method(triton_side, monkeypatch):
     # merged chunk statistics stay within fp32 rounding of x - mean
     x = torch.randn(2, 2, 64, 8) * 0.5 + 1000.0
     close(ops.build_targets(x), targets_f64(x, None, None, "instance", None), atol=1e-3, rtol=1e-4)
-    stats = [kw for grid, kw in log if "HAS_POS" not in kw]
+    monkeypatch.setattr(ktargets, "MAX_T", 8)  # the one-pass kernel's limit on T does not apply to split
+    x, pad, mask = targets_case(2, 2, 20, 5, padded=True)
+    close(ops.build_targets(x, padding_mask=pad, mask=mask), targets_f64(x, pad, mask, "instance", None),
+          atol=2e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="T=20 > 8"):  # a final instance norm still needs the tile
+        ops.build_targets(x, padding_mask=pad, mask=mask, final_norm="instance")
+    stats = [(grid, kw["FINAL"]) for grid, kw in log if "FINAL" in kw]
+    finalize = [grid for grid, kw in log if "HAS_PAD" not in kw]
     apply = [kw["HAS_POS"] for grid, kw in log if "HAS_POS" in kw]
     assert len(stats) == len(apply) > 0 and set(apply) == {True, False}
+    assert {final for grid, final in stats} == {True, False}  # one time split and several
+    assert len(finalize) == sum(not final for grid, final in stats)
+    assert all(grid[2] > 1 for grid, final in stats if not final)
     assert not any("FINAL_INSTANCE" in kw for grid, kw in log)  # the one-pass time kernel never ran
 
 
@@ -822,6 +823,29 @@ def test_direct_dispatch_matches_the_custom_ops(triton_side, monkeypatch, clones
     for a, b in zip(fast, slow):
         assert torch.isfinite(a).all()
         assert torch.equal(a, b)
+
+
+@cpu_triton
+def test_direct_dispatch_keeps_what_the_custom_ops_promise(triton_side):
+    """The direct path bumps the teacher's version counter as the custom op's mutates_args
+    does (a graph that saved the teacher then refuses to backward), and leaves meta tensors
+    and dispatch modes to the custom ops (shapes without running a kernel)."""
+    t, s = torch.randn(10, requires_grad=True), torch.randn(10)
+    w = t.detach()
+    y = (t * t).sum()
+    v = w._version
+    ops.ema_update_(w, s, 0.9)
+    assert w._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    x, mask = torch.randn(2, 5, 3, device="meta"), torch.ones(2, 5, dtype=torch.bool, device="meta")
+    assert not kernels.direct(x, mask)
+    assert ops.masked_gather(x, mask, 10).shape == (10, 3)
+    assert ops.regression_loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"),
+                               beta=1.0, reduction="none").shape == (4,)
+    assert kernels.direct(torch.randn(2))
+    with Allocations():
+        assert not kernels.direct(torch.randn(2))
 
 
 def test_kernel_dispatch_env_is_checked():

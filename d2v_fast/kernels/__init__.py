@@ -98,16 +98,24 @@ if DISPATCH not in ("direct", "custom_op"):
 def direct(*tensors) -> bool:
     """True when an op may call its launcher straight through a ``torch.autograd.Function``
     rather than its ``torch.library`` custom op: outside ``torch.compile`` tracing, on plain
-    tensors (not fake tensors, DTensors or other subclasses; parameters are fine). The custom
+    tensors (not fake or meta tensors, DTensors or other subclasses; parameters are fine), with
+    no TorchDispatchMode active. The custom
     op's Python dispatch costs more host time than the launch itself (about 60 µs a call on
     the 2-core CPU machine, benchmarks/test_host_overhead.py); Dynamo and fake-tensor
     tracing still see the custom ops, which compute the same thing."""
-    if DISPATCH != "direct" or torch.compiler.is_compiling():
+    if DISPATCH != "direct" or torch.compiler.is_compiling() or _in_dispatch_mode():
         return False
     for t in tensors:
-        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        if t is not None and ((type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter)
+                              or t.device.type == "meta"):
             return False
     return True
+
+
+def _in_dispatch_mode() -> bool:
+    """A TorchDispatchMode is on the stack (make_fx, FLOP counters, ...): it should see the
+    custom ops, not the launchers' insides."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def num_warps_for(elements: int) -> int:

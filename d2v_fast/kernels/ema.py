@@ -241,6 +241,9 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
     decay_t, decay_f = (decay.reshape(()), 0.0) if isinstance(decay, torch.Tensor) else (None, float(decay))
     if direct(decay_t, skip, shadow, *teacher[:1], *student[:1]):  # the launcher itself, no custom-op dispatch
         _update(teacher, student, decay_t, decay_f, skip, shadow)
+        # as the custom op (mutates_args) does: autograd sees the in-place writes
+        for t in teacher + ([] if shadow is None else [shadow]):
+            torch.autograd.graph.increment_version(t)
     else:
         ema_update_op(teacher, student, decay_t, decay_f, skip, shadow)
 

@@ -152,6 +152,7 @@ class _Loss(torch.autograd.Function):
         return rows, grad
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rows, _grad_of_grad):
         return _backward(ctx, grad_rows, _grad_of_grad)
 

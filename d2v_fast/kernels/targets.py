@@ -77,6 +77,8 @@ if TIME_METHOD not in TIME_METHODS:
     raise ValueError(f"D2V_TARGETS_TIME={TIME_METHOD!r}: expected one of {TIME_METHODS} (unset means fused)")
 SPLIT_BLOCK_T = 64
 SPLIT_BLOCK_C = 64  # 128 contiguous bytes of a bf16 row: one full cache line
+SPLIT_MIN_PROGRAMS = 1024  # statistics programs wanted (a few per SM): fewer -> split the time axis
+MAX_TIME_SPLITS = 16
 
 
 @triton.jit
@@ -176,25 +178,42 @@ def _targets_time_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, 
 
 
 @triton.jit
+def _chan_merge(n, mean, m2, n_c, mean_c, m2_c):
+    """Chan et al.'s pairwise update: the count, mean and summed squared deviations of two
+    disjoint sets from each set's own (no E[x^2] - E[x]^2 cancellation)."""
+    n_new = n + n_c
+    delta = mean_c - mean
+    mean = mean + delta * (n_c / tl.maximum(n_new, 1.0))
+    m2 = m2 + m2_c + delta * delta * (n * n_c / tl.maximum(n_new, 1.0))
+    return n_new, mean, m2
+
+
+@triton.jit
 def _instance_stats_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
-                           stride_k, stride_b, stride_t, pad, mean_out, rstd_out, B, T, C, eps,
-                           K: tl.constexpr, STACKED: tl.constexpr, HAS_PAD: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Split method, pass 1: per (layer, sample, channel) mean and 1/std over the real
-    positions, streamed in [BLOCK_T, BLOCK_C] chunks merged with Chan's formula (each chunk's
-    mean and squared deviations exact in registers: no E[x^2] - E[x]^2 cancellation)."""
+                           stride_k, stride_b, stride_t, pad, mean_out, m2_out, n_out, rstd_out, B, T, C,
+                           rows_per_split, eps, K: tl.constexpr, STACKED: tl.constexpr, HAS_PAD: tl.constexpr,
+                           FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split method, pass 1: per (layer, sample, channel) statistics over the real positions
+    of time split ``s`` (``rows_per_split`` positions), streamed in [BLOCK_T, BLOCK_C] chunks,
+    each chunk's mean and squared deviations exact in registers, merged with Chan's formula.
+    FINAL (one split): stores mean and 1/std ``[K, B, C]``; else the partial mean, squared
+    deviations ``[K, B, S, C]`` and count ``[B, S]`` for ``_instance_finalize_kernel``."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    S = tl.num_programs(2)
     in_c = c < C
+    t_lo = split * rows_per_split
+    t_hi = tl.minimum(t_lo + rows_per_split, T)
     for k in tl.static_range(K):
         base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
                            stride_k, STACKED)
         n = tl.zeros((BLOCK_C,), dtype=tl.float32)  # real positions so far (the same in every column)
         mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(t_lo, t_hi, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            in_t = t < T
+            in_t = t < t_hi
             if HAS_PAD:
                 real = in_t & (tl.load(pad + b * T + t, mask=in_t, other=1) == 0)
             else:
@@ -205,16 +224,39 @@ def _instance_stats_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
             n_c = tl.sum(real.to(tl.float32), axis=0)
             mean_c = tl.sum(x, axis=0) / tl.maximum(n_c, 1.0)
             d = (x - mean_c[None, :]) * w
-            m2_c = tl.sum(d * d, axis=0)
-            n_new = n + n_c
-            delta = mean_c - mean
-            mean = mean + delta * (n_c / tl.maximum(n_new, 1.0))
-            m2 = m2 + m2_c + delta * delta * (n * n_c / tl.maximum(n_new, 1.0))
-            n = n_new
-        var = m2 / tl.maximum(n, 1.0)
+            n, mean, m2 = _chan_merge(n, mean, m2, n_c, mean_c, tl.sum(d * d, axis=0))
+        if FINAL:
+            at = (k * B + b) * C + c
+            tl.store(mean_out + at, mean, mask=in_c)
+            tl.store(rstd_out + at, tl.rsqrt(m2 / tl.maximum(n, 1.0) + eps), mask=in_c)
+        else:
+            at = ((k * B + b) * S + split) * C + c
+            tl.store(mean_out + at, mean, mask=in_c)
+            tl.store(m2_out + at, m2, mask=in_c)
+            if k == 0:
+                tl.store(n_out + b * S + split + c * 0, n, mask=c == tl.program_id(0) * BLOCK_C)
+
+
+@triton.jit
+def _instance_finalize_kernel(part_mean, part_m2, part_n, mean_out, rstd_out, B, C, S, eps, K: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    """Split method, pass 1b (several time splits): merge the S partial statistics of each
+    (layer, sample, channel) in split order; store mean and 1/std ``[K, B, C]``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(1).to(tl.int64)
+    in_c = c < C
+    for k in tl.static_range(K):
+        n = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for split in range(0, S):
+            at = ((k * B + b) * S + split) * C + c
+            n_c = tl.load(part_n + b * S + split)
+            n, mean, m2 = _chan_merge(n, mean, m2, n_c, tl.load(part_mean + at, mask=in_c, other=0.0),
+                                      tl.load(part_m2 + at, mask=in_c, other=0.0))
         at = (k * B + b) * C + c
         tl.store(mean_out + at, mean, mask=in_c)
-        tl.store(rstd_out + at, tl.rsqrt(var + eps), mask=in_c)
+        tl.store(rstd_out + at, tl.rsqrt(m2 / tl.maximum(n, 1.0) + eps), mask=in_c)
 
 
 @triton.jit
@@ -378,18 +420,36 @@ def _run_time_split(src: _Layers, pad, pos, out, eps: float, clones: int) -> Non
     ``[K, B, C]`` (fp32, reads every input element once), then the normalised mean at the
     rows that need it (reads those rows of the K layers again: 31% more at data2vec text's
     masking, ~100% with data2vec 2.0's clones). Many small programs instead of one
-    register-resident ``[T, BLOCK_C]`` tile per program; no limit on T."""
+    register-resident ``[T, BLOCK_C]`` tile per program; no limit on T. When (channel
+    blocks x samples) is below SPLIT_MIN_PROGRAMS (speech: 12 x 8 at base), the time axis is
+    split too, and a third small launch merges the partial statistics."""
     B, T, C = src.B, src.T, src.C
-    mean = torch.empty(src.K, B, C, device=out.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    dev = out.device
     BLOCK_C = min(SPLIT_BLOCK_C, next_pow2(C))
     BLOCK_T = min(SPLIT_BLOCK_T, next_pow2(T))
+    c_blocks = cdiv(C, BLOCK_C)
+    want = min(MAX_TIME_SPLITS, cdiv(SPLIT_MIN_PROGRAMS, c_blocks * B), cdiv(T, BLOCK_T))
+    rows_per_split = cdiv(cdiv(T, max(want, 1)), BLOCK_T) * BLOCK_T
+    S = cdiv(T, rows_per_split)
+    mean = torch.empty(src.K, B, C, device=dev, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
     common = dict(K=src.K, STACKED=src.stacked, HAS_PAD=pad is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
                   num_warps=num_warps_for(BLOCK_T * BLOCK_C))
     pad_arg = out if pad is None else pad
-    _instance_stats_kernel[(cdiv(C, BLOCK_C), B)](*src.ptrs, src.stride_k, src.stride_b, src.stride_t, pad_arg,
-                                                 mean, rstd, B, T, C, eps, **common)
-    _instance_apply_kernel[(cdiv(C, BLOCK_C), B, cdiv(T, BLOCK_T))](
+    if S == 1:
+        _instance_stats_kernel[(c_blocks, B, 1)](*src.ptrs, src.stride_k, src.stride_b, src.stride_t, pad_arg,
+                                                mean, mean, mean, rstd, B, T, C, rows_per_split, eps, FINAL=True,
+                                                **common)
+    else:
+        part_mean = torch.empty(src.K, B, S, C, device=dev, dtype=torch.float32)
+        part_m2 = torch.empty_like(part_mean)
+        part_n = torch.empty(B, S, device=dev, dtype=torch.float32)
+        _instance_stats_kernel[(c_blocks, B, S)](*src.ptrs, src.stride_k, src.stride_b, src.stride_t, pad_arg,
+                                                part_mean, part_m2, part_n, rstd, B, T, C, rows_per_split, eps,
+                                                FINAL=False, **common)
+        _instance_finalize_kernel[(c_blocks, B)](part_mean, part_m2, part_n, mean, rstd, B, C, S, eps, K=src.K,
+                                                 BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_C))
+    _instance_apply_kernel[(c_blocks, B, cdiv(T, BLOCK_T))](
         *src.ptrs, src.stride_k, src.stride_b, src.stride_t, pad_arg, mean, rstd, out if pos is None else pos, out,
         out.stride(-2), B, T, C, clones, HAS_POS=pos is not None, **common)
 
@@ -428,7 +488,8 @@ def _targets(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], m
         clones = mask_clones((B, T, C), mask.shape, "build_targets")
     pad = None if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
     time_axis = lnorm == "instance" or fnorm == "instance"
-    if time_axis and T > MAX_T:
+    split_only = TIME_METHOD == "split" and lnorm == "instance" and fnorm != "instance"
+    if time_axis and T > MAX_T and not split_only:  # the split method has no limit on T
         raise NotImplementedError(f"build_targets: instance norm over T={T} > {MAX_T} positions is not "
                                   f"implemented in d2v_fast/kernels/targets.py; use the torch path "
                                   f"(D2V_KERNELS=torch or d2v_fast.ops.set_kernels('torch'))")
