@@ -226,6 +226,8 @@ def compact(x: torch.Tensor, pos: torch.Tensor, n: int, T: int = 1, clones: int 
     """``rows_to_compact``: straight through an autograd Function when ``kernels.direct``
     allows, else the custom op (under ``torch.compile``); the same kernels either way."""
     if direct(x, pos):
+        if not (x.requires_grad and torch.is_grad_enabled()):  # no graph to record: the launcher alone
+            return _to_compact(x, pos, n, T, clones)
         return _Compact.apply(x, pos, n, T, clones)
     return rows_to_compact(x, pos, n, T, clones)
 
@@ -234,6 +236,8 @@ def full(rows: torch.Tensor, pos: torch.Tensor, fill: Optional[torch.Tensor], T:
          clones: int = 1) -> torch.Tensor:
     """``rows_to_full``, by the same choice as ``compact``."""
     if direct(rows, pos, fill):
+        if not (torch.is_grad_enabled() and (rows.requires_grad or (fill is not None and fill.requires_grad))):
+            return _to_full(rows, pos, fill, T, clones)
         return _Full.apply(rows, pos, fill, T, clones)
     return rows_to_full(rows, pos, fill, T, clones)
 

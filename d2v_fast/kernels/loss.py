@@ -172,6 +172,10 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, *, beta: float, sc
     p2 = p2 if p2.stride(-1) == 1 else p2.contiguous()
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
     need_grad = torch.is_grad_enabled() and pred.requires_grad
-    op = _Loss.apply if direct(p2, t2) else regression_loss_op
-    rows, _ = op(p2, t2, float(beta), scale, need_grad)
+    if not direct(p2, t2):
+        rows, _ = regression_loss_op(p2, t2, float(beta), scale, need_grad)
+    elif need_grad:
+        rows, _ = _Loss.apply(p2, t2, float(beta), scale, True)
+    else:  # no graph to record: the launcher alone, without a gradient buffer
+        rows, _ = _loss_rows(p2, t2, float(beta), scale, False)
     return rows.sum() if reduction == "sum" else rows.view(pred.shape[:-1])
