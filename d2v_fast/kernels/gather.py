@@ -196,30 +196,18 @@ rows_to_full.register_autograd(_full_backward, setup_context=_full_setup)
 
 
 # ----------------------------------------------------------------------------- direct path
-class _Compact(torch.autograd.Function):
-    """``rows_to_compact`` without the custom op's dispatch (``kernels.direct``)."""
-
-    @staticmethod
-    def forward(ctx, x, pos, n, T, clones):
-        _compact_setup(ctx, (x, pos, n, T, clones), None)
-        return _to_compact(x, pos, n, T, clones)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _compact_backward(ctx, grad)
+def _direct_function(name: str, setup, backward, launch) -> type:
+    """An autograd Function with a custom op's setup/backward formulas around its launcher:
+    the custom op without its dispatch (``kernels.direct``)."""
+    def forward(ctx, *args):
+        setup(ctx, args, None)
+        return launch(*args)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
 
 
-class _Full(torch.autograd.Function):
-    """``rows_to_full`` without the custom op's dispatch (``kernels.direct``)."""
-
-    @staticmethod
-    def forward(ctx, rows, pos, fill, T, clones):
-        _full_setup(ctx, (rows, pos, fill, T, clones), None)
-        return _to_full(rows, pos, fill, T, clones)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _full_backward(ctx, grad)
+_Compact = _direct_function("_Compact", _compact_setup, _compact_backward, _to_compact)
+_Full = _direct_function("_Full", _full_setup, _full_backward, _to_full)
 
 
 def compact(x: torch.Tensor, pos: torch.Tensor, n: int, T: int = 1, clones: int = 1) -> torch.Tensor:
