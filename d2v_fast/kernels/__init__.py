@@ -99,10 +99,10 @@ def direct(*tensors) -> bool:
     """True when an op may call its launcher straight through a ``torch.autograd.Function``
     rather than its ``torch.library`` custom op: outside ``torch.compile`` tracing, on plain
     tensors (not fake or meta tensors, DTensors or other subclasses; parameters are fine), with
-    no TorchDispatchMode active. The custom
-    op's Python dispatch costs more host time than the launch itself (about 60 µs a call on
-    the 2-core CPU machine, benchmarks/test_host_overhead.py); Dynamo and fake-tensor
-    tracing still see the custom ops, which compute the same thing."""
+    no TorchDispatchMode active. The custom op's Python dispatch costs more host time than
+    the launch itself (benchmarks/test_host_overhead.py: 50-200 µs a call more on the 2-core
+    CPU machine); Dynamo and fake-tensor tracing still see the custom ops, which compute the
+    same thing."""
     if DISPATCH != "direct" or torch.compiler.is_compiling() or _in_dispatch_mode():
         return False
     for t in tensors:
