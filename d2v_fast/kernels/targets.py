@@ -233,8 +233,8 @@ def _instance_stats_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
             at = ((k * B + b) * S + split) * C + c
             tl.store(mean_out + at, mean, mask=in_c)
             tl.store(m2_out + at, m2, mask=in_c)
-            if k == 0:
-                tl.store(n_out + b * S + split + c * 0, n, mask=c == tl.program_id(0) * BLOCK_C)
+            if k == 0:  # the same count in every column (and in every channel block's program)
+                tl.store(n_out + b * S + split, tl.max(n, axis=0))
 
 
 @triton.jit
@@ -415,6 +415,12 @@ def _run_time(src: _Layers, pad, pos, out, instance: bool, final_instance: bool,
                                BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps_for(BLOCK_T * BLOCK_C))
 
 
+def split_covers(layer_norm: Optional[str], final_norm: Optional[str]) -> bool:
+    """Whether the instance norm of these norms runs by the split method (TIME_METHOD
+    "split", per-layer instance norm, no final instance norm), which has no limit on T."""
+    return TIME_METHOD == "split" and layer_norm == "instance" and final_norm != "instance"
+
+
 def _run_time_split(src: _Layers, pad, pos, out, eps: float, clones: int) -> None:
     """Per-layer instance norm, mean over K (no final norm) in two passes: the statistics
     ``[K, B, C]`` (fp32, reads every input element once), then the normalised mean at the
@@ -488,8 +494,7 @@ def _targets(layers: list[torch.Tensor], padding_mask: Optional[torch.Tensor], m
         clones = mask_clones((B, T, C), mask.shape, "build_targets")
     pad = None if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
     time_axis = lnorm == "instance" or fnorm == "instance"
-    split_only = TIME_METHOD == "split" and lnorm == "instance" and fnorm != "instance"
-    if time_axis and T > MAX_T and not split_only:  # the split method has no limit on T
+    if time_axis and T > MAX_T and not split_covers(lnorm, fnorm):  # the split method has no limit on T
         raise NotImplementedError(f"build_targets: instance norm over T={T} > {MAX_T} positions is not "
                                   f"implemented in d2v_fast/kernels/targets.py; use the torch path "
                                   f"(D2V_KERNELS=torch or d2v_fast.ops.set_kernels('torch'))")

@@ -123,8 +123,7 @@ def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask
     first = layers if isinstance(layers, torch.Tensor) else layers[0]
     side = kernels_backend(first, "build_targets")
     time_axis = "instance" in (layer_norm, final_norm)
-    split = _targets.TIME_METHOD == "split" and layer_norm == "instance" and final_norm != "instance"
-    too_long = time_axis and first.shape[-2] > _targets.MAX_T and not split  # the split method has no limit
+    too_long = time_axis and first.shape[-2] > _targets.MAX_T and not _targets.split_covers(layer_norm, final_norm)
     if side == "triton" and not (_requested() == "auto" and too_long):
         return _targets.build_targets(layers, padding_mask=padding_mask, mask=mask, layer_norm=layer_norm,
                                       final_norm=final_norm, eps=eps, count=count)
