@@ -3,6 +3,7 @@
     python -m d2v_fast.bench [--modality text|images] [--config tiny|base|large] [--batch-size B] [--seq-len T]
                              [--providers d2v_fast,hf,reference,reference+compile] [--steps N] [--warmup N]
                              [--ablation] [--json PATH] [--section.field VALUE ...]
+    python -m d2v_fast.bench --cost [--suite] [--modality M] [--recipe R] [--json PATH]   # d2v_fast/cost.py
 
 ``--ablation`` times the ``d2v_fast`` step with every performance switch of ``ABLATION`` on,
 then with each one off in turn, then with all of them at their defaults (one process, so
@@ -163,6 +164,16 @@ def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
     raise UsageError(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
 
 
+def measure_batch(cfg: Config, device: torch.device, batch_size: int | None = None, vocab: int = 50265) -> dict:
+    """The synthetic micro-batch a step benchmark feeds every provider."""
+    batch_size = batch_size or cfg.train.batch_size
+    if cfg.modality == "images":
+        from .modalities.images import synthetic_batch as image_batch
+
+        return image_batch(cfg, batch_size, augment_on_device=device.type == "cuda")
+    return synthetic_batch(cfg, batch_size, vocab)
+
+
 def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
             vocab: int = 50265) -> dict:
     """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
@@ -172,12 +183,9 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
     if cfg.modality not in ("text", "images", "audio"):
         raise UsageError(f"--modality {cfg.modality}: d2v_fast.bench times text, images and audio")
     images = cfg.modality == "images"
+    batch = measure_batch(cfg, device, batch_size, vocab)
     if images:
-        from .modalities.images import flops_per_patch, synthetic_batch as image_batch
-
-        batch = image_batch(cfg, batch_size, augment_on_device=device.type == "cuda")
-    else:
-        batch = synthetic_batch(cfg, batch_size, vocab)
+        from .modalities.images import flops_per_patch
     step = make_step(provider, cfg, device, vocab)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -265,6 +273,10 @@ def format_table(rows: list[dict]) -> str:
 @cli_entry
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--cost" in argv:
+        from .cost import main as cost_main
+
+        return cost_main([a for a in argv if a != "--cost"])
     own = {"--providers": "d2v_fast,reference", "--steps": "10", "--warmup": "3", "--json": ""}
     ablation = "--ablation" in argv
     argv = [a for a in argv if a != "--ablation"]

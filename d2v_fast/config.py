@@ -69,15 +69,17 @@ class TrainConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
-    # Performance switches (issue 13), each computing the same step; off until a GPU row shows a gain.
-    skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
-    host_counts: bool = False  # masked-row counts taken from the CPU batch: gathers and targets allocate without a sync
+    # Performance switches, each computing the same update; on by default wherever the run can use
+    # them (Trainer.effective_switches; the start-up line lists those on), measured on the CPU by
+    # python -m d2v_fast.bench --cost (docs in the README's performance section).
+    skip_on_device: bool = True  # non-finite skip decided on the device (fused AdamW found_inf, EMA store mask)
+    host_counts: bool = True  # masked-row counts taken from the CPU batch: gathers and targets allocate without a sync
     # none | blocks (torch.compile of every student and teacher encoder block) | blocks-cudagraphs
     # (the same, mode "reduce-overhead": each block's kernels replayed as one CUDA graph on a GPU)
     compile: str = "none"
-    fused_qkv: bool = False  # one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
-    bf16_teacher: bool = False  # the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
-    cast_once: bool = False  # bf16: one autocast region per update, so weights are cast once, not per micro-batch
+    fused_qkv: bool = True  # text, bf16: one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
+    bf16_teacher: bool = True  # text, bf16, DDP: the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
+    cast_once: bool = True  # bf16, DDP: one autocast region per update, so weights are cast once, not per micro-batch
     attention: str = "auto"  # SDPA backend: auto (PyTorch's pick) | flash | cudnn | efficient | math (flash: no padding mask)
     progress: bool = True
     probe_task: str = "builtin"  # linear probe at the end (d2v_fast.probe): builtin | FILE.jsonl | none

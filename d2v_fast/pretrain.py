@@ -121,7 +121,8 @@ def run(argv=None) -> int:
         say(f"d2v_fast: recipe {cfg.recipe.name} on {cfg.modality}, preset {cfg.preset}, {n / 1e6:.2f}M "
             f"non-embedding parameters; {world} process(es) on {device.type}; {modality.describe(cfg, corpus)} "
             f"({trainer.accum} micro-batch(es) of {trainer.micro_batch_size} per rank"
-            f"{', the largest that fits' if trainer.micro_batch_auto else ''}); run dir {out}",
+            f"{', the largest that fits' if trainer.micro_batch_auto else ''}); step switches on: "
+            f"{', '.join(k for k, v in trainer.switches.items() if v) or 'none'}; run dir {out}",
             file=sys.stderr)
         try:
             history = trainer.fit()

@@ -95,35 +95,23 @@ class Trainer:
             self.model.student.layerdrop_generator = torch.Generator()
         ops.set_kernels(t.kernels)
         self.student = self.model.student
-        if t.fused_qkv:
-            from .models.encoder import Layer, fuse_qkv_
+        self.switches = self.effective_switches(cfg, use_bf16, self.fsdp)
+        if self.switches["fused_qkv"]:
+            from .models.encoder import fuse_qkv_
 
-            if not all(isinstance(m, Layer) for m in self.model.student.blocks()):
-                from .errors import UsageError
-
-                raise UsageError(f"--train.fused_qkv true: only the text encoder's blocks have it so far "
-                                 f"(--modality {cfg.modality}); use --train.fused_qkv false")
             fuse_qkv_([*self.model.student.blocks(), *self._teacher_blocks()])
         self._teacher_shadow = None
+        self._ema_flat = None  # (teacher, student) flat buffers: the EMA reads them, not 2 x P parameters
         if self.fsdp:
-            if t.bf16_teacher:
-                from .errors import UsageError
-
-                raise UsageError("--train.bf16_teacher true: not with --parallel fsdp (the teacher is sharded, not "
-                                 "one flat buffer); use --parallel ddp or --train.bf16_teacher false")
             self._shard(use_bf16)
         else:
             # Teacher blocks and student blocks each in one flat buffer: the EMA is one launch.
             teacher_flat = ops.flatten_params_(self.model.teacher)
-            if t.bf16_teacher:
-                from .errors import UsageError
+            if self.switches["bf16_teacher"]:
                 from .models.encoder import shadow_linears_
 
-                if not use_bf16:
-                    raise UsageError("--train.bf16_teacher true: needs bf16 autocast (--train.dtype bfloat16, or auto "
-                                     "on a GPU); use --train.bf16_teacher false")
                 self._teacher_shadow = shadow_linears_(self.model.teacher, teacher_flat, torch.bfloat16)
-            ops.flatten_params_(self.model.student.ema_source())
+            self._ema_flat = (teacher_flat, ops.flatten_params_(self.model.student.ema_source()))
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)
@@ -137,18 +125,10 @@ class Trainer:
             for layer in [*self.model.student.blocks(), *self._teacher_blocks()]:
                 layer.compile(dynamic=False, mode=mode)
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
-        if t.skip_on_device and self.fsdp:
-            from .errors import UsageError
-
-            raise UsageError("--train.skip_on_device true: not yet tried with --parallel fsdp (fused AdamW's "
-                             "found_inf on sharded parameters); use --parallel ddp or --train.skip_on_device false")
-        if t.skip_on_device and not self.optimizer.defaults.get("fused"):
-            from .errors import UsageError
-
-            raise UsageError("--train.skip_on_device true: needs fused AdamW (--optim.fused true, on a device and "
-                             "dtype that have it; this one fell back to foreach); use --train.skip_on_device false")
+        if self.switches["skip_on_device"] and not self.optimizer.defaults.get("fused"):
+            self.switches["skip_on_device"] = False  # this device or dtype has no fused AdamW (found_inf)
         self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda") \
-            if t.skip_on_device else None
+            if self.switches["skip_on_device"] else None
         total = cfg.optim.total_steps or t.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg.optim, total))
         torch.manual_seed(t.seed + 1000 * rank + 1)  # dropout differs between ranks
@@ -157,11 +137,6 @@ class Trainer:
         # a factory: nested uses (--train.cast_once) need their own context objects
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
-        if t.cast_once and self.fsdp:
-            from .errors import UsageError
-
-            raise UsageError("--train.cast_once true: FSDP casts the weights itself (MixedPrecisionPolicy); use "
-                             "--train.cast_once false with --parallel fsdp")
         self.attention = attention_backend(t.attention, self.device, torch.bfloat16 if use_bf16 else torch.float32)
         self.step, self.epoch, self.position = 0, 0, 0
         self.attempts, self.skipped, self.consecutive_skips = 0, 0, 0
@@ -314,11 +289,11 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer update over this rank's micro-batches. Returns global metrics as
         tensors (reading them is the caller's choice, so steps need not sync)."""
-        if self.cfg.train.host_counts:  # each micro-batch's counts, summed once, used below and by its ops
+        if self.switches["host_counts"]:  # each micro-batch's counts, summed once, used below and by its ops
             micro_batches = [self._with_host_counts(mb) for mb in micro_batches]
         count = torch.tensor([float(sum(mb["mask_rows"] if "mask_rows" in mb else int(mb["mask"].sum())
                                         for mb in micro_batches))])
-        if self.cfg.train.host_counts and self.device.type == "cuda":  # a pinned copy: no wait for the queue
+        if self.switches["host_counts"] and self.device.type == "cuda":  # a pinned copy: no wait for the queue
             count = count.pin_memory()
         count = count.to(self.device, non_blocking=True)
         if self.distributed:
@@ -331,7 +306,7 @@ class Trainer:
         # bf16 copies autocast makes of the student's fp32 weights (its cache lives until the
         # outermost region ends) are made once per update instead of once per micro-batch.
         # Backward runs with autocast off inside it, as it does outside.
-        cast_once = self.cfg.train.cast_once and self.use_bf16
+        cast_once = self.switches["cast_once"]
         layerdrop_rng = self.model.student.layerdrop_generator
         if layerdrop_rng is not None:  # the same on every rank, and again after a resume
             layerdrop_rng.manual_seed(self.cfg.train.seed * 1_000_003 + self.attempts)
@@ -400,16 +375,13 @@ class Trainer:
         self.attempts += 1
         self.position += self.cfg.train.batch_size
         # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
-        if self.cfg.train.skip_on_device:
+        if self.switches["skip_on_device"]:
             finite = self._update_on_device(gnorm, decay)
         else:
             finite = bool(torch.isfinite(gnorm))
             if finite:
                 self.optimizer.step()
-                if self._teacher_shadow is not None:  # the same update, also writing the bf16 copy
-                    ops.ema_update_(*self.model.ema_pairs(), decay, shadow=self._teacher_shadow)
-                else:
-                    self.model.ema_step(decay)  # exactly one EMA step per optimizer update
+                self._ema(decay)  # exactly one EMA step per optimizer update
         if finite:
             self.scheduler.step()
             self.step += 1
@@ -425,6 +397,29 @@ class Trainer:
         return {"loss": stats[0] / denom[0], "target_var": stats[1], "pred_var": stats[2],
                 "grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0],
                 "skipped_steps": self.skipped, "finite": finite}
+
+    def _ema(self, decay: float, skip: torch.Tensor | None = None) -> None:
+        """One EMA step of the teacher: over the two flat buffers when the parameters live in
+        them (one call, no per-parameter work on the host), else over the parameter pairs
+        (FSDP's local shards); also writing the teacher's bf16 copy when it has one."""
+        pairs = self._ema_flat if self._ema_flat is not None else self.model.ema_pairs()
+        ops.ema_update_(*pairs, decay, skip=skip, shadow=self._teacher_shadow)
+
+    @staticmethod
+    def effective_switches(cfg: Config, use_bf16: bool, fsdp: bool) -> dict[str, bool]:
+        """The step's performance switches as they apply to this run: each is on when asked
+        for (the defaults ask for all) and the run can use it, off otherwise (the start-up line
+        lists them). All compute the same update as with the switch off."""
+        t = cfg.train
+        return {"host_counts": t.host_counts,
+                # fused AdamW's found_inf on sharded parameters is untried; the optimizer may
+                # still turn it off (no fused AdamW on this device)
+                "skip_on_device": t.skip_on_device and not fsdp,
+                "cast_once": t.cast_once and use_bf16 and not fsdp,  # FSDP casts the weights itself
+                "bf16_teacher": t.bf16_teacher and use_bf16 and not fsdp and cfg.modality == "text",
+                # bf16 only: in fp32 (the CPU's default) the one GEMM rounds differently from three,
+                # and the CPU's recorded default jobs are kept bit for bit
+                "fused_qkv": t.fused_qkv and use_bf16 and cfg.modality == "text"}
 
     def _update_on_device(self, gnorm: torch.Tensor, decay: float) -> bool:
         """``--train.skip_on_device``: the skip of a non-finite update is decided on the device
@@ -444,7 +439,7 @@ class Trainer:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
-        ops.ema_update_(*self.model.ema_pairs(), decay, skip=~finite_t, shadow=self._teacher_shadow)
+        self._ema(decay, skip=~finite_t)
         if ready is not None:
             ready.synchronize()
         return bool(self._flag_host[0])

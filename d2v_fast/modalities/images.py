@@ -608,8 +608,6 @@ class ImagesModality(Modality):
         need(m.position_encoding != "relative" or t.attention not in ("flash",), "--train.attention", t.attention,
              "the flash kernel takes no attention bias, and v1 images add the relative position bias; "
              "use auto, efficient, cudnn or math")
-        need(not t.bf16_teacher, "--train.bf16_teacher", t.bf16_teacher,
-             "the bf16 teacher copy is text only so far; use --train.bf16_teacher false")
         need(t.probe_task in ("builtin", "none"), "--train.probe_task", t.probe_task,
              "images probe the corpus's own labels: builtin or none")
         need(t.probe_every == 0, "--train.probe_every", t.probe_every,
