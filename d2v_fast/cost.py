@@ -118,6 +118,7 @@ class CostCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.kernels, self.syncs, self.casts = Counter(), Counter(), Counter(), 0
+        self.sync_sites = Counter()
         self._host: set[int] = set()
 
     def host(self, tensors) -> None:
@@ -144,8 +145,7 @@ class CostCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if STATE.twin_depth:
             return out
-        name = func.name()
-        full = name if func._overloadname == "default" else f"{name}.{func._overloadname}"
+        name, full = func._schema.name, func.name()  # aten::index, aten::index.Tensor
         inputs = [t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)]
         device_input = any(self.on_device(t) for t in inputs)
         self.ops[name] += 1
@@ -155,6 +155,7 @@ class CostCounter(TorchDispatchMode):
             self.kernels[name] += 1
         if device_input and self._syncs(name, args, kwargs):
             self.syncs[name] += 1
+            self.sync_sites[f"{name} at {self._site()}"] += 1
         if name == "aten::_to_copy" and "dtype" in kwargs and torch.is_tensor(args[0]) \
                 and kwargs["dtype"] not in (None, args[0].dtype):
             self.casts += 1
@@ -165,6 +166,16 @@ class CostCounter(TorchDispatchMode):
             if torch.is_tensor(t):
                 (self._host.add if host_out else self._host.discard)(self._key(t))
         return out
+
+    @staticmethod
+    def _site() -> str:
+        """The innermost line of the project's own code (not this file) that made the call."""
+        import traceback
+
+        for frame in reversed(traceback.extract_stack()):
+            if "d2v_fast" in frame.filename and not frame.filename.endswith("cost.py"):
+                return f"{frame.filename.split('d2v_fast/', 1)[-1]}:{frame.lineno}"
+        return "?"
 
     @staticmethod
     def _syncs(name, args, kwargs) -> bool:
@@ -180,7 +191,7 @@ class CostCounter(TorchDispatchMode):
     def totals(self) -> dict:
         return {"ops": sum(self.ops.values()), "kernels": sum(self.kernels.values()),
                 "syncs": sum(self.syncs.values()), "casts": self.casts,
-                "sync_ops": dict(self.syncs), "top_ops": dict(self.ops.most_common(12))}
+                "sync_ops": dict(self.syncs), "sync_sites": dict(self.sync_sites), "top_ops": dict(self.ops.most_common(12))}
 
 
 # ------------------------------------------------------------------------------ emulation

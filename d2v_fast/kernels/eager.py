@@ -79,9 +79,15 @@ def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.
     """Inverse of masked_gather: ``rows[N, C]`` at the true positions of ``mask[B, T]``, ``fill``
     (a ``[C]`` vector or a ``[B, T, C]`` tensor; None = zeros) at the others; ``rows.dtype``."""
     shape = (*mask.shape, rows.shape[-1])
-    out = rows.new_zeros(shape) if fill is None else fill.to(rows.dtype).expand(shape).clone()
-    out[mask] = rows
-    return out
+    base = rows.new_zeros(shape) if fill is None else fill.to(rows.dtype).expand(shape)
+    if rows.shape[0] == 0:
+        return base.clone()
+    # Row r of ``rows`` goes to the r-th true position: each position picks row (true positions
+    # before it) and ``where`` keeps the fill elsewhere. Unlike ``out[mask] = rows`` nothing here
+    # asks the device how many positions are true, so the host does not wait for it.
+    flat = mask.reshape(-1)
+    pick = (torch.cumsum(flat, 0) - 1).clamp_min_(0)
+    return torch.where(flat.unsqueeze(-1), rows.index_select(0, pick), base.reshape(-1, shape[-1])).view(shape)
 
 
 def _instance_norm(y: torch.Tensor, padding_mask: Optional[torch.Tensor], eps: float) -> torch.Tensor:
