@@ -37,7 +37,7 @@ from .errors import UsageError, cli_entry
 
 PROVIDERS = ("d2v_fast", "hf", "reference", "reference+compile")
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
-# The step's performance switches (issue 13): --train.<name>, (value when on, value when off).
+# The step's performance switches: --train.<name>, (value when on, value when off).
 ABLATION = {"skip_on_device": (True, False), "host_counts": (True, False), "cast_once": (True, False),
             "compile": ("blocks", "none"), "fused_qkv": (True, False), "bf16_teacher": (True, False),
             "kernels": ("triton", "torch")}

@@ -1,4 +1,4 @@
-"""Performance switches of the training step (issue 13): each computes the same step as the
+"""Performance switches of the training step: each computes the same step as the
 default path. ``--train.skip_on_device`` (the non-finite skip decided on the device) and the
 EMA store mask it relies on."""
 import copy
