@@ -82,45 +82,47 @@ MAX_TIME_SPLITS = 16
 
 
 @triton.jit
-def _layer_base(k: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
-                stride_k, STACKED: tl.constexpr):
-    """Base pointer of layer ``k`` (unrolled: ``k`` is a compile-time constant)."""
-    if STACKED:  # step k times: each step fits in int32, the sum may not
+def _layer_ptr(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+               stride_k, K: tl.constexpr, STACKED: tl.constexpr):
+    """Base pointer of layer ``k``, a run-time loop index. The kernels below loop over the K
+    layers without unrolling, so a program holds one layer's tile at a time: unrolled, ptxas
+    overlapped the layers and kept several tiles live, and at data2vec base shapes the token,
+    time and apply kernels reached 255 registers and spilled (sm_90, ``python -m
+    d2v_fast.kernels.registers``); the statistics kernel compiled K copies of its time loop."""
+    if STACKED:  # a 64-bit offset: k * stride_k may not fit in int32
+        p = x0 + tl.cast(k, tl.int64) * stride_k
+    else:  # a select per layer that exists (K is a compile-time constant)
         p = x0
-        for _ in tl.static_range(k):
-            p += stride_k
-    elif k == 0:
-        p = x0
-    elif k == 1:
-        p = x1
-    elif k == 2:
-        p = x2
-    elif k == 3:
-        p = x3
-    elif k == 4:
-        p = x4
-    elif k == 5:
-        p = x5
-    elif k == 6:
-        p = x6
-    elif k == 7:
-        p = x7
-    elif k == 8:
-        p = x8
-    elif k == 9:
-        p = x9
-    elif k == 10:
-        p = x10
-    elif k == 11:
-        p = x11
-    elif k == 12:
-        p = x12
-    elif k == 13:
-        p = x13
-    elif k == 14:
-        p = x14
-    else:
-        p = x15
+        if K > 1:
+            p = tl.where(k == 1, x1, p)
+        if K > 2:
+            p = tl.where(k == 2, x2, p)
+        if K > 3:
+            p = tl.where(k == 3, x3, p)
+        if K > 4:
+            p = tl.where(k == 4, x4, p)
+        if K > 5:
+            p = tl.where(k == 5, x5, p)
+        if K > 6:
+            p = tl.where(k == 6, x6, p)
+        if K > 7:
+            p = tl.where(k == 7, x7, p)
+        if K > 8:
+            p = tl.where(k == 8, x8, p)
+        if K > 9:
+            p = tl.where(k == 9, x9, p)
+        if K > 10:
+            p = tl.where(k == 10, x10, p)
+        if K > 11:
+            p = tl.where(k == 11, x11, p)
+        if K > 12:
+            p = tl.where(k == 12, x12, p)
+        if K > 13:
+            p = tl.where(k == 13, x13, p)
+        if K > 14:
+            p = tl.where(k == 14, x14, p)
+        if K > 15:
+            p = tl.where(k == 15, x15, p)
     return p
 
 
@@ -155,9 +157,9 @@ def _targets_time_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, 
     m2 = in_t[:, None] & in_c[None, :]
     offs = b * stride_b + t[:, None].to(tl.int64) * stride_t + c[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(K):
-        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
-                           stride_k, STACKED)
+    for k in range(0, K):  # not unrolled: one layer's tile live at a time (see _layer_ptr)
+        base = _layer_ptr(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                          stride_k, K, STACKED)
         x = tl.load(base + offs, mask=m2, other=0.0).to(tl.float32)
         if INSTANCE:
             x = _instance_norm_tile(x, w, n, eps)
@@ -205,9 +207,9 @@ def _instance_stats_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
     in_c = c < C
     t_lo = split * rows_per_split
     t_hi = tl.minimum(t_lo + rows_per_split, T)
-    for k in tl.static_range(K):
-        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
-                           stride_k, STACKED)
+    for k in range(0, K):  # not unrolled (see _layer_ptr)
+        base = _layer_ptr(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                          stride_k, K, STACKED)
         n = tl.zeros((BLOCK_C,), dtype=tl.float32)  # real positions so far (the same in every column)
         mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -245,7 +247,7 @@ def _instance_finalize_kernel(part_mean, part_m2, part_n, mean_out, rstd_out, B,
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(1).to(tl.int64)
     in_c = c < C
-    for k in tl.static_range(K):
+    for k in range(0, K):  # not unrolled
         n = tl.zeros((BLOCK_C,), dtype=tl.float32)
         mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -285,9 +287,9 @@ def _instance_apply_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
     m_load = real[:, None] & in_c[None, :]
     offs = b * stride_b + t[:, None].to(tl.int64) * stride_t + c[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(K):
-        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
-                           stride_k, STACKED)
+    for k in range(0, K):  # not unrolled: one layer's tile live at a time (see _layer_ptr)
+        base = _layer_ptr(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                          stride_k, K, STACKED)
         x = tl.load(base + offs, mask=m_load, other=0.0).to(tl.float32)
         at = (k * B + b) * C + c
         mu = tl.load(mean_in + at, mask=in_c, other=0.0)
@@ -338,9 +340,9 @@ def _targets_token_kernel(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12,
         m2 = in_r[:, None] & in_c[None, :]
     offs = (bb * stride_b + tt * stride_t)[:, None] + c[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(K):
-        base = _layer_base(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
-                           stride_k, STACKED)
+    for k in range(0, K):  # not unrolled: one layer's tile live at a time (see _layer_ptr)
+        base = _layer_ptr(k, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                          stride_k, K, STACKED)
         x = tl.load(base + offs, mask=m2, other=0.0).to(tl.float32)
         if LAYER:
             x = _layer_norm_rows(x, in_c, C, eps)
