@@ -40,7 +40,7 @@ SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 # The step's performance switches: --train.<name>, (value when on, value when off).
 ABLATION = {"skip_on_device": (True, False), "host_counts": (True, False), "cast_once": (True, False),
             "compile": ("blocks", "none"), "fused_qkv": (True, False), "bf16_teacher": (True, False),
-            "kernels": ("triton", "torch")}
+            "bf16_student": (True, False), "kernels": ("triton", "torch")}
 
 
 @dataclasses.dataclass
@@ -232,10 +232,11 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
 def ablation_configs(cfg: Config, device: torch.device) -> list[tuple[str, Config]]:
     """(row label, config): all switches on, each off in turn, all at the config's values.
     On the CPU the Triton kernels would run in the interpreter, so ``kernels`` stays as set,
-    and ``bf16_teacher`` is left out unless ``--train.dtype bfloat16``."""
+    and ``bf16_teacher``/``bf16_student`` are left out unless ``--train.dtype bfloat16``."""
     cuda = device.type == "cuda"
     switches = {k: v for k, v in ABLATION.items()
-                if (k != "kernels" or cuda) and (k != "bf16_teacher" or cuda or cfg.train.dtype == "bfloat16")}
+                if (k != "kernels" or cuda) and (k not in ("bf16_teacher", "bf16_student") or cuda
+                                                 or cfg.train.dtype == "bfloat16")}
     on = {k: v[0] for k, v in switches.items()}
     rows = [("d2v_fast[all]", on)] + [(f"d2v_fast[-{k}]", {**on, k: switches[k][1]}) for k in switches]
     out = []

@@ -438,8 +438,7 @@ def measure_cost(provider: str, cfg, *, repeats: int = 5, time_it: bool = True) 
 
 
 # The step's switches: --train.<name> value away from the default.
-SWITCHES = {"skip_on_device": "bool", "host_counts": "bool", "cast_once": "bool", "fused_qkv": "bool",
-            "bf16_teacher": "bool", "flat_ema": "bool", "flat_grads": "bool"}
+SWITCHES = ("skip_on_device", "host_counts", "cast_once", "fused_qkv", "bf16_teacher", "bf16_student")
 
 
 def switch_rows(cfg) -> list[tuple[str, object]]:

@@ -100,7 +100,7 @@ class Trainer:
             from .models.encoder import fuse_qkv_
 
             fuse_qkv_([*self.model.student.blocks(), *self._teacher_blocks()])
-        self._teacher_shadow = None
+        self._teacher_shadow = self._student_shadow = None
         self._ema_flat = None  # (teacher, student) flat buffers: the EMA reads them, not 2 x P parameters
         if self.fsdp:
             self._shard(use_bf16)
@@ -112,6 +112,11 @@ class Trainer:
 
                 self._teacher_shadow = shadow_linears_(self.model.teacher, teacher_flat, torch.bfloat16)
             self._ema_flat = (teacher_flat, ops.flatten_params_(self.model.student.ema_source()))
+            if self.switches["bf16_student"]:  # bf16 copies of the student's block weights, kept by the update
+                from .models.encoder import shadow_linears_
+
+                self._student_shadow = shadow_linears_(self.model.student.ema_source(), self._ema_flat[1],
+                                                       torch.bfloat16, buffers=False)
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)
@@ -381,6 +386,7 @@ class Trainer:
             finite = bool(torch.isfinite(gnorm))
             if finite:
                 self.optimizer.step()
+                self._refresh_student_copy()
                 self._ema(decay)  # exactly one EMA step per optimizer update
         if finite:
             self.scheduler.step()
@@ -397,6 +403,13 @@ class Trainer:
         return {"loss": stats[0] / denom[0], "target_var": stats[1], "pred_var": stats[2],
                 "grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0],
                 "skipped_steps": self.skipped, "finite": finite}
+
+    def _refresh_student_copy(self) -> None:
+        """``--train.bf16_student``: the student blocks' bf16 copy follows their fp32 weights (one
+        cast over the flat buffer per update, instead of two per Linear per forward)."""
+        if self._student_shadow is not None:
+            with torch.no_grad():
+                self._student_shadow.copy_(self._ema_flat[1])
 
     def _ema(self, decay: float, skip: torch.Tensor | None = None) -> None:
         """One EMA step of the teacher: over the two flat buffers when the parameters live in
@@ -417,6 +430,7 @@ class Trainer:
                 "skip_on_device": t.skip_on_device and not fsdp,
                 "cast_once": t.cast_once and use_bf16 and not fsdp,  # FSDP casts the weights itself
                 "bf16_teacher": t.bf16_teacher and use_bf16 and not fsdp and cfg.modality == "text",
+                "bf16_student": t.bf16_student and use_bf16 and not fsdp and cfg.modality == "text",
                 # bf16 only: in fp32 (the CPU's default) the one GEMM rounds differently from three,
                 # and the CPU's recorded default jobs are kept bit for bit
                 "fused_qkv": t.fused_qkv and use_bf16 and cfg.modality == "text"}
@@ -439,6 +453,7 @@ class Trainer:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
+        self._refresh_student_copy()  # a skipped update left the weights, so the copy stays right
         self._ema(decay, skip=~finite_t)
         if ready is not None:
             ready.synchronize()
@@ -476,6 +491,7 @@ class Trainer:
             lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
             raise UsageError(f"{where}: the weights do not fit this model ({lines[-1] if lines else err}); "
                              f"use the config they were trained with") from None
+        self._refresh_student_copy()
 
     def load(self, path: Path) -> None:
         """Resume from a checkpoint directory. Its files are checked against this model (keys,

@@ -59,7 +59,7 @@ def test_engine_defaults_sync_once_and_dispatch_fewer_ops_than_without_switches(
     cfg = cost.cost_config("text", "data2vec2", "tiny")
     on = cost.measure_cost("d2v_fast", cfg, time_it=False)
     off_cfg = cost.cost_config("text", "data2vec2", "tiny", skip_on_device=False, host_counts=False,
-                               cast_once=False, fused_qkv=False, bf16_teacher=False)
+                               cast_once=False, fused_qkv=False, bf16_teacher=False, bf16_student=False)
     off = cost.measure_cost("d2v_fast", off_cfg, time_it=False)
     # the one wait left: the finite flag, read once backward has ended (optimizer and EMA queued)
     assert on["finite"] and on["syncs"] == 1 and list(on["sync_sites"])[0].endswith(f"trainer.py:{FLAG_LINE}"), \

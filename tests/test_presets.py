@@ -104,6 +104,7 @@ BASE_V1 = {
     "train.fused_qkv": (True, OURS + " (performance switch, same math)"),
     "train.bf16_teacher": (True, OURS + " (performance switch, same math)"),
     "train.cast_once": (True, OURS + " (performance switch, same math)"),
+    "train.bf16_student": (True, OURS + " (performance switch, same math)"),
     "train.attention": ("auto", OURS + " (performance switch: SDPA backend pinned, same math)"),
     "train.probe_task": ("builtin", OURS + " (the representation probe after training)"),
     "train.probe_every": (0, OURS),

@@ -16,7 +16,8 @@ from d2v_fast.trainer import NonFiniteError, Trainer
 from .helpers import small_cfg
 
 # Every switch off: the baseline each switch is compared with (the defaults turn them all on).
-OFF = dict(skip_on_device=False, host_counts=False, cast_once=False, fused_qkv=False, bf16_teacher=False)
+OFF = dict(skip_on_device=False, host_counts=False, cast_once=False, fused_qkv=False, bf16_teacher=False,
+           bf16_student=False)
 INTERPRETED = kernels.AVAILABLE and kernels.is_interpreted(kema._ema_flat_kernel)
 
 
@@ -329,12 +330,42 @@ def test_bf16_teacher_computes_the_same_step(builtin_cache, tmp_path):
     assert torch.equal(lin2.weight_shadow, lin.weight_shadow) and torch.equal(tr2._teacher_shadow, tr._teacher_shadow)
 
 
+def test_bf16_student_computes_the_same_update(builtin_cache, tmp_path):
+    """bf16 autocast on the CPU, 2 micro-batches: the student's block Linears read the bf16
+    copy kept by the update (``_ShadowLinearFn``) instead of autocast's casts; every loss,
+    weight, teacher value and optimizer moment bit for bit the same, and a resumed run reads
+    a fresh copy."""
+    from d2v_fast.models.encoder import ShadowedLinear
+
+    def run(out, steps=3, **train):
+        cfg = small_cfg(builtin_cache, max_steps=steps, micro_batch_size=4, dtype="bfloat16", **{**OFF, **train})
+        cfg.model.num_layers, cfg.recipe.top_k = 2, 2
+        tr = Trainer(cfg, open_corpus(builtin_cache), out)
+        return [r["loss"] for r in tr.fit()], tr
+
+    la, a = run(tmp_path / "autocast")
+    lb, b = run(tmp_path / "copy", bf16_student=True)
+    assert b.switches["bf16_student"] and isinstance(b.model.student.encoder.encoder.layer[0].intermediate.dense,
+                                                     ShadowedLinear)
+    assert la == lb
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+    assert torch.equal(b._student_shadow, b._ema_flat[1].to(torch.bfloat16))
+    # resume: the copy is refreshed from the loaded weights
+    c = Trainer(b.cfg, open_corpus(builtin_cache), tmp_path / "resumed")
+    c.load(sorted((tmp_path / "copy" / "checkpoints").glob("step-*"))[-1])
+    assert torch.equal(c._student_shadow, c._ema_flat[1].to(torch.bfloat16))
+
+
 def test_bf16_teacher_and_cast_once_only_with_bf16_autocast(builtin_cache, tmp_path):
-    tr = Trainer(small_cfg(builtin_cache, bf16_teacher=True, cast_once=True), open_corpus(builtin_cache), tmp_path)
-    assert not tr.switches["bf16_teacher"] and not tr.switches["cast_once"] and tr._teacher_shadow is None
-    cfg = small_cfg(builtin_cache, bf16_teacher=True, cast_once=True, dtype="bfloat16")
-    tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / "bf16")
-    assert tr.switches["bf16_teacher"] and tr.switches["cast_once"] and tr._teacher_shadow is not None
+    tr = Trainer(small_cfg(builtin_cache), open_corpus(builtin_cache), tmp_path)
+    assert not any(tr.switches[k] for k in ("bf16_teacher", "bf16_student", "cast_once", "fused_qkv"))
+    assert tr._teacher_shadow is None and tr._student_shadow is None
+    tr = Trainer(small_cfg(builtin_cache, dtype="bfloat16"), open_corpus(builtin_cache), tmp_path / "bf16")
+    assert all(tr.switches[k] for k in ("bf16_teacher", "bf16_student", "cast_once", "fused_qkv"))
+    assert tr._teacher_shadow is not None and tr._student_shadow is not None
 
 
 # ----------------------------------------------------------------------------- attention backend

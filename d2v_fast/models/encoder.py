@@ -123,27 +123,71 @@ def fuse_qkv_(layers) -> None:
             layer.attention.self = FusedSelfAttention.from_separate(layer.attention.self)
 
 
+class _ShadowLinearFn(torch.autograd.Function):
+    """``x @ w.T + b`` on low-precision copies of a trainable Linear's weight and bias, with
+    the gradients going to the fp32 parameters themselves. The ops, forward and backward, are
+    the ones autocast's ``linear`` runs on the copies it casts (``addmm`` on the 2-D view of a
+    contiguous input; ``grad @ w``, ``grad.T @ x``, ``grad.sum(0)``, each gradient cast back to
+    its parameter's dtype), so the values are the same bit for bit, without the two weight
+    casts and the transposes per call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w, w_t, b):
+        x_dtype = x.dtype
+        x2 = x.to(w_t.dtype).reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, w)
+        ctx.meta = (x.shape, x_dtype, weight.dtype, bias is not None)
+        out = torch.addmm(b, x2, w_t) if b is not None else torch.mm(x2, w_t)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w = ctx.saved_tensors
+        shape, x_dtype, p_dtype, has_bias = ctx.meta
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g2.mm(w).view(shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = g2.t().mm(x2).to(p_dtype)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(p_dtype)
+        return gx, gw, gb, None, None, None
+
+
 class ShadowedLinear(nn.Linear):
-    """A Linear that, under autocast to its shadow's dtype, reads low-precision copies of its
-    weight and bias (non-persistent buffers ``weight_shadow``/``bias_shadow``) instead of
-    letting autocast cast the fp32 parameters on every forward: the same rounded values
-    (both round to nearest even), no cast kernels. The EMA writes the copies
-    (``--train.bf16_teacher``)."""
+    """A Linear that, under autocast to its copy's dtype, reads low-precision copies of its
+    weight and bias (``weight_shadow``/``bias_shadow``, views of one flat buffer that the
+    trainer keeps up to date) instead of letting autocast cast the fp32 parameters on every
+    forward: the same rounded values (both round to nearest even), no cast kernels. A teacher's
+    copies are written by the EMA (``--train.bf16_teacher``); a student's after each optimizer
+    step (``--train.bf16_student``), its gradients reaching the fp32 parameters
+    (``_ShadowLinearFn``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shadow = getattr(self, "weight_shadow", None)
         if shadow is not None and torch.is_autocast_enabled(x.device.type) \
                 and torch.get_autocast_dtype(x.device.type) == shadow.dtype:
-            return F.linear(x.to(shadow.dtype), shadow, self.bias_shadow)
+            if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+                return _ShadowLinearFn.apply(x, self.weight, self.bias, self.weight_shadow, self.weight_shadow_t,
+                                             self.bias_shadow)
+            x2 = x.to(shadow.dtype).reshape(-1, x.shape[-1])  # what linear runs, less its transpose
+            b = self.bias_shadow
+            out = torch.addmm(b, x2, self.weight_shadow_t) if b is not None else torch.mm(x2, self.weight_shadow_t)
+            return out.view(*x.shape[:-1], out.shape[-1])
         return super().forward(x)
 
 
-def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                    buffers: bool = True) -> torch.Tensor:
     """Give every ``nn.Linear`` in ``layers`` (whose parameters ``flatten_params_`` laid out
     in ``flat``) a ``dtype`` copy of its weight and bias, as views of one new buffer with
-    ``flat``'s layout, so that ``ema_update_(..., shadow=buffer)`` writes it in its own pass.
-    The Linears become ``ShadowedLinear`` (same Parameter objects, same state-dict names);
-    loading a state dict into ``layers`` refreshes the copy. Returns the buffer."""
+    ``flat``'s layout, so that ``ema_update_(..., shadow=buffer)`` writes it in its own pass
+    (or ``buffer.copy_(flat)`` after an optimizer step). The Linears become ``ShadowedLinear``
+    (same Parameter objects, same state-dict names); loading a state dict into ``layers``
+    refreshes the copy. ``buffers``: register the views as non-persistent buffers (a teacher);
+    False keeps them plain attributes (a student under DDP, which would broadcast buffers every
+    forward). Returns the buffer."""
     shadow = flat.detach().to(dtype)
     base, size = flat.data_ptr(), flat.element_size()
 
@@ -157,10 +201,16 @@ def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = 
     for parent in list(layers.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                new = ShadowedLinear(child.in_features, child.out_features, device="meta")
+                new = ShadowedLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                     device="meta")
                 new.weight, new.bias = child.weight, child.bias  # the same Parameters: flat views, optimizer, EMA
-                new.register_buffer("weight_shadow", view_of(child.weight), persistent=False)
-                new.register_buffer("bias_shadow", view_of(child.bias), persistent=False)
+                w, b = view_of(child.weight), (view_of(child.bias) if child.bias is not None else None)
+                if buffers:
+                    new.register_buffer("weight_shadow", w, persistent=False)
+                    new.register_buffer("bias_shadow", b, persistent=False)
+                else:
+                    new.weight_shadow, new.bias_shadow = w, b
+                new.weight_shadow_t = w.t()  # addmm's right operand, a view: no transpose per call
                 setattr(parent, name, new)
 
     def refresh(module, incompatible_keys):
