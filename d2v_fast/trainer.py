@@ -291,9 +291,12 @@ class Trainer:
         nb = self.device.type == "cuda"
         return {k: (v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in mb.items()}
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
+    def train_step(self, micro_batches: list[dict], stats: bool = True) -> dict:
         """One optimizer update over this rank's micro-batches. Returns global metrics as
-        tensors (reading them is the caller's choice, so steps need not sync)."""
+        tensors (reading them is the caller's choice, so steps need not sync). ``stats``:
+        also the loss and the collapse statistics (``target_var``, ``pred_var``), summed over
+        ranks; the loop asks for them only on the updates it logs (some 20 ops and a
+        collective fewer on the others)."""
         if self.switches["host_counts"]:  # each micro-batch's counts, summed once, used below and by its ops
             micro_batches = [self._with_host_counts(mb) for mb in micro_batches]
         count = torch.tensor([float(sum(mb["mask_rows"] if "mask_rows" in mb else int(mb["mask"].sum())
@@ -304,9 +307,7 @@ class Trainer:
         if self.distributed:
             dist.all_reduce(count)
         denom = count.clamp_min(1.0)
-        loss_sum = torch.zeros((), device=self.device)
-        tvar = torch.zeros((), device=self.device)
-        pvar = torch.zeros((), device=self.device)
+        loss_sum = tvar = pvar = torch.zeros((), device=self.device) if stats else None
         # --train.cast_once: one autocast region around every micro-batch of the update, so the
         # bf16 copies autocast makes of the student's fp32 weights (its cache lives until the
         # outermost region ends) are made once per update instead of once per micro-batch.
@@ -318,10 +319,9 @@ class Trainer:
         with self.autocast() if cast_once else contextlib.nullcontext():
             for i, mb in enumerate(micro_batches):
                 loss, pred, target = self._micro_step(mb, i == len(micro_batches) - 1, denom, cast_once)
-                tv, pv = self.model.stats(pred, target)
-                loss_sum += loss.detach()
-                tvar += tv
-                pvar += pv
+                if stats:
+                    tv, pv = self.model.stats(pred, target)
+                    loss_sum, tvar, pvar = loss_sum + loss.detach(), tvar + tv, pvar + pv
         return self._finish_step(micro_batches, count, denom, loss_sum, tvar, pvar)
 
     def _micro_step(self, mb: dict, last: bool, denom: torch.Tensor, cast_once: bool):
@@ -396,13 +396,15 @@ class Trainer:
             self.skipped += 1
             self.consecutive_skips += 1
         self.optimizer.zero_grad(set_to_none=True)
+        out = {"grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0],
+               "skipped_steps": self.skipped, "finite": finite}
+        if loss_sum is None:  # an update the loop does not log
+            return out
         stats = torch.stack([loss_sum, tvar / len(micro_batches), pvar / len(micro_batches)])
         if self.distributed:
             stats = torch.cat([stats[:1], stats[1:] / self.world_size])
             dist.all_reduce(stats)
-        return {"loss": stats[0] / denom[0], "target_var": stats[1], "pred_var": stats[2],
-                "grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0],
-                "skipped_steps": self.skipped, "finite": finite}
+        return {"loss": stats[0] / denom[0], "target_var": stats[1], "pred_var": stats[2], **out}
 
     def _refresh_student_copy(self) -> None:
         """``--train.bf16_student``: the student blocks' bf16 copy follows their fp32 weights (one
@@ -656,7 +658,8 @@ class Trainer:
             while self.step < t.max_steps:
                 micro_batches = next(stream)
                 units = sum(self.modality.units(mb) for mb in micro_batches) * self.world_size
-                metrics = self.train_step(micro_batches)
+                logs = (self.step + 1) % t.log_every == 0 or self.step + 1 >= t.max_steps  # if it is finite
+                metrics = self.train_step(micro_batches, stats=logs)
                 stop, problem = self._agree()
                 if problem:
                     raise UsageError(problem)

@@ -135,11 +135,17 @@ class Block(nn.Module):
         B, T, C = x.shape
         H = self.num_heads
         proj = self.qkv_projections()
+        p = self.attention_dropout if self.training else 0.0
+        if not isinstance(proj, tuple) and not isinstance(attn_mask, Varlen) and not torch.is_grad_enabled():
+            # no backward (the teacher): one permute to [3, B, H, T, D] gives the same views as
+            # unbinding and transposing q, k and v (under autograd the permute's backward copies)
+            q, k, v = proj.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+            return self.attention_out()(a.transpose(1, 2).reshape(B, T, C))
         if isinstance(proj, tuple):
             q, k, v = (lin(x).view(B, T, H, C // H) for lin in proj)
         else:
             q, k, v = proj.qkv(x).view(B, T, 3, H, C // H).unbind(2)
-        p = self.attention_dropout if self.training else 0.0
         if isinstance(attn_mask, Varlen):
             a = attn_mask.attend(q, k, v, p).reshape(B, T, C)
         else:
