@@ -32,19 +32,18 @@ same kernel); and the fused ops (``d2v_fast.ops``) on the side ``auto`` takes on
 Triton launches replaced by counted no-ops while the eager twins compute the values (so the
 update is the real one, and only the Triton path's own host work is counted and timed).
 
-**host ms** is the wall time of one update at a narrow width (hidden 24, FFN 96, the same
-layers, heads and shapes, one thread), where the arithmetic is negligible and what is left
-is Python, the dispatcher and autograd: the minimum over several updates, the twins' time
-taken out.
+**host ms** is the wall time of one update at a narrow width (``narrow``: hidden = heads,
+FFN 4 x hidden, the same layers and heads, fewer tokens; one thread), where the arithmetic is
+small and what is left is mostly Python, the dispatcher and autograd (the CPU's bf16 GEMMs
+still cost ~15 us a call there, about a GPU launch): the minimum over several updates, the
+twins' time taken out. ``--host-only`` times providers in interleaved rounds.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import gc
 import time
-import types
 from collections import Counter
 
 import torch
@@ -286,8 +285,6 @@ def cuda_path_on_cpu():
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    orig_backend = ops.kernels_backend
-
     def backend(tensor, op=None):
         if STATE.twin_depth:
             return "torch"
@@ -296,7 +293,7 @@ def cuda_path_on_cpu():
             return requested
         return "torch" if op in ops.EAGER_ON_AUTO or not kernels.AVAILABLE else "triton"
 
-    orig_sdpa, orig_dropout = F.scaled_dot_product_attention, F.dropout
+    orig_sdpa = F.scaled_dot_product_attention
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         return orig_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale, **kw)
@@ -324,7 +321,6 @@ def cuda_path_on_cpu():
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
-        del orig_backend
 
 
 @contextlib.contextmanager
@@ -354,16 +350,21 @@ NARROW_VOCAB = 1024
 
 
 def narrow(cfg):
-    """The same model at hidden 24 / FFN 96 (12 heads of 2; conv front ends 16 wide; text with
-    a 1,024-token vocabulary; this CPU's bf16 GEMMs are slow, so the width is tiny): a step
-    whose arithmetic is small, so its time is the host's."""
+    """The same model at hidden = heads (12 heads of 1 at base), FFN 4 x hidden, conv front ends
+    16 wide, text with a 1,024-token vocabulary and 16-token sequences, speech 0.25 s: a step
+    whose arithmetic is small (this CPU's bf16 GEMMs cost ~50 us at 64 x 24, ~15 us at 32 x
+    12), so what is left is the host's Python, dispatcher and autograd work."""
     c = copy.deepcopy(cfg)
     heads = c.model.num_heads
-    c.model.hidden_size, c.model.ffn_size = 2 * heads, 8 * heads
+    c.model.hidden_size, c.model.ffn_size = heads, 4 * heads
     if hasattr(c.model, "conv_dim"):
         c.model.conv_dim = tuple(16 for _ in c.model.conv_dim)
     if getattr(c.recipe, "decoder_dim", 0):
-        c.recipe.decoder_dim = 2 * heads
+        c.recipe.decoder_dim = heads
+    if c.modality == "text":
+        c.data.seq_len = 16
+    elif c.modality == "audio":
+        c.data.max_samples = 4000
     return c
 
 
@@ -435,6 +436,39 @@ def measure_cost(provider: str, cfg, *, repeats: int = 5, time_it: bool = True) 
             finally:
                 torch.set_num_threads(threads)
     return row
+
+
+def paired_host_ms(labelled: list[tuple[str, str, object]], *, rounds: int = 20) -> dict[str, dict]:
+    """Host ms of one update for each (label, provider, config) at ``narrow(config)``, timed in
+    interleaved rounds (one update of each per round, the minimum and median over the rounds):
+    a load that comes and goes on a shared machine then hits every row alike."""
+    device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out: dict[str, list[float]] = {label: [] for label, _, _ in labelled}
+    try:
+        with cuda_path_on_cpu():
+            steps = []
+            for label, provider, cfg in labelled:
+                torch.manual_seed(0)
+                step, batch = _make(provider, narrow(cfg), device, vocab=NARROW_VOCAB)
+                step(batch)
+                steps.append((label, step, batch))
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(rounds):
+                    for label, step, batch in steps:
+                        STATE.twin_seconds = 0.0
+                        t0 = time.perf_counter()
+                        step(batch)
+                        out[label].append(time.perf_counter() - t0 - STATE.twin_seconds)
+            finally:
+                gc.enable()
+    finally:
+        torch.set_num_threads(threads)
+    return {label: {"host_ms": 1e3 * min(t), "host_ms_median": 1e3 * sorted(t)[len(t) // 2]}
+            for label, t in out.items()}
 
 
 # The step's switches: --train.<name> value away from the default.
@@ -533,22 +567,46 @@ def main(argv: list[str]) -> int:
     p.add_argument("--providers", default="")
     p.add_argument("--no-switches", action="store_true", help="d2v_fast at its defaults only")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--host-only", action="store_true",
+                   help="only the host ms, the providers (and switch rows) timed in interleaved rounds (--repeats)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise UsageError(f"--repeats {args.repeats}: must be >= 1")
     env = environment(torch.device("cpu"))
     print(f"{env['device']} | torch {env['torch']} | one update, {args.config}, CUDA path emulated, bf16 autocast; "
-          f"host ms at hidden 24, 1 thread, min of {args.repeats}")
-    print(format_header())
+          f"host ms at hidden = heads, 1 thread, min of {args.repeats}")
+    if not args.host_only:
+        print(format_header())
     def write(rows):
         if args.json:
             doc = {**env, "benchmark": "step_cost", "threads_for_host_ms": 1, "config": args.config,
                    "note": "one optimizer update on the CPU with the CUDA path emulated (d2v_fast/cost.py); ops = "
                            "ATen ops + Triton launches; kernels exclude views, metadata and allocations; host_ms at "
-                           "hidden 24, min of repeats", "rows": rows, "ratios_to_hf": ratios(rows)}
+                           "hidden = heads (narrow()), min of repeats", "rows": rows, "ratios_to_hf": ratios(rows)}
             atomic_write_json(doc, Path(args.json))
 
+    if args.host_only:
+        cfg = cost_config(args.modality, args.recipe, args.config)
+        providers = [x.strip() for x in args.providers.split(",") if x.strip()] or \
+            providers_for(args.modality, args.recipe)
+        labelled = [(label, provider, c) for provider in providers
+                    for label, c in (switch_rows(cfg) if provider == "d2v_fast" and not args.no_switches
+                                     else [(provider, cfg)])]
+        times = paired_host_ms(labelled, rounds=args.repeats)
+        rows = [{"provider": label, "modality": args.modality, "recipe": args.recipe, "preset": args.config,
+                 "rounds": args.repeats, **times[label]} for label, _, _ in labelled]
+        hf = times.get("hf")
+        for r in rows:
+            rel = f"  ({r['host_ms'] / hf['host_ms']:.2f} of hf)" if hf else ""
+            print(f"{r['modality'] + '/' + r['recipe']:<20}{r['provider']:<34}{'host ms':>7}{r['host_ms']:>9.1f}"
+                  f"  median {r['host_ms_median']:.1f}{rel}")
+        if args.json:
+            doc = {**env, "benchmark": "step_host_ms", "threads": 1, "note": "host ms of one update at hidden = heads "
+                   "(d2v_fast/cost.py narrow()), CUDA path emulated, providers timed in interleaved rounds; min and "
+                   "median over the rounds", "rows": rows}
+            atomic_write_json(doc, Path(args.json))
+        return 0
     if args.suite:
         rows = run_suite(SUITE, switches=not args.no_switches, repeats=args.repeats, done=write)
     else:
