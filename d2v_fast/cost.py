@@ -350,17 +350,21 @@ NARROW_VOCAB = 1024
 
 
 def narrow(cfg):
-    """The same model at hidden = heads (12 heads of 1 at base), FFN 4 x hidden, conv front ends
+    """The same model at hidden = heads (12 heads of 1 at base; 48 for speech, whose positional
+    conv and decoder have 16 groups), FFN 4 x hidden, conv front ends
     16 wide, text with a 1,024-token vocabulary and 16-token sequences, speech 0.25 s: a step
     whose arithmetic is small (this CPU's bf16 GEMMs cost ~50 us at 64 x 24, ~15 us at 32 x
     12), so what is left is the host's Python, dispatcher and autograd work."""
+    import math
+
     c = copy.deepcopy(cfg)
-    heads = c.model.num_heads
-    c.model.hidden_size, c.model.ffn_size = heads, 4 * heads
+    # the narrowest width every grouping divides: heads, and speech's positional conv and decoder groups
+    width = math.lcm(c.model.num_heads, getattr(c.model, "pos_conv_groups", 1), c.recipe.decoder_groups)
+    c.model.hidden_size, c.model.ffn_size = width, 4 * width
     if hasattr(c.model, "conv_dim"):
         c.model.conv_dim = tuple(16 for _ in c.model.conv_dim)
     if getattr(c.recipe, "decoder_dim", 0):
-        c.recipe.decoder_dim = heads
+        c.recipe.decoder_dim = width
     if c.modality == "text":
         c.data.seq_len = 16
     elif c.modality == "audio":
@@ -570,6 +574,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--host-only", action="store_true",
                    help="only the host ms, the providers (and switch rows) timed in interleaved rounds (--repeats)")
     p.add_argument("--json", default="")
+    p.add_argument("--append", action="store_true", help="add the rows to those already in --json")
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise UsageError(f"--repeats {args.repeats}: must be >= 1")
@@ -578,7 +583,14 @@ def main(argv: list[str]) -> int:
           f"host ms at hidden = heads, 1 thread, min of {args.repeats}")
     if not args.host_only:
         print(format_header())
+    earlier = []
+    if args.append and args.json and Path(args.json).is_file():
+        import json
+
+        earlier = json.loads(Path(args.json).read_text()).get("rows", [])
+
     def write(rows):
+        rows = earlier + rows
         if args.json:
             doc = {**env, "benchmark": "step_cost", "threads_for_host_ms": 1, "config": args.config,
                    "note": "one optimizer update on the CPU with the CUDA path emulated (d2v_fast/cost.py); ops = "
