@@ -210,6 +210,21 @@ SHORT_FLAGS = {
     "--parallel": "train.parallel", "--recipe": "recipe.name",
 }
 TOP_LEVEL = ("preset", "modality")
+# Flags of the multi-process launch (``python -m d2v_fast.pretrain --nproc-per-node N``);
+# torchrun's spellings with underscores are accepted too. Workers never see them.
+LAUNCH_FLAGS = (
+    ("--nproc-per-node", "N", "start N worker processes on this node (one per GPU) and wait for them"),
+    ("--nnodes", "N|MIN:MAX", "nodes taking part (default 1); more than one needs --rdzv-endpoint"),
+    ("--rdzv-endpoint", "HOST:PORT", "rendezvous endpoint every node reaches (c10d backend)"),
+    ("--rdzv-id", "ID", "the job's rendezvous id, the same on every node"),
+    ("--max-restarts", "N", "restart the workers up to N times after a failure (default 0)"),
+    ("--stop-timeout", "SECONDS", "after SIGTERM/SIGINT, how long the workers get to finish their step and "
+                                  "write a checkpoint before they are killed (default 300)"),
+)
+
+
+def _launch_dest(flag: str) -> str:
+    return "launch_" + flag[2:].replace("-", "_")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -259,9 +274,16 @@ def _fields(cfg: Config | None = None):
 
 
 def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentParser:
-    p = _Parser(prog="torchrun -m d2v_fast.pretrain", description=description,
+    p = _Parser(prog="python -m d2v_fast.pretrain", description=description,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from .modalities import MODALITIES, get_modality
+
+    launch = p.add_argument_group("launcher (checked first, then workers are started through "
+                                  "torch.distributed.run's elastic agent)")
+    for flag, metavar, text in LAUNCH_FLAGS:
+        torchrun_spelling = "--" + flag[2:].replace("-", "_")
+        launch.add_argument(*dict.fromkeys((flag, torchrun_spelling)), dest=_launch_dest(flag), metavar=metavar,
+                            help=text)
 
     p.add_argument("--modality", default=defaults.modality, choices=tuple(MODALITIES),
                    help="what to pretrain on (default: %(default)s)")

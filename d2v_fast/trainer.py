@@ -580,10 +580,17 @@ class Trainer:
             path.write_text("".join(l + "\n" for l in keep))
 
     # ------------------------------------------------------------------ control
+    # A signal repeated within this many seconds is the same request, reaching the worker
+    # twice (a scheduler signalling every process of the job, and the launcher forwarding it).
+    SAME_SIGNAL_S = 1.0
+
     def _signal(self, signum, frame) -> None:
         if self.stop_requested:  # a second signal: leave now
+            if time.monotonic() - getattr(self, "_stop_signal_time", float("-inf")) < self.SAME_SIGNAL_S:
+                return
             os._exit(128 + signum)
         self.stop_requested = True
+        self._stop_signal_time = time.monotonic()
         if self.rank == 0:
             print(f"\n{signal.Signals(signum).name}: finishing this step, writing a checkpoint and stopping "
                   f"(send it again to stop at once)", file=sys.stderr, flush=True)
@@ -698,6 +705,9 @@ class Trainer:
                 self.save()
             self.export_encoder()  # collective under FSDP
         finally:
+            # the loader's workers are shut down now, also when an exception leaves: at exit they
+            # would ignore multiprocessing's SIGTERM (they inherit the stop handler) and hang it
+            stream.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if bar is not None:
