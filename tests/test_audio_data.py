@@ -104,17 +104,32 @@ def nothing_written(out):
     return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
-@pytest.mark.parametrize("case", ["corrupt", "empty_dir", "low_rate", "odd_rate", "nan", "all_short", "not_audio"])
+def _cut(path, nbytes):
+    path.write_bytes(path.read_bytes()[:nbytes])
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty_dir", "low_rate", "odd_rate", "nan", "all_short", "not_audio",
+                                  "truncated_wav", "header_only_wav", "truncated_ogg"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, audio_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     sf.write(bad / "good.wav", noise(3, 16000), 16000)
     expect = {"corrupt": "cannot be decoded as audio", "empty_dir": "holds no .wav/.flac/.ogg/.oga file",
               "low_rate": "below 8000 Hz", "odd_rate": "cannot be resampled here", "nan": "NaN or infinite",
-              "all_short": "no usable utterance of at least 2 s", "not_audio": "unsupported file type"}[case]
+              "all_short": "no usable utterance of at least 2 s", "not_audio": "unsupported file type",
+              # the header of 113,600 16-bit samples is 44 bytes: 150,000 bytes hold 74,978 of them
+              "truncated_wav": f"{bad / 'z.wav'}: truncated: its header declares 113,600 frames, 74,978 could be read",
+              "header_only_wav": f"{bad / 'z.wav'}: truncated: its header declares 113,600 frames, 0 could be read",
+              "truncated_ogg": f"{bad / 'z.ogg'}: truncated: its Ogg stream has no end page"}[case]
     target = bad
     if case == "corrupt":
         (bad / "z.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt junk")
+    elif case in ("truncated_wav", "header_only_wav"):
+        sf.write(bad / "z.wav", noise(113600 / 16000, 16000), 16000, subtype="PCM_16")
+        _cut(bad / "z.wav", 150_000 if case == "truncated_wav" else 44)
+    elif case == "truncated_ogg":
+        sf.write(bad / "z.ogg", noise(4, 16000), 16000)
+        _cut(bad / "z.ogg", (bad / "z.ogg").stat().st_size // 2)
     elif case == "empty_dir":
         target = tmp_path / "empty"
         target.mkdir()
@@ -142,10 +157,15 @@ def test_skip_bad_warns_and_keeps_the_rest(tmp_path, capsys):
     d.mkdir()
     sf.write(d / "good.wav", noise(3, 16000), 16000)
     (d / "z.flac").write_bytes(b"fLaC garbage")
+    sf.write(d / "zz.wav", noise(3, 16000), 16000, subtype="PCM_16")
+    _cut(d / "zz.wav", 44 + 2 * 40000)  # 2.5 s of the 3 s its header declares
     out = tmp_path / "corpus"
     rc, err = run_cli(["--input", str(d), "--out", str(out), "--skip-bad"], capsys)
     assert rc == 0 and "warning: skipping" in err and "z.flac" in err
-    assert json.loads((out / "meta.json").read_text())["dropped"]["unreadable"] == 1
+    assert f"warning: skipping {d / 'zz.wav'}: truncated: its header declares 48,000 frames, 40,000 could be read" \
+        in err
+    assert json.loads((out / "meta.json").read_text())["dropped"]["unreadable"] == 2
+    assert open_audio_corpus(out).lengths.tolist() == [48000]
 
 
 def test_a_truncated_shard_is_refused(audio_dir, tmp_path):
