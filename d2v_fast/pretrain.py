@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -186,11 +187,17 @@ def run(argv=None) -> int:
             return 0
         if history and rank == 0:
             first, last = history[0], history[-1]
+            unit = modality.unit
+            speed = statistics.median(r[f"{unit}_per_s"] for r in history)
             say(f"done: step {trainer.step}, loss {first['loss']:.4f} (step {first['step']}) -> "
-                f"{last['loss']:.4f} (step {last['step']}), {last['tokens_per_s']:,.0f} {modality.unit}/s; "
-                f"{trainer.skipped} update(s) skipped; encoder saved to {out / ckpt.ENCODER_FILE}", file=sys.stderr)
+                f"{last['loss']:.4f} (step {last['step']}), {speed:,.0f} {unit}/s (the median over {len(history)} "
+                f"logging interval(s), steps {first['step']}-{last['step']}); {trainer.skipped} update(s) skipped; "
+                f"encoder saved to {out / ckpt.ENCODER_FILE}", file=sys.stderr)
         if rank == 0 and probing:
             from .probe import details, probe_path, summary
+
+            say("linear probe of the encoder against a random-init floor (--train.probe_task none skips it)",
+                file=sys.stderr)
 
             try:
                 with _stop_interrupts():  # training is complete: a signal now ends the probe only

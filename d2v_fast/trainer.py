@@ -636,6 +636,7 @@ class Trainer:
         from .errors import UsageError
 
         t = self.cfg.train
+        unit = self.modality.unit  # what throughput counts: tokens, frames or patches
         bar = None
         if self.rank == 0 and t.progress:
             from tqdm import tqdm
@@ -679,15 +680,17 @@ class Trainer:
                     dt = time.perf_counter() - window_t0
                     tps = window_units / dt
                     rec = {"step": self.step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
-                           "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size,
+                           f"{unit}_per_s": tps, f"{unit}_per_s_per_device": tps / self.world_size,
                            "epoch": self.epoch}
+                    if unit != "tokens":  # the old name of those two, kept for one release
+                        rec.update(tokens_per_s=tps, tokens_per_s_per_device=tps / self.world_size)
                     if self.peak:
                         rec["mfu"] = tps / self.world_size * self.flops_per_token / self.peak
                     history.append(rec)
                     if self.rank == 0:
                         self._log(rec)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                        bar.set_postfix({"loss": f"{rec['loss']:.4f}", f"{unit}/s": f"{tps:,.0f}"}, refresh=False)
                     self._guard(rec)
                     window_t0, window_units = time.perf_counter(), 0
                 if metrics["finite"] and t.probe_every and self.step % t.probe_every == 0:

@@ -78,6 +78,12 @@ def test_prepare_decodes_resamples_normalises_drops_and_crops(audio_dir, tmp_pat
     assert len(listing) == 4 and listing[3].endswith("c.ogg")
 
 
+def test_preparation_shows_its_progress(audio_dir, tmp_path, capsys):
+    out = prep([audio_dir], tmp_path / "corpus", progress=True)
+    err = capsys.readouterr().err
+    assert "utterances: 100%" in err and "5/5" in err and f"wrote {out}: 3 utterances" in err, err
+
+
 def test_prepare_twice_is_a_no_op_and_refuses_a_different_corpus(audio_dir, tmp_path):
     out = prep([audio_dir], tmp_path / "corpus")
     stamp = (out / "meta.json").stat().st_mtime_ns

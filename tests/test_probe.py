@@ -174,6 +174,8 @@ def test_user_task_probe_writes_probe_json(random_run, small_task, capsys):
     rc, out, err = cli([random_run, "--task", small_task], capsys)
     assert rc == 0, err
     assert re.fullmatch(r"probe: \d\.\d\d accuracy vs \d\.\d\d at random init\n", out)
+    # its progress: a bar over the 120 documents of each of the 4 encoders, naming what runs
+    assert "480/480" in err and " documents" in err and "random init 3/3" in err, err
     res = json.loads((random_run / probe.PROBE_FILE).read_text())
     assert res["classes"] == 6 and sum(res["examples"].values()) == 120
     assert res["test_held_out_of_pretraining"] is None  # a user task: the run's corpus says nothing about it

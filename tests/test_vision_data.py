@@ -196,13 +196,16 @@ def test_open_rejects_truncated_and_altered_shards(tmp_path):
         open_images(tmp_path)
 
 
-def test_builtin_fashion_mnist(tmp_path, monkeypatch):
+def test_builtin_fashion_mnist(tmp_path, monkeypatch, capsys):
     from d2v_fast.data.images import builtin
 
     if not (builtin.source_dir() / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST not installed: {builtin.INSTALL_HINT}")
     monkeypatch.setenv("D2V_FAST_CACHE", str(tmp_path))
-    path = builtin.builtin_images(limit=600, progress=False)
+    path = builtin.builtin_images(limit=600)
+    err = capsys.readouterr().err  # what the build says: its start, a bar, its closing line
+    assert "building the built-in image corpus" in err and "700/700" in err, err
+    assert f"wrote {path}: 700 images of 32x32x1, 10 classes" in err, err
     c = open_images(path)
     verify_images(c)
     assert len(c) == 700 and c.size == (32, 32) and c.channels == 1 and len(c.classes) == 10

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -313,9 +314,10 @@ def image_probe_task(corpus: ImageCorpus) -> ImageProbeTask:
 
 @torch.no_grad()
 def pooled_features(encoder: VisionEncoder, corpus: ImageCorpus, images: list[int], *, batch_size: int = 256,
-                    device="cpu") -> torch.Tensor:
+                    device="cpu", tick=None) -> torch.Tensor:
     """Mean over the patches of the final-layernorm output, for whole photos (no crop or
-    flip; resized to the encoder's image size and normalised as in training)."""
+    flip; resized to the encoder's image size and normalised as in training). ``tick(n)``
+    (progress) after each batch of ``n`` photos."""
     size = encoder.config.image_size
     aug = AugmentConfig(size=size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
     was_training = encoder.training
@@ -329,6 +331,8 @@ def pooled_features(encoder: VisionEncoder, corpus: ImageCorpus, images: list[in
                                 dtype=torch.float64)
             x = augment_batch(pixels.to(device), full, aug)
             out.append(encoder(x)[:, 1:].mean(1).float().cpu())
+            if tick is not None:
+                tick(len(chunk))
     finally:
         encoder.train(was_training)
     return torch.cat(out)
@@ -341,18 +345,22 @@ IMAGE_FLOOR_INITS = 1
 
 
 def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor_inits: int | None = None, seed: int = 0,
-                 device="cpu") -> dict:
+                 device="cpu", task_name: str | None = None, progress: bool = False) -> dict:
     """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.probe``'s
     classifier), and for the floor the same architecture at ``floor_inits`` random
-    initialisations (default ``IMAGE_FLOOR_INITS``)."""
+    initialisations (default ``IMAGE_FLOOR_INITS``). ``task_name`` describes the task in
+    the result (default: the corpus's path and its classes)."""
     from ..probe import probe_with_floor
 
     task = image_probe_task(corpus)
-    head = {"task": f"{task.source} (image classes)", "classes": len(task.classes),
-            "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}}
-    return probe_with_floor(encoder, task, lambda enc: pooled_features(enc, corpus, task.images, device=device),
+    head = {"task": task_name or f"{task.source}: its {len(task.classes)} image classes",
+            "classes": len(task.classes), "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")},
+            "unit": "images"}
+    return probe_with_floor(encoder, task,
+                            lambda enc, tick: pooled_features(enc, corpus, task.images, device=device, tick=tick),
                             lambda: VisionEncoder(encoder.config).to(device), head,
-                            floor_inits=IMAGE_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed)
+                            floor_inits=IMAGE_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed,
+                            progress=progress)
 
 
 def is_image_model(path) -> bool:
@@ -362,9 +370,11 @@ def is_image_model(path) -> bool:
     return is_model_dir(path, "images", "data2vec-vision")
 
 
-def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, floor_inits: int | None = None) -> dict:
+def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, floor_inits: int | None = None,
+                      progress: bool = False) -> dict:
     """``python -m d2v_fast.probe`` for an image run directory or export: the encoder on
-    its run's corpus (an export, or a run whose corpus has no splits: the built-in photos)."""
+    its run's corpus (an export, or a run whose corpus has no labelled held-out split: the
+    built-in Fashion-MNIST photos, which the result and a line on stderr say)."""
     from ..export import load_pretrained
     from ..probe import PROBE_FILE, write_result
 
@@ -389,15 +399,26 @@ def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, flo
     else:
         encoder = load_pretrained(path)
         corpus_dir = hf.get("data_dir")
+    from ..data.images.builtin import builtin_images_path
+
     corpus = open_images(corpus_dir) if corpus_dir else None
-    if corpus is None or "t10k" not in (corpus.meta.get("splits") or {}):
+    builtin_task = "Fashion-MNIST's 10 classes (the built-in photos; test: its t10k photos)"
+    if corpus is not None and "t10k" in (corpus.meta.get("splits") or {}) and corpus.classes:
+        name = builtin_task if corpus.meta.get("source", {}).get("dataset") == "fashion-mnist" else None
+        held_out = True if kind == "run" else None  # image jobs train on the train split only
+    else:
         from ..data.images.builtin import builtin_images
 
-        corpus = open_images(builtin_images(progress=False))
+        why = f"{corpus_dir} has no labelled held-out (t10k) split" if corpus_dir else "an export names no corpus"
+        name = f"{builtin_task}, not the run's own images: {why}"
+        print(f"probe: {why}; probing on the built-in Fashion-MNIST photos instead ({builtin_images_path()})",
+              file=sys.stderr, flush=True)
+        corpus = open_images(builtin_images(progress=progress))
+        held_out = None  # those photos' relation to the run's corpus is unknown
     result = {"model": str(path), "kind": kind,
-              **probe_images(encoder.to(device), corpus, seed=seed, device=device, floor_inits=floor_inits),
-              # the image loader trains on the train split only: the t10k photos were never seen
-              "test_held_out_of_pretraining": True if kind == "run" and corpus_dir else None}
+              **probe_images(encoder.to(device), corpus, seed=seed, device=device, floor_inits=floor_inits,
+                             task_name=name, progress=progress),
+              "test_held_out_of_pretraining": held_out}
     target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
     if target is not None:
         write_result(result, target)

@@ -225,7 +225,7 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
                              "rate_wpm": list(RATE_WPM), "pitch": list(PITCH)}}
         return prepare_audio_corpus(out, utterances=synthesized(texts, workers), source_id=source_id,
                                     min_seconds=2.0, max_seconds=20.0, force=True, progress=progress,
-                                    extra_meta=extra)
+                                    extra_meta=extra, expected=len(texts))
 
 
 @cli_entry

@@ -210,11 +210,12 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
                          source_id: str | None = None, min_seconds: float = 2.0, max_seconds: float = 20.0,
                          dtype: str = "float16", workers: int | None = None, skip_bad: bool = False,
                          shard_samples: int = DEFAULT_SHARD_SAMPLES, force: bool = False,
-                         progress: bool = True, extra_meta: dict | None = None) -> Path:
+                         progress: bool = True, extra_meta: dict | None = None, expected: int | None = None) -> Path:
     """Build a speech corpus from audio files (``inputs``) or in-memory
-    ``(name, samples, rate)`` triples (``utterances`` with a stable ``source_id``).
-    ``extra_meta`` is read only after the last utterance, so an ``utterances`` generator may
-    fill it (the speech probe records the labels of what it yielded)."""
+    ``(name, samples, rate)`` triples (``utterances`` with a stable ``source_id``; ``expected``:
+    how many, for the progress bar). ``extra_meta`` is read only after the last utterance, so
+    an ``utterances`` generator may fill it (the speech probe records the labels of what it
+    yielded)."""
     out = Path(out)
     if (inputs is None) == (utterances is None):
         raise ValueError("pass exactly one of inputs= or utterances=")
@@ -245,6 +246,7 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
     if inputs is not None:
         names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         items = _loaded(files, workers, skip_bad)
+        expected = len(files)
     else:
         names = source_id
         items = ((name, to_corpus_audio(np.asarray(wav, np.float32), rate, name), "silent")
@@ -262,13 +264,20 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
         kept = total = cropped = 0
         dropped = {"shorter than min": 0, "silent": 0, "unreadable": 0}
         lengths = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="utterances", unit=" utt", total=expected, file=sys.stderr, dynamic_ncols=True)
         for name, wav, why in items:
+            if bar is not None:
+                bar.update(1)
             if wav is None:
                 if why == "silent":
                     dropped["silent"] += 1
                 else:
                     dropped["unreadable"] += 1
-                    print(f"warning: skipping {why}", file=sys.stderr, flush=True)
+                    (bar.write if bar is not None else print)(f"warning: skipping {why}", file=sys.stderr)
                 continue
             if len(wav) < min_samples:
                 dropped["shorter than min"] += 1
@@ -279,6 +288,8 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
             kept += 1
             total += len(wav)
             lengths.append(len(wav))
+        if bar is not None:
+            bar.close()
         if kept == 0:
             raise UsageError(f"the inputs ({names}) hold no usable utterance of at least {min_seconds:g} s "
                              f"(dropped: {', '.join(f'{v} {k}' for k, v in dropped.items() if v) or 'none'}); "

@@ -145,7 +145,8 @@ def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | N
         source_id = (f"espeak-ng:{version}:python-stdlib-docstrings:{sys.version.split()[0]}:speech-probe"
                      f":v{PROBE_SPEECH_VERSION}:n{utterances}")
         prepare_audio_corpus(out, utterances=kept(), source_id=source_id, min_seconds=PROBE_SECONDS,
-                             max_seconds=PROBE_SECONDS, force=True, progress=progress, extra_meta=record)
+                             max_seconds=PROBE_SECONDS, force=True, progress=progress, extra_meta=record,
+                             expected=len(texts))
         read_speech_probe(out)  # every kept utterance has its label
         return out
 
