@@ -556,8 +556,7 @@ def convert(path: Path, say=print) -> int:
     return done
 
 
-@cli_entry
-def main(argv=None) -> int:
+def build_parser():
     from .config import _Parser
 
     p = _Parser(prog="python -m d2v_fast.checkpoint",
@@ -570,7 +569,12 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="rewrite older files in place")
     c.add_argument("paths", nargs="+", metavar="PATH", help="run directory, checkpoint directory or encoder.pt")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     total = 0
     for path in args.paths:
         total += convert(Path(path), say=lambda m: print(m, file=sys.stderr))

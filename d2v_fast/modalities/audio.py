@@ -503,6 +503,8 @@ class AudioModality(Modality):
 
     def verify_corpus(self, corpus) -> None:
         """Every shard's sha256 against ``meta.json``."""
+        from ..data.audio.corpus import REPREPARE
+
         for shard in corpus.meta["shards"]:
             path = Path(corpus.path) / shard["samples"]
             h = hashlib.sha256()
@@ -511,7 +513,7 @@ class AudioModality(Modality):
                     h.update(chunk)
             if h.hexdigest() != shard["sha256"]:
                 raise UsageError(f"{path}: content differs from its checksum in meta.json (changed or damaged "
-                                 f"since preparation); re-run `python -m d2v_fast.data.audio prepare`")
+                                 f"since preparation); prepare the corpus again (`{REPREPARE}`)")
 
     def describe(self, cfg, corpus) -> str:
         secs = float(corpus.lengths.sum()) / corpus.sample_rate

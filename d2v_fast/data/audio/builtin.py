@@ -228,14 +228,18 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
                                     extra_meta=extra, expected=len(texts))
 
 
-@cli_entry
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m d2v_fast.data.audio.builtin",
                                 description="Build (or find) the built-in speech corpus and print its path.")
     p.add_argument("--utterances", type=int, default=BUILTIN_SPEECH_UTTERANCES, help="corpus size")
     p.add_argument("--workers", type=int, default=default_workers(), help="synthesis processes")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     print(builtin_speech_corpus(args.utterances, workers=args.workers, progress=not args.quiet))
     return 0
 
