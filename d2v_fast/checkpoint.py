@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError, cli_entry
-from .files import fsync_dir
+from .files import fsync_dir, like_other_files
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -100,6 +100,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(own, str(tmp), metadata=metadata)
+    like_other_files(tmp)  # not safetensors' 0600
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     sha = sha256_file(tmp)
