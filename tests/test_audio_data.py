@@ -369,3 +369,18 @@ def test_command_line_entry_runs_as_a_module(tmp_path):
                        env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: --input {tmp_path / 'nope'}: no such file or directory; check the path"]
+
+
+def test_exported_feature_extractor_reproduces_the_preparation(tmp_path):
+    """A 16 kHz recording through the exported ``Wav2Vec2FeatureExtractor`` config
+    (``AutoFeatureExtractor``) and through preparation (``to_corpus_audio``) gives the same
+    samples: both normalise the whole utterance. (Other rates: the extractor does not
+    resample; preparation does.)"""
+    transformers = pytest.importorskip("transformers")
+    from d2v_fast.models.audio import hf_preprocessor_dict
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_dict()))
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(tmp_path)
+    wav = noise(2.5, 16000, scale=0.3, seed=7) + 0.05  # an offset: the mean is taken out too
+    theirs = extractor(wav, sampling_rate=16000, return_tensors="np")["input_values"][0]
+    np.testing.assert_allclose(theirs, ap.to_corpus_audio(wav, 16000, "x.wav"), rtol=0, atol=1e-5)

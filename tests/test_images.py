@@ -275,6 +275,68 @@ def test_a_run_on_unlabelled_images_is_probed_on_the_builtin_photos_and_says_so(
     assert result["test_held_out_of_pretraining"] is None and "images (Fashion-MNIST" in probe_mod.details(result)
 
 
+def _auto_processor(proc_dict, directory):
+    transformers = pytest.importorskip("transformers")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "preprocessor_config.json").write_text(json.dumps(proc_dict))
+    return transformers.AutoImageProcessor.from_pretrained(directory)
+
+
+def _photo(w, h):
+    """An RGB photo with detail at every scale (stripes, gradients)."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([128 + 100 * np.sin(xx / 3.1), 128 + 100 * np.cos(yy / 2.3), (3 * xx + 5 * yy) % 256],
+                    -1).astype(np.uint8)
+
+
+def test_exported_image_processor_reproduces_the_preprocessing(images_cache, tmp_path):
+    """A raw photo through the exported processor (``AutoImageProcessor``) and through the
+    engine's own path (the corpus, then ``whole_photos``, what the probe feeds the model) gives
+    the same tensor: the built-in photos (padded, not resized) and prepared photos of several
+    shapes; prepared at a larger size than the model's, the same crop within resampling."""
+    import dataclasses
+
+    from PIL import Image
+
+    from d2v_fast.data.images.prepare import prepare_images
+    from d2v_fast.modalities.images import image_processor_dict, whole_photos
+    from d2v_fast.models.vision import VisionEncoder, vision_config
+
+    enc = vision_config("tiny", "data2vec")
+    assert enc.image_size == 32
+    # the built-in corpus, through a real export: a raw 28 x 28 greyscale Fashion-MNIST photo
+    corpus = open_images(images_cache)
+    raw, _ = builtin.load_fashion_mnist()
+    hf_dir = tmp_path / "hf"
+    IMAGES.export_hf(VisionEncoder(enc).state_dict(), dataclasses.asdict(enc), hf_dir,
+                     state={"corpus": {"path": str(images_cache)}, "config": {"data": {"path": ""}}})
+    import transformers
+
+    proc = transformers.AutoImageProcessor.from_pretrained(hf_dir)
+    for i in (3, LIMIT):  # a train photo and a t10k one
+        theirs = proc(Image.fromarray(raw[i if i < LIMIT else 60000]), return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(theirs, whole_photos(corpus, [i], 32), rtol=0, atol=1e-5)
+    # photos prepared by d2v_fast.data.images.prepare (the long side of 120 x 90 truncates)
+    shapes = [(120, 90), (45, 80), (64, 64), (33, 100)]
+    src = tmp_path / "raw"
+    src.mkdir()
+    for k, (w, h) in enumerate(shapes):
+        Image.fromarray(_photo(w, h)).save(src / f"{k}.png")
+    for size, atol in ((32, 1e-5), (48, None)):
+        prepared = open_images(prepare_images(tmp_path / f"c{size}", [str(src)], size=size, workers=1, progress=False))
+        proc = _auto_processor(image_processor_dict(enc, prepared.meta), tmp_path / f"p{size}")
+        for k in range(len(shapes)):
+            theirs = proc(Image.open(src / f"{k}.png"), return_tensors="pt")["pixel_values"]
+            ours = whole_photos(prepared, [k], 32)
+            if atol:
+                torch.testing.assert_close(theirs, ours, rtol=0, atol=atol)
+            else:  # resized twice in training (to 48, then 32), once here: the same crop, resampled apart
+                gap, corr = (theirs - ours).abs().mean(), torch.corrcoef(torch.stack([theirs.flatten(), ours.flatten()]))
+                assert gap < 0.15 and corr[0, 1] > 0.97, (shapes[k], gap, corr)  # measured: <= 0.11, >= 0.98
+
+
 def test_init_from_a_text_model_or_other_sizes_is_one_line(images_cache, tmp_path, capsys):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()

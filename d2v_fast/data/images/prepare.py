@@ -101,8 +101,9 @@ def decode_image(path: Path, size: int) -> np.ndarray:
                                  f"convert it to 8-bit RGB or greyscale")
             im = ImageOps.exif_transpose(im).convert("RGB")
             w, h = im.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            # the long side truncated, as Hugging Face's image processors size it (``shortest_edge``),
+            # so that an exported processor resizes a photo exactly as preparation did
+            nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
             if (nw, nh) != (w, h):
                 im = im.resize((nw, nh), Image.Resampling.BICUBIC)
             left, top = (nw - size) // 2, (nh - size) // 2
@@ -256,7 +257,7 @@ def prepare_images(out: str | os.PathLike, inputs: Sequence[str], *, size: int =
     for f in files:
         st = f.stat()
         described.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    source = {"inputs": described, "size": size, "decoder": "Pillow RGB, shorter side bicubic, centre crop",
+    source = {"inputs": described, "size": size, "decoder": "Pillow RGB, shorter side bicubic (long side truncated), centre crop",
               **({"skip_bad": True} if skip_bad else {})}
     return write_image_corpus(Path(out), _decoded(files, size, workers, skip_bad), names=names, labels=labels,
                               size=(size, size), channels=3, classes=classes, source=source, force=force,
