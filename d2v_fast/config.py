@@ -69,7 +69,7 @@ class TrainConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
-    # Performance switches (issue 13), each computing the same step; off until a GPU row shows a gain.
+    # Performance switches, each computing the same step; off until a GPU row shows a gain.
     skip_on_device: bool = False  # non-finite skip decided on the GPU (fused AdamW found_inf, EMA store mask)
     host_counts: bool = False  # masked-row counts taken from the CPU batch: gathers and targets allocate without a sync
     # none | blocks (torch.compile of every student and teacher encoder block) | blocks-cudagraphs
@@ -162,13 +162,13 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 # Each recipe's published values ("*": the base recipe) and what differs at a size.
 RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
-    # data2vec (SPEC §1a): the dataclass defaults are base.yaml's values.
+    # data2vec: the dataclass defaults are base.yaml's values.
     "data2vec": {
         "*": {},
         # No published v1 large text model: base.yaml's recipe, and the lr of the published
         # 2.0 large text recipe (RoBERTa-large's 4e-4 was tuned for MLM at batch 8k).
         "large": {"optim": {"lr": 1e-4}},
-        # The default job's probe (issue 14, benchmarks/results/probe-default-job-cpu.json): in
+        # The default job's probe (benchmarks/results/probe-default-job-cpu.json): in
         # 300 steps a teacher that tracks the student (0.99 -> 0.999) pulls the last layer
         # below its random-init floor; a teacher held near its random init (0.9999, so its
         # targets stay a contextual projection of the tokens) and a higher lr put it above.
@@ -176,7 +176,7 @@ RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
         "tiny": {"recipe": {"top_k": 3, "ema_decay": 0.9999, "ema_end_decay": 0.9999},
                  "optim": {"lr": 3e-3, "warmup_steps": 100}},
     },
-    # data2vec 2.0 (SPEC §1b), base_text_only_task.yaml.
+    # data2vec 2.0, base_text_only_task.yaml.
     "data2vec2": {
         "*": {
             "recipe": {"name": "data2vec2", "top_k": 12, "layer_norm": "instance", "final_norm": "none",

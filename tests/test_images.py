@@ -1,4 +1,4 @@
-"""Images on the core (issue 16): presets, students against the eager reference, the
+"""Images on the core: presets, students against the eager reference, the
 trainer on the built-in Fashion-MNIST photos (parity, resume, two processes), export to
 ``Data2VecVisionModel`` and ``--init-from``."""
 import copy
