@@ -86,8 +86,8 @@ def test_no_built_in_corpus_reads_the_probe_texts(monkeypatch):
 
     para = lambda w: " ".join([w] * 30) + "."
     docs = [("os", para("alpha")), ("unittest", para("beta")), ("xml", para("gamma")), ("zlibish", para("delta"))]
-    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None: iter(docs))
-    monkeypatch.setattr(probe_task, "stdlib_labelled_docstrings", lambda workers=None: iter(docs))
+    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None, progress=False: iter(docs))
+    monkeypatch.setattr(probe_task, "stdlib_labelled_docstrings", lambda workers=None, progress=False: iter(docs))
     assert builtin.RESERVED_FROM == "unittest"
     assert [t.split()[0] for t in builtin.speech_texts(1, workers=1)] == ["alpha"]
     with pytest.raises(Exception, match="give only 1 speakable texts"):

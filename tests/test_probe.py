@@ -104,7 +104,7 @@ def test_cached_builtin_corpus_without_the_hold_out_is_rebuilt(builtin_cache, tm
     (out / "meta.json").write_text(json.dumps(meta))
     docs = [(m, f"{m} docstring number {i}: " + " ".join(f"w{m}{(i * 7 + j) % 97}" for j in range(30)))
             for m in ("alpha", "beta") for i in range(45)]
-    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None: iter(docs))
+    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None, progress=False: iter(docs))
     path = builtin.builtin_corpus(vocab_size=300, workers=1, progress=False)
     rebuilt = read_meta(path)
     assert builtin.probe_record(rebuilt, path)["documents"] == {"train": 54, "val": 18, "test": 18}
@@ -112,6 +112,14 @@ def test_cached_builtin_corpus_without_the_hold_out_is_rebuilt(builtin_cache, tm
 
 
 # ------------------------------------------------------------------ classifier and features
+def test_reading_the_docstrings_shows_its_progress(monkeypatch, capsys):
+    files = builtin.stdlib_files()[:3]
+    monkeypatch.setattr(builtin, "stdlib_files", lambda: files)
+    assert list(builtin.stdlib_labelled_docstrings(1, progress=True))
+    err = capsys.readouterr().err
+    assert "reading docstrings: 100%" in err and "3/3" in err, err
+
+
 def test_linear_probe_separates_separable_features_and_is_deterministic():
     g = torch.Generator().manual_seed(0)
     labels = [i % 3 for i in range(150)]

@@ -142,11 +142,11 @@ def speakable_chunks(doc: str) -> list[str]:
     return [c[: 2 * CHUNK_CHARS[1]] for c in chunks if len(c) >= CHUNK_CHARS[0]]
 
 
-def speech_texts(n: int, workers: int | None = None) -> list[str]:
+def speech_texts(n: int, workers: int | None = None, progress: bool = False) -> list[str]:
     """The first ``n`` speakable chunks of the standard library's docstrings (the reserved
     modules' left out)."""
     texts: list[str] = []
-    for module, doc in stdlib_labelled_docstrings(workers):
+    for module, doc in stdlib_labelled_docstrings(workers, progress=progress):
         if module >= RESERVED_FROM:  # the speech probe's texts
             continue
         texts.extend(speakable_chunks(doc))
@@ -216,7 +216,7 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
         if progress:
             print(f"building the built-in speech corpus ({utterances} standard-library docstring passages read "
                   f"by eSpeak NG {engine_version}) into {out}", file=sys.stderr, flush=True)
-        texts = speech_texts(utterances, workers)
+        texts = speech_texts(utterances, workers, progress=progress)
         source_id = (f"espeak-ng:{engine_version}:python-stdlib-docstrings:{sys.version.split()[0]}"
                      f":v{BUILTIN_SPEECH_VERSION}:n{utterances}")
         extra = {"builtin": {"what": "Python standard-library docstrings read by eSpeak NG (synthetic speech)",
