@@ -198,7 +198,6 @@ def run(argv=None) -> int:
 
             say("linear probe of the encoder against a random-init floor (--train.probe_task none skips it)",
                 file=sys.stderr)
-
             try:
                 with _stop_interrupts():  # training is complete: a signal now ends the probe only
                     result = probe_path(out, task=cfg.train.probe_task, seed=cfg.train.seed, device=str(device),

@@ -74,6 +74,8 @@ def test_launcher_signals_checkpoint_exit_0_and_the_same_command_resumes(builtin
     (["--recipe.mask_prob", "2.0"], "error: --recipe.mask_prob 2.0: must be in [0, 1]"),
     (["--modality", "video"], "error: --modality 'video': unknown modality; choose one of text, audio, images"),
     (["--batch-size", "9"], "error: --batch-size 9: not divisible by the world size 2; use a multiple of 2"),
+    (["--data", "/nonexistent-corpus"], "error: --data /nonexistent-corpus: no such directory; prepare one with "
+                                        "`python -m d2v_fast.data.prepare --input ... --out DIR`"),
 ])
 def test_launcher_refuses_a_bad_flag_in_one_line_before_any_worker(builtin_cache, tmp_path, flags, line):
     res = subprocess.run(LAUNCH + ARGS + flags + ["--out", str(tmp_path / "run")], env=subprocess_env(builtin_cache),
@@ -96,3 +98,11 @@ def test_launcher_refuses_a_damaged_checkpoint_before_any_worker(builtin_cache, 
     assert res.returncode == 2, res.stderr[-3000:]
     [line] = res.stderr.strip().splitlines()
     assert line.startswith(f"error: {weights}: its sha256 differs"), line
+
+
+def test_the_workers_get_the_command_less_the_launchers_flags():
+    from d2v_fast.pretrain import _worker_argv
+
+    argv = ["--nproc-per-node", "2", "--max-steps", "3", "--nproc_per_node=4", "--rdzv-endpoint=h:1", "--max-restarts",
+            "1", "--stop-timeout", "60", "--nnodes", "1", "--rdzv_id", "x", "--out", "r"]
+    assert _worker_argv(argv) == ["--max-steps", "3", "--out", "r"]
