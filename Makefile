@@ -31,7 +31,7 @@ _install:
 	@mkdir -p .make && touch $(STAMP)
 
 pretrain: install
-	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m d2v_fast.pretrain $(ARGS)
+	$(PYTHON) -m d2v_fast.pretrain --nproc-per-node $(NPROC) $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest tests benchmarks -q

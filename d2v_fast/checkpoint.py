@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError, cli_entry
-from .files import fsync_dir
+from .files import fsync_dir, like_other_files
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -100,6 +100,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(own, str(tmp), metadata=metadata)
+    like_other_files(tmp)  # not safetensors' 0600
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     sha = sha256_file(tmp)
@@ -556,8 +557,7 @@ def convert(path: Path, say=print) -> int:
     return done
 
 
-@cli_entry
-def main(argv=None) -> int:
+def build_parser():
     from .config import _Parser
 
     p = _Parser(prog="python -m d2v_fast.checkpoint",
@@ -570,7 +570,12 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="rewrite older files in place")
     c.add_argument("paths", nargs="+", metavar="PATH", help="run directory, checkpoint directory or encoder.pt")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     total = 0
     for path in args.paths:
         total += convert(Path(path), say=lambda m: print(m, file=sys.stderr))

@@ -165,13 +165,13 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 # Each recipe's published values ("*": the base recipe) and what differs at a size.
 RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
-    # data2vec (SPEC §1a): the dataclass defaults are base.yaml's values.
+    # data2vec: the dataclass defaults are base.yaml's values.
     "data2vec": {
         "*": {},
         # No published v1 large text model: base.yaml's recipe, and the lr of the published
         # 2.0 large text recipe (RoBERTa-large's 4e-4 was tuned for MLM at batch 8k).
         "large": {"optim": {"lr": 1e-4}},
-        # The default job's probe (issue 14, benchmarks/results/probe-default-job-cpu.json): in
+        # The default job's probe (benchmarks/results/probe-default-job-cpu.json): in
         # 300 steps a teacher that tracks the student (0.99 -> 0.999) pulls the last layer
         # below its random-init floor; a teacher held near its random init (0.9999, so its
         # targets stay a contextual projection of the tokens) and a higher lr put it above.
@@ -179,7 +179,7 @@ RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
         "tiny": {"recipe": {"top_k": 3, "ema_decay": 0.9999, "ema_end_decay": 0.9999},
                  "optim": {"lr": 3e-3, "warmup_steps": 100}},
     },
-    # data2vec 2.0 (SPEC §1b), base_text_only_task.yaml.
+    # data2vec 2.0, base_text_only_task.yaml.
     "data2vec2": {
         "*": {
             "recipe": {"name": "data2vec2", "top_k": 12, "layer_norm": "instance", "final_norm": "none",
@@ -213,6 +213,21 @@ SHORT_FLAGS = {
     "--parallel": "train.parallel", "--recipe": "recipe.name",
 }
 TOP_LEVEL = ("preset", "modality")
+# Flags of the multi-process launch (``python -m d2v_fast.pretrain --nproc-per-node N``);
+# torchrun's spellings with underscores are accepted too. Workers never see them.
+LAUNCH_FLAGS = (
+    ("--nproc-per-node", "N", "start N worker processes on this node (one per GPU) and wait for them"),
+    ("--nnodes", "N|MIN:MAX", "nodes taking part (default 1); more than one needs --rdzv-endpoint"),
+    ("--rdzv-endpoint", "HOST:PORT", "rendezvous endpoint every node reaches (c10d backend)"),
+    ("--rdzv-id", "ID", "the job's rendezvous id, the same on every node"),
+    ("--max-restarts", "N", "restart the workers up to N times after a failure (default 0)"),
+    ("--stop-timeout", "SECONDS", "after SIGTERM/SIGINT, how long the workers get to finish their step and "
+                                  "write a checkpoint before they are killed (default 300)"),
+)
+
+
+def _launch_dest(flag: str) -> str:
+    return "launch_" + flag[2:].replace("-", "_")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,9 +277,16 @@ def _fields(cfg: Config | None = None):
 
 
 def build_parser(defaults: Config, description: str = "") -> argparse.ArgumentParser:
-    p = _Parser(prog="torchrun -m d2v_fast.pretrain", description=description,
+    p = _Parser(prog="python -m d2v_fast.pretrain", description=description,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from .modalities import MODALITIES, get_modality
+
+    launch = p.add_argument_group("launcher (checked first, then workers are started through "
+                                  "torch.distributed.run's elastic agent)")
+    for flag, metavar, text in LAUNCH_FLAGS:
+        torchrun_spelling = "--" + flag[2:].replace("-", "_")
+        launch.add_argument(*dict.fromkeys((flag, torchrun_spelling)), dest=_launch_dest(flag), metavar=metavar,
+                            help=text)
 
     p.add_argument("--modality", default=defaults.modality, choices=tuple(MODALITIES),
                    help="what to pretrain on (default: %(default)s)")

@@ -259,20 +259,20 @@ def load_pretrained(path, map_location="cpu") -> torch.nn.Module:
     checkpoint), a checkpoint directory, or an encoder.safetensors / encoder.json file. Every file
     is checked (format version, checksum, keys, shapes, dtypes) and none can run code."""
     path = Path(path)
-    legacy = "python -m d2v_fast.checkpoint convert"
     if path.is_dir() and (path / ckpt.ENCODER_META).is_file():
         meta = path / ckpt.ENCODER_META
     elif path.is_dir() and (path / ckpt.LEGACY_ENCODER).is_file():
         raise UsageError(f"load_pretrained {path}: its {ckpt.LEGACY_ENCODER} is in the older pickle format, which "
                          f"d2v_fast no longer opens (a pickle can run code when loaded); convert the run once (the "
-                         f"conversion reads only tensors and plain values): {legacy} {path}")
+                         f"conversion reads only tensors and plain values): "
+                         f"python -m d2v_fast.checkpoint convert {path}")
     elif path.is_file() and path.suffix in (".safetensors", ".json") and path.parent.joinpath(
             path.stem + ".json").is_file() and path.name not in (ckpt.MODEL_FILE, ckpt.META_FILE):
         meta = path.with_suffix(".json")
     elif path.is_file() and path.name not in (ckpt.STATE_FILE, ckpt.MODEL_FILE, ckpt.META_FILE):
         raise UsageError(f"load_pretrained {path}: not a d2v_fast encoder (encoder.safetensors + encoder.json) or "
                          f"checkpoint; d2v_fast opens no pickle files (they can run code); an encoder.pt of an older "
-                         f"d2v_fast converts once with: {legacy} {path}")
+                         f"d2v_fast converts once with: python -m d2v_fast.checkpoint convert {path}")
     else:
         meta = None
     if meta is not None:

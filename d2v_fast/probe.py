@@ -136,10 +136,11 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
 
 @torch.no_grad()
 def mean_pooled(encoder: Encoder, ids: list[list[int]], *, batch_size: int = DEFAULT_BATCH,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+                device: torch.device | str = "cpu", tick=None) -> torch.Tensor:
     """[N, C] float32 on the CPU: each document's last hidden state averaged over its real
     tokens. Batches are formed from documents of similar length (less padding) and only
-    the pooled vectors are kept, so memory is one batch of activations plus N x C."""
+    the pooled vectors are kept, so memory is one batch of activations plus N x C.
+    ``tick(n)`` (progress) is called after each batch of ``n`` documents."""
     device = torch.device(device)
     pad = encoder.config.pad_id
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
@@ -155,6 +156,8 @@ def mean_pooled(encoder: Encoder, ids: list[list[int]], *, batch_size: int = DEF
         h = encoder(x, real.long()).float()
         pooled = (h * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True)
         out[torch.tensor(rows)] = pooled.cpu()
+        if tick is not None:
+            tick(len(rows))
     return out
 
 
@@ -216,26 +219,47 @@ def linear_probe(features: torch.Tensor, task) -> dict:
 
 # ----------------------------------------------------------------------------- the probe
 def probe_with_floor(encoder, task, features, fresh, head: dict, *, floor_inits: int = FLOOR_INITS,
-                     seed: int = 0) -> dict:
-    """The probe of every modality: ``linear_probe`` of ``features(encoder)`` ([N, C] pooled
-    features of the task's examples) and, for the floor, of ``features(fresh())``, the same
-    architecture at random initialisation, made under seeds ``seed .. seed + floor_inits - 1``
-    (0: no floor; the global RNG is left as it was). ``random_init`` holds the mean accuracy
-    and macro-F1 over those and each one's result; ``margin`` is accuracy minus that mean.
-    ``head`` leads the JSON-ready result (task, classes, examples, ...)."""
+                     seed: int = 0, progress: bool = False) -> dict:
+    """The probe of every modality: ``linear_probe`` of ``features(encoder, tick)`` ([N, C]
+    pooled features of the task's examples; ``tick(n)`` after every ``n`` of them, or None)
+    and, for the floor, of ``features(fresh(), tick)``, the same architecture at random
+    initialisation, made under seeds ``seed .. seed + floor_inits - 1`` (0: no floor; the
+    global RNG is left as it was). ``random_init`` holds the mean accuracy and macro-F1 over
+    those and each one's result; ``margin`` is accuracy minus that mean. ``head`` leads the
+    JSON-ready result (task, classes, examples, unit, ...). ``progress``: a bar on stderr over
+    every encoder's pass over the examples, naming what runs."""
     t0 = time.perf_counter()
-    result = {**head, "seed": seed, **linear_probe(features(encoder), task)}
-    if floor_inits:
-        inits = []
-        for s in range(seed, seed + floor_inits):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                rand = fresh()
-            inits.append({"seed": s, **linear_probe(features(rand), task)})
-            del rand
-        mean = {k: sum(r[k] for r in inits) / len(inits) for k in ("accuracy", "macro_f1", "val_accuracy")}
-        result["random_init"] = {**mean, "inits": inits}
-        result["margin"] = result["accuracy"] - mean["accuracy"]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="probe", unit=f" {head.get('unit', 'documents')}", total=(1 + floor_inits) * len(task.labels),
+                   file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+    def probed(enc, what: str) -> dict:
+        if bar is not None:
+            bar.set_postfix_str(what)
+        x = features(enc, bar.update if bar is not None else None)
+        if bar is not None:
+            bar.set_postfix_str(f"{what}: fitting the classifier")
+        return linear_probe(x, task)
+
+    try:
+        result = {**head, "seed": seed, **probed(encoder, "pretrained encoder")}
+        if floor_inits:
+            inits = []
+            for i, s in enumerate(range(seed, seed + floor_inits)):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(s)
+                    rand = fresh()
+                inits.append({"seed": s, **probed(rand, f"random init {i + 1}/{floor_inits}")})
+                del rand
+            mean = {k: sum(r[k] for r in inits) / len(inits) for k in ("accuracy", "macro_f1", "val_accuracy")}
+            result["random_init"] = {**mean, "inits": inits}
+            result["margin"] = result["accuracy"] - mean["accuracy"]
+    finally:
+        if bar is not None:
+            bar.close()
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -268,25 +292,25 @@ def load_task(task: str | os.PathLike | None, *, progress: bool = False):
 
 def probe_encoder(encoder: Encoder, tokenizer, task, *, floor_inits: int = FLOOR_INITS, seed: int = 0,
                   max_len: int = DEFAULT_MAX_LEN, batch_size: int = DEFAULT_BATCH,
-                  device: torch.device | str = "cpu") -> dict:
+                  device: torch.device | str = "cpu", progress: bool = False) -> dict:
     """Probe ``encoder`` (left in the mode it came in) and, for the floor, the same
     architecture at ``floor_inits`` random initialisations (0: none). Returns the result as a
     JSON-ready dict."""
     max_len = max(3, min(max_len, encoder.config.max_seq_len))
     ids = tokenize(tokenizer, task.texts, max_len)
 
-    def features(enc):
+    def features(enc, tick):
         was_training = enc.training
         enc.eval()
         try:
-            return mean_pooled(enc, ids, batch_size=batch_size, device=device)
+            return mean_pooled(enc, ids, batch_size=batch_size, device=device, tick=tick)
         finally:
             enc.train(was_training)
 
     head = {"task": task.source, "classes": len(task.classes),
             "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "max_len": max_len}
     return probe_with_floor(encoder, task, features, lambda: Encoder(encoder.config).to(device), head,
-                            floor_inits=floor_inits, seed=seed)
+                            floor_inits=floor_inits, seed=seed, progress=progress)
 
 
 def held_out(probed: Probed, task) -> bool | None:
@@ -348,16 +372,18 @@ def probe_path(path: str | os.PathLike, *, task: str | None = None, seed: int = 
     if is_image_model(path):
         from .modalities.images import probe_images_path
 
-        return probe_images_path(path, seed=seed, device=device, out=out, floor_inits=floor_inits)
+        return probe_images_path(path, seed=seed, device=device, out=out, floor_inits=floor_inits,
+                                 progress=progress)
     if is_speech_model(path):
         from .modalities.audio import probe_speech_path
 
-        return probe_speech_path(path, task=task, seed=seed, device=device, out=out, floor_inits=floor_inits)
+        return probe_speech_path(path, task=task, seed=seed, device=device, out=out, floor_inits=floor_inits,
+                                 progress=progress)
     probed = load_probed(path)
     loaded = load_task(task, progress=progress)
     result = probe_encoder(probed.encoder.to(device), probed.tokenizer, loaded, seed=seed, max_len=max_len,
                            batch_size=batch_size, device=device,
-                           floor_inits=FLOOR_INITS if floor_inits is None else floor_inits)
+                           floor_inits=FLOOR_INITS if floor_inits is None else floor_inits, progress=progress)
     result = {"model": str(probed.path), "kind": probed.kind, **result,
               "test_held_out_of_pretraining": held_out(probed, loaded)}
     target = Path(out) if out else (probed.path / PROBE_FILE if probed.kind == "run" else None)

@@ -593,10 +593,17 @@ class Trainer:
             path.write_text("".join(l + "\n" for l in keep))
 
     # ------------------------------------------------------------------ control
+    # A signal repeated within this many seconds is the same request, reaching the worker
+    # twice (a scheduler signalling every process of the job, and the launcher forwarding it).
+    SAME_SIGNAL_S = 1.0
+
     def _signal(self, signum, frame) -> None:
         if self.stop_requested:  # a second signal: leave now
+            if time.monotonic() - getattr(self, "_stop_signal_time", float("-inf")) < self.SAME_SIGNAL_S:
+                return
             os._exit(128 + signum)
         self.stop_requested = True
+        self._stop_signal_time = time.monotonic()
         if self.rank == 0:
             print(f"\n{signal.Signals(signum).name}: finishing this step, writing a checkpoint and stopping "
                   f"(send it again to stop at once)", file=sys.stderr, flush=True)
@@ -642,6 +649,7 @@ class Trainer:
         from .errors import UsageError
 
         t = self.cfg.train
+        unit = self.modality.unit  # what throughput counts: tokens, frames or patches
         bar = None
         if self.rank == 0 and t.progress:
             from tqdm import tqdm
@@ -686,15 +694,17 @@ class Trainer:
                     dt = time.perf_counter() - window_t0
                     tps = window_units / dt
                     rec = {"step": self.step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
-                           "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size,
+                           f"{unit}_per_s": tps, f"{unit}_per_s_per_device": tps / self.world_size,
                            "epoch": self.epoch}
+                    if unit != "tokens":  # the old name of those two, kept for one release
+                        rec.update(tokens_per_s=tps, tokens_per_s_per_device=tps / self.world_size)
                     if self.peak:
                         rec["mfu"] = tps / self.world_size * self.flops_per_token / self.peak
                     history.append(rec)
                     if self.rank == 0:
                         self._log(rec)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                        bar.set_postfix({"loss": f"{rec['loss']:.4f}", f"{unit}/s": f"{tps:,.0f}"}, refresh=False)
                     self._guard(rec)
                     window_t0, window_units = time.perf_counter(), 0
                 if metrics["finite"] and t.probe_every and self.step % t.probe_every == 0:
@@ -712,6 +722,9 @@ class Trainer:
                 self.save()
             self.export_encoder()  # collective under FSDP
         finally:
+            # the loader's workers are shut down now, also when an exception leaves: at exit they
+            # would ignore multiprocessing's SIGTERM (they inherit the stop handler) and hang it
+            stream.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if bar is not None:

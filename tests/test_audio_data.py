@@ -78,6 +78,12 @@ def test_prepare_decodes_resamples_normalises_drops_and_crops(audio_dir, tmp_pat
     assert len(listing) == 4 and listing[3].endswith("c.ogg")
 
 
+def test_preparation_shows_its_progress(audio_dir, tmp_path, capsys):
+    out = prep([audio_dir], tmp_path / "corpus", progress=True)
+    err = capsys.readouterr().err
+    assert "utterances: 100%" in err and "5/5" in err and f"wrote {out}: 3 utterances" in err, err
+
+
 def test_prepare_twice_is_a_no_op_and_refuses_a_different_corpus(audio_dir, tmp_path):
     out = prep([audio_dir], tmp_path / "corpus")
     stamp = (out / "meta.json").stat().st_mtime_ns
@@ -104,17 +110,32 @@ def nothing_written(out):
     return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
-@pytest.mark.parametrize("case", ["corrupt", "empty_dir", "low_rate", "odd_rate", "nan", "all_short", "not_audio"])
+def _cut(path, nbytes):
+    path.write_bytes(path.read_bytes()[:nbytes])
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty_dir", "low_rate", "odd_rate", "nan", "all_short", "not_audio",
+                                  "truncated_wav", "header_only_wav", "truncated_ogg"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, audio_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     sf.write(bad / "good.wav", noise(3, 16000), 16000)
     expect = {"corrupt": "cannot be decoded as audio", "empty_dir": "holds no .wav/.flac/.ogg/.oga file",
               "low_rate": "below 8000 Hz", "odd_rate": "cannot be resampled here", "nan": "NaN or infinite",
-              "all_short": "no usable utterance of at least 2 s", "not_audio": "unsupported file type"}[case]
+              "all_short": "no usable utterance of at least 2 s", "not_audio": "unsupported file type",
+              # the header of 113,600 16-bit samples is 44 bytes: 150,000 bytes hold 74,978 of them
+              "truncated_wav": f"{bad / 'z.wav'}: truncated: its header declares 113,600 frames, 74,978 could be read",
+              "header_only_wav": f"{bad / 'z.wav'}: truncated: its header declares 113,600 frames, 0 could be read",
+              "truncated_ogg": f"{bad / 'z.ogg'}: truncated: its Ogg stream has no end page"}[case]
     target = bad
     if case == "corrupt":
         (bad / "z.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt junk")
+    elif case in ("truncated_wav", "header_only_wav"):
+        sf.write(bad / "z.wav", noise(113600 / 16000, 16000), 16000, subtype="PCM_16")
+        _cut(bad / "z.wav", 150_000 if case == "truncated_wav" else 44)
+    elif case == "truncated_ogg":
+        sf.write(bad / "z.ogg", noise(4, 16000), 16000)
+        _cut(bad / "z.ogg", (bad / "z.ogg").stat().st_size // 2)
     elif case == "empty_dir":
         target = tmp_path / "empty"
         target.mkdir()
@@ -142,10 +163,15 @@ def test_skip_bad_warns_and_keeps_the_rest(tmp_path, capsys):
     d.mkdir()
     sf.write(d / "good.wav", noise(3, 16000), 16000)
     (d / "z.flac").write_bytes(b"fLaC garbage")
+    sf.write(d / "zz.wav", noise(3, 16000), 16000, subtype="PCM_16")
+    _cut(d / "zz.wav", 44 + 2 * 40000)  # 2.5 s of the 3 s its header declares
     out = tmp_path / "corpus"
     rc, err = run_cli(["--input", str(d), "--out", str(out), "--skip-bad"], capsys)
     assert rc == 0 and "warning: skipping" in err and "z.flac" in err
-    assert json.loads((out / "meta.json").read_text())["dropped"]["unreadable"] == 1
+    assert f"warning: skipping {d / 'zz.wav'}: truncated: its header declares 48,000 frames, 40,000 could be read" \
+        in err
+    assert json.loads((out / "meta.json").read_text())["dropped"]["unreadable"] == 2
+    assert open_audio_corpus(out).lengths.tolist() == [48000]
 
 
 def test_a_truncated_shard_is_refused(audio_dir, tmp_path):
@@ -343,3 +369,18 @@ def test_command_line_entry_runs_as_a_module(tmp_path):
                        env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: --input {tmp_path / 'nope'}: no such file or directory; check the path"]
+
+
+def test_exported_feature_extractor_reproduces_the_preparation(tmp_path):
+    """A 16 kHz recording through the exported ``Wav2Vec2FeatureExtractor`` config
+    (``AutoFeatureExtractor``) and through preparation (``to_corpus_audio``) gives the same
+    samples: both normalise the whole utterance. (Other rates: the extractor does not
+    resample; preparation does.)"""
+    transformers = pytest.importorskip("transformers")
+    from d2v_fast.models.audio import hf_preprocessor_dict
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_dict()))
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(tmp_path)
+    wav = noise(2.5, 16000, scale=0.3, seed=7) + 0.05  # an offset: the mean is taken out too
+    theirs = extractor(wav, sampling_rate=16000, return_tensors="np")["input_values"][0]
+    np.testing.assert_allclose(theirs, ap.to_corpus_audio(wav, 16000, "x.wav"), rtol=0, atol=1e-5)

@@ -86,8 +86,8 @@ def test_no_built_in_corpus_reads_the_probe_texts(monkeypatch):
 
     para = lambda w: " ".join([w] * 30) + "."
     docs = [("os", para("alpha")), ("unittest", para("beta")), ("xml", para("gamma")), ("zlibish", para("delta"))]
-    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None: iter(docs))
-    monkeypatch.setattr(probe_task, "stdlib_labelled_docstrings", lambda workers=None: iter(docs))
+    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None, progress=False: iter(docs))
+    monkeypatch.setattr(probe_task, "stdlib_labelled_docstrings", lambda workers=None, progress=False: iter(docs))
     assert builtin.RESERVED_FROM == "unittest"
     assert [t.split()[0] for t in builtin.speech_texts(1, workers=1)] == ["alpha"]
     with pytest.raises(Exception, match="give only 1 speakable texts"):
@@ -106,6 +106,10 @@ def test_end_of_job_probe_writes_probe_json(speech_run):
     assert res["kind"] == "run" and res["test_held_out_of_pretraining"] is True
     assert 0 <= res["random_init"]["accuracy"] <= 1 and res["margin"] == res["accuracy"] - res["random_init"]["accuracy"]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # written atomically, nothing left over
+    # throughput in the modality's unit (and, this release only, under its old name)
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert all(r["frames_per_s"] > 0 and r["tokens_per_s"] == r["frames_per_s"] for r in recs)
+    assert "patches_per_s" not in recs[0] and probe.details(res).count("utterances") == 1
 
 
 def test_export_gives_the_run_dirs_features_and_result_deterministically(speech_run, speech_cache, tmp_path, capsys):

@@ -175,3 +175,26 @@ def test_finetune_example_end_to_end(run_dir, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     acc = json.loads((tmp_path / "cls" / "eval_results.json").read_text())["eval_accuracy"]
     assert 0.0 <= acc <= 1.0 and "accuracy" in r.stdout
+
+
+def test_weight_files_have_the_mode_of_every_other_file(run_dir, tmp_path, capsys):
+    """safetensors writes 0600; run directories and exports are meant to be shared, so the
+    weights get what every other file gets under the umask."""
+    import os
+
+    from d2v_fast.files import file_mode
+
+    def modes(root):
+        return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in root.rglob("*") if p.is_file()}
+
+    found = modes(run_dir)
+    assert {"encoder.safetensors", "checkpoints/step-00000003/model.safetensors", "metrics.jsonl"} <= set(found)
+    assert set(found.values()) == {oct(file_mode())}, found
+    old = os.umask(0o002)  # a group-shared directory
+    try:
+        rc, err = export_cli([str(run_dir), str(tmp_path / "hf")], capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    exported = modes(tmp_path / "hf")
+    assert exported["model.safetensors"] == exported["config.json"] == oct(0o664), exported

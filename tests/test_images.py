@@ -1,4 +1,4 @@
-"""Images on the core (issue 16): presets, students against the eager reference, the
+"""Images on the core: presets, students against the eager reference, the
 trainer on the built-in Fashion-MNIST photos (parity, resume, two processes), export to
 ``Data2VecVisionModel`` and ``--init-from``."""
 import copy
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from d2v_fast import ops, pretrain
+from d2v_fast import probe as probe_mod
 from d2v_fast.config import preset
 from d2v_fast.data.images import builtin
 from d2v_fast.data.images.corpus import open_images
@@ -138,14 +139,15 @@ def test_flops_per_patch_counts_the_recipes():
 
 # ------------------------------------------------------------------ the trainer
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_engine_matches_reference_for_10_steps(images_cache, tmp_path, recipe):
+def test_engine_matches_reference_for_10_steps(images_cache, tmp_path, recipe, capsys):
     from d2v_fast.trainer import Trainer
 
-    cfg = tiny(recipe, images_cache, max_steps=10)
+    cfg = tiny(recipe, images_cache, max_steps=10, progress=True)
     corpus = IMAGES.open_corpus(cfg)
     tr = Trainer(cfg, corpus, tmp_path)
     state = copy.deepcopy(tr.model.state_dict())
     engine = [r["loss"] for r in tr.fit()]
+    assert "patches/s=" in capsys.readouterr().err  # the progress bar counts the modality's unit
     ref = reference_image_losses(cfg, corpus, 10, engine_state=state)
     assert len(engine) == len(ref) == 10
     for step, (a, b) in enumerate(zip(engine, ref), 1):
@@ -192,10 +194,14 @@ def test_export_loads_in_transformers_and_matches_on_photos_then_init_from(image
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
     probe = ["--train.probe_task", "builtin"] if recipe == "data2vec" else []  # the end-of-job probe, once
     assert pretrain.main(cli(recipe, images_cache, "--max-steps", "2", "--out", str(run), *probe)) == 0
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert all(r["patches_per_s"] > 0 and r["tokens_per_s"] == r["patches_per_s"] for r in recs)  # old name: one release
     if probe:
         result = json.loads((run / "probe.json").read_text())
         assert result["classes"] == 10 and result["examples"]["test"] == 50  # the t10k photos of the small corpus
         assert 0 <= result["random_init"]["accuracy"] <= 1 and result["test_held_out_of_pretraining"] is True
+        assert result["task"].startswith("Fashion-MNIST's 10 classes") and result["unit"] == "images"
+        assert "images (Fashion-MNIST" in probe_mod.details(result) and "documents" not in probe_mod.details(result)
     assert export_mod.main([str(run), str(hf_dir)]) == 0
     assert {p.name for p in hf_dir.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json",
                                                   "d2v_fast.json"}
@@ -236,6 +242,99 @@ def test_export_loads_in_transformers_and_matches_on_photos_then_init_from(image
         if k.startswith("student.encoder."):
             assert torch.equal(started[k], v), k
             assert torch.equal(started["teacher." + k[len("student.encoder."):]], v), k
+
+
+def test_a_run_on_unlabelled_images_is_probed_on_the_builtin_photos_and_says_so(images_cache, tmp_path, monkeypatch,
+                                                                               capsys):
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from d2v_fast.checkpoint import ENCODER_FILE, save_encoder
+    from d2v_fast.data.images.prepare import prepare_images
+    from d2v_fast.models.vision import VisionEncoder, vision_config
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(src / f"{i}.png")
+    own = prepare_images(tmp_path / "own", [str(src)], size=32, workers=1, progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = vision_config("tiny", "data2vec")
+    save_encoder(run / ENCODER_FILE, VisionEncoder(cfg).state_dict(), dataclasses.asdict(cfg), 0, modality="images")
+    (run / "config.json").write_text(json.dumps({"modality": "images", "data_dir": str(own)}))
+    monkeypatch.setattr(builtin, "builtin_images", lambda progress=True: images_cache)  # the small one
+    result = probe_mod.probe_path(run, floor_inits=0)
+    err = capsys.readouterr().err
+    assert f"probe: {own} has no labelled held-out (t10k) split; probing on the built-in Fashion-MNIST photos " \
+           f"instead" in err, err
+    assert result["task"] == (f"Fashion-MNIST's 10 classes (the built-in photos; test: its t10k photos), not the "
+                              f"run's own images: {own} has no labelled held-out (t10k) split")
+    assert result["test_held_out_of_pretraining"] is None and "images (Fashion-MNIST" in probe_mod.details(result)
+
+
+def _auto_processor(proc_dict, directory):
+    transformers = pytest.importorskip("transformers")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "preprocessor_config.json").write_text(json.dumps(proc_dict))
+    return transformers.AutoImageProcessor.from_pretrained(directory)
+
+
+def _photo(w, h):
+    """An RGB photo with detail at every scale (stripes, gradients)."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([128 + 100 * np.sin(xx / 3.1), 128 + 100 * np.cos(yy / 2.3), (3 * xx + 5 * yy) % 256],
+                    -1).astype(np.uint8)
+
+
+def test_exported_image_processor_reproduces_the_preprocessing(images_cache, tmp_path):
+    """A raw photo through the exported processor (``AutoImageProcessor``) and through the
+    engine's own path (the corpus, then ``whole_photos``, what the probe feeds the model) gives
+    the same tensor: the built-in photos (padded, not resized) and prepared photos of several
+    shapes; prepared at a larger size than the model's, the same crop within resampling."""
+    import dataclasses
+
+    from PIL import Image
+
+    from d2v_fast.data.images.prepare import prepare_images
+    from d2v_fast.modalities.images import image_processor_dict, whole_photos
+    from d2v_fast.models.vision import VisionEncoder, vision_config
+
+    enc = vision_config("tiny", "data2vec")
+    assert enc.image_size == 32
+    # the built-in corpus, through a real export: a raw 28 x 28 greyscale Fashion-MNIST photo
+    corpus = open_images(images_cache)
+    raw, _ = builtin.load_fashion_mnist()
+    hf_dir = tmp_path / "hf"
+    IMAGES.export_hf(VisionEncoder(enc).state_dict(), dataclasses.asdict(enc), hf_dir,
+                     state={"corpus": {"path": str(images_cache)}, "config": {"data": {"path": ""}}})
+    import transformers
+
+    proc = transformers.AutoImageProcessor.from_pretrained(hf_dir)
+    for i in (3, LIMIT):  # a train photo and a t10k one
+        theirs = proc(Image.fromarray(raw[i if i < LIMIT else 60000]), return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(theirs, whole_photos(corpus, [i], 32), rtol=0, atol=1e-5)
+    # photos prepared by d2v_fast.data.images.prepare (the long side of 120 x 90 truncates)
+    shapes = [(120, 90), (45, 80), (64, 64), (33, 100)]
+    src = tmp_path / "raw"
+    src.mkdir()
+    for k, (w, h) in enumerate(shapes):
+        Image.fromarray(_photo(w, h)).save(src / f"{k}.png")
+    for size, atol in ((32, 1e-5), (48, None)):
+        prepared = open_images(prepare_images(tmp_path / f"c{size}", [str(src)], size=size, workers=1, progress=False))
+        proc = _auto_processor(image_processor_dict(enc, prepared.meta), tmp_path / f"p{size}")
+        for k in range(len(shapes)):
+            theirs = proc(Image.open(src / f"{k}.png"), return_tensors="pt")["pixel_values"]
+            ours = whole_photos(prepared, [k], 32)
+            if atol:
+                torch.testing.assert_close(theirs, ours, rtol=0, atol=atol)
+            else:  # resized twice in training (to 48, then 32), once here: the same crop, resampled apart
+                gap, corr = (theirs - ours).abs().mean(), torch.corrcoef(torch.stack([theirs.flatten(), ours.flatten()]))
+                assert gap < 0.15 and corr[0, 1] > 0.97, (shapes[k], gap, corr)  # measured: <= 0.11, >= 0.98
 
 
 def test_init_from_a_text_model_or_other_sizes_is_one_line(images_cache, tmp_path, capsys):

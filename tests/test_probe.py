@@ -104,7 +104,7 @@ def test_cached_builtin_corpus_without_the_hold_out_is_rebuilt(builtin_cache, tm
     (out / "meta.json").write_text(json.dumps(meta))
     docs = [(m, f"{m} docstring number {i}: " + " ".join(f"w{m}{(i * 7 + j) % 97}" for j in range(30)))
             for m in ("alpha", "beta") for i in range(45)]
-    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None: iter(docs))
+    monkeypatch.setattr(builtin, "stdlib_labelled_docstrings", lambda workers=None, progress=False: iter(docs))
     path = builtin.builtin_corpus(vocab_size=300, workers=1, progress=False)
     rebuilt = read_meta(path)
     assert builtin.probe_record(rebuilt, path)["documents"] == {"train": 54, "val": 18, "test": 18}
@@ -112,6 +112,14 @@ def test_cached_builtin_corpus_without_the_hold_out_is_rebuilt(builtin_cache, tm
 
 
 # ------------------------------------------------------------------ classifier and features
+def test_reading_the_docstrings_shows_its_progress(monkeypatch, capsys):
+    files = builtin.stdlib_files()[:3]
+    monkeypatch.setattr(builtin, "stdlib_files", lambda: files)
+    assert list(builtin.stdlib_labelled_docstrings(1, progress=True))
+    err = capsys.readouterr().err
+    assert "reading docstrings: 100%" in err and "3/3" in err, err
+
+
 def test_linear_probe_separates_separable_features_and_is_deterministic():
     g = torch.Generator().manual_seed(0)
     labels = [i % 3 for i in range(150)]
@@ -174,6 +182,8 @@ def test_user_task_probe_writes_probe_json(random_run, small_task, capsys):
     rc, out, err = cli([random_run, "--task", small_task], capsys)
     assert rc == 0, err
     assert re.fullmatch(r"probe: \d\.\d\d accuracy vs \d\.\d\d at random init\n", out)
+    # its progress: a bar over the 120 documents of each of the 4 encoders, naming what runs
+    assert "480/480" in err and " documents" in err and "random init 3/3" in err, err
     res = json.loads((random_run / probe.PROBE_FILE).read_text())
     assert res["classes"] == 6 and sum(res["examples"].values()) == 120
     assert res["test_held_out_of_pretraining"] is None  # a user task: the run's corpus says nothing about it

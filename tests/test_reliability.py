@@ -82,13 +82,16 @@ def test_signal_finishes_the_step_checkpoints_and_resume_matches(builtin_cache, 
 @pytest.mark.slow
 def test_second_signal_exits_at_once(builtin_cache, tmp_path):
     run = tmp_path / "run"
-    slow = ["--config", "tiny", "--batch-size", "64", "--data.num_workers", "0", "--train.progress", "false",
-            "--train.log_every", "1"]  # ~1 s per step: the second signal lands inside a step
+    slow = ["--config", "tiny", "--batch-size", "256", "--data.num_workers", "0", "--train.progress", "false",
+            "--train.log_every", "1"]  # a few seconds per step: the later signals land inside a step
     proc = subprocess.Popen([sys.executable, "-m", "d2v_fast.pretrain", *slow, "--max-steps", "100000",
                              "--out", str(run)], env=subprocess_env(builtin_cache), stderr=subprocess.DEVNULL, cwd=ROOT)
     wait_for(run, "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)  # two pending signals of one kind would merge into one
+    proc.send_signal(signal.SIGTERM)  # within a second: the same request (scheduler and launcher both sent it)
+    time.sleep(1.5)
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert not (run / "checkpoints").is_dir() or not list((run / "checkpoints").glob("step-*"))

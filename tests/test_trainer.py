@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -177,6 +178,9 @@ def test_cli_run_writes_config_metrics_checkpoints_and_export(builtin_cache, tmp
         assert enc(x).shape == (2, 20, 128)
     assert isinstance(load_pretrained(out / "checkpoints" / "step-00000004"), Encoder)
     assert "loss" in err and "done: step 6" in err
+    # the done line's speed is the median of every logged interval's, and says so
+    median = statistics.median(r["tokens_per_s"] for r in recs)
+    assert f", {median:,.0f} tokens/s (the median over 6 logging interval(s), steps 1-6);" in err, err
 
 
 def test_stop_and_resume_is_bitwise_identical(builtin_cache, tmp_path, capsys):

@@ -98,6 +98,12 @@ def _truncated_jpeg(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def _truncated_png(path):
+    save(path, np.random.default_rng(2).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 def _sixteen_bit_png(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(path)
@@ -110,11 +116,18 @@ def _garbage_png(path):
 
 
 @pytest.mark.parametrize("make_bad,expect", [
-    (_truncated_jpeg, "cannot be decoded"),
+    (_truncated_jpeg, "truncated: its header declares 64x64 pixels, the data ends before they are all decoded"),
+    (_truncated_png, "truncated: its header declares 48x64 pixels, the data ends before they are all decoded"),
     (_sixteen_bit_png, "16-bit or float"),
     (_garbage_png, "not an image Pillow can read"),
 ])
-def test_bad_image_one_line_exit_2_nothing_written(tmp_path, capsys, make_bad, expect):
+@pytest.mark.parametrize("lenient", [False, True])
+def test_bad_image_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, make_bad, expect, lenient):
+    """Also when something in the process set Pillow's LOAD_TRUNCATED_IMAGES (which fills a
+    truncated image's missing rows with grey)."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", lenient)
     src = tmp_path / "src"
     for i in range(5):
         save(src / "ok" / f"{i}.png", np.full((8, 8, 3), i, np.uint8))
@@ -125,6 +138,22 @@ def test_bad_image_one_line_exit_2_nothing_written(tmp_path, capsys, make_bad, e
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and str(bad) in err and expect in err, err
     assert not out.exists() and not leftovers(tmp_path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is lenient  # left as it was
+
+
+def test_skip_bad_warns_and_keeps_the_rest(tmp_path, capsys):
+    src = tmp_path / "src"
+    for i in range(3):
+        save(src / "ok" / f"{i}.png", np.full((8, 8, 3), i, np.uint8))
+    _truncated_jpeg(src / "ok" / "1b.jpg")
+    out = tmp_path / "corpus"
+    rc, err = run(["--input", str(src), "--out", str(out), "--size", "8", "--workers", "1", "--skip-bad"], capsys)
+    assert rc == 0, err
+    assert f"warning: skipping {src / 'ok' / '1b.jpg'}: truncated: its header declares 64x64 pixels" in err
+    corpus = open_images(out)
+    assert len(corpus) == 3 and corpus.meta["skipped"] == 1
+    assert (out / "files.txt").read_text().split() == ["ok/0.png", "ok/1.png", "ok/2.png"]
+    assert [int(corpus.batch([i])[0, 0, 0, 0]) for i in range(3)] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("setup,expect", [
@@ -167,13 +196,16 @@ def test_open_rejects_truncated_and_altered_shards(tmp_path):
         open_images(tmp_path)
 
 
-def test_builtin_fashion_mnist(tmp_path, monkeypatch):
+def test_builtin_fashion_mnist(tmp_path, monkeypatch, capsys):
     from d2v_fast.data.images import builtin
 
     if not (builtin.source_dir() / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST not installed: {builtin.INSTALL_HINT}")
     monkeypatch.setenv("D2V_FAST_CACHE", str(tmp_path))
-    path = builtin.builtin_images(limit=600, progress=False)
+    path = builtin.builtin_images(limit=600)
+    err = capsys.readouterr().err  # what the build says: its start, a bar, its closing line
+    assert "building the built-in image corpus" in err and "700/700" in err, err
+    assert f"wrote {path}: 700 images of 32x32x1, 10 classes" in err, err
     c = open_images(path)
     verify_images(c)
     assert len(c) == 700 and c.size == (32, 32) and c.channels == 1 and len(c.classes) == 10
@@ -214,7 +246,7 @@ def test_prepare_dispatches_on_modality(tmp_path, capsys):
     rc = text_prepare.main(["--modality=images", "--input", str(src), "--out", str(tmp_path / "d"), "--size", "8",
                             "--workers", "1", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "cannot be decoded" in err, err
+    assert rc == 2 and err.count("\n") == 1 and "truncated: its header declares 64x64 pixels" in err, err
     assert not (tmp_path / "d").exists() and not leftovers(tmp_path)
     assert text_prepare.main(["--modality", "video", "--input", str(src), "--out", str(tmp_path / "e")]) == 2
     assert "--modality 'video': expected text, audio, images" in capsys.readouterr().err

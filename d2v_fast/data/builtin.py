@@ -72,16 +72,31 @@ def module_of(path: Path) -> str:
     return path.relative_to(root).parts[0].removesuffix(".py")
 
 
-def stdlib_labelled_docstrings(workers: int | None = None) -> Iterator[tuple[str, str]]:
+def stdlib_labelled_docstrings(workers: int | None = None, progress: bool = False) -> Iterator[tuple[str, str]]:
     """(module, docstring) for every unique docstring of the standard library, in a fixed
-    order; a docstring found in several modules counts for the first."""
+    order; a docstring found in several modules counts for the first. ``progress``: a bar
+    over the files while they are read (it takes tens of seconds on a busy machine)."""
     files = stdlib_files()
     workers = default_workers() if workers is None else workers
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="reading docstrings", unit=" files", total=len(files), file=sys.stderr, dynamic_ncols=True)
+
+    def counted(results):
+        for r in results:
+            if bar is not None:
+                bar.update(1)
+            yield r
+
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
-            per_file = pool.map(_file_docstrings, files, chunksize=16)
+            per_file = list(counted(pool.imap(_file_docstrings, files, chunksize=16)))
     else:
-        per_file = map(_file_docstrings, files)
+        per_file = list(counted(map(_file_docstrings, files)))
+    if bar is not None:
+        bar.close()
     seen = set()
     for path, docs in zip(files, per_file):
         for doc in docs:
@@ -162,7 +177,7 @@ def builtin_corpus(vocab_size: int = BUILTIN_VOCAB_SIZE, *, workers: int | None 
         if progress:
             print(f"building the built-in corpus (Python {sys.version.split()[0]} standard-library "
                   f"docstrings) into {out}", file=sys.stderr, flush=True)
-        modules, docs = zip(*stdlib_labelled_docstrings(workers))
+        modules, docs = zip(*stdlib_labelled_docstrings(workers, progress=progress))
         splits = probe_splits(list(modules))
         task = task_lines(docs, modules, splits)
         kept = sorted({m for m, s in zip(modules, splits) if s})

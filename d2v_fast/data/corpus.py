@@ -25,6 +25,7 @@ from .shards import META, open_offset_shards, read_corpus_meta
 FORMAT = "d2v_fast.corpus"
 FORMAT_VERSION = 1
 PREPARE_HINT = "prepare one with `python -m d2v_fast.data.prepare --input ... --out DIR`"
+REPREPARE = "python -m d2v_fast.data.prepare --input ... --out DIR --force"  # with the inputs it was made from
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -122,7 +123,7 @@ def open_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Corpus:
     path = Path(path)
     meta = read_meta(path, flag=flag)
     dtype = np.dtype(meta["dtype"])
-    fix = "the corpus is truncated or altered; re-run `python -m d2v_fast.data.prepare`"
+    fix = f"the corpus is truncated or altered; prepare it again (`{REPREPARE}`)"
     tokens, offsets = open_offset_shards(path, meta, dtype, data="tokens", index="docs", count="num_tokens",
                                          items="num_documents", unit="tokens", fix=fix)
     tok = path / meta["tokenizer"]["dir"] / "tokenizer.json"
@@ -130,7 +131,7 @@ def open_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Corpus:
         raise UsageError(f"{tok}: missing; {fix}")
     if hashlib.sha256(tok.read_bytes()).hexdigest() != meta["tokenizer"]["sha256"]:
         raise UsageError(f"{tok}: does not match the tokenizer checksum in {META} (the tokenizer changed after "
-                         f"the corpus was tokenized); restore it or re-run `python -m d2v_fast.data.prepare`")
+                         f"the corpus was tokenized); restore it or prepare the corpus again (`{REPREPARE}`)")
     return Corpus(path=path, meta=meta, tokens=tokens, doc_offsets=offsets)
 
 
@@ -138,7 +139,7 @@ def verify_corpus(corpus: Corpus, chunk_tokens: int = 1 << 24) -> None:
     """Full check of every shard against ``meta.json``: sha256 and token ids below the
     vocabulary size. Raises UsageError naming the shard."""
     vocab = corpus.vocab_size
-    fix = "the shard was altered after preparation; re-run `python -m d2v_fast.data.prepare`"
+    fix = f"the shard was altered after preparation; prepare the corpus again (`{REPREPARE}`)"
     for shard, tokens in zip(corpus.meta["shards"], corpus.tokens):
         path = corpus.path / shard["tokens"]
         h = hashlib.sha256()

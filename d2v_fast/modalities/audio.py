@@ -294,7 +294,7 @@ PROBE_BATCH = 32  # utterances of 3 s per forward pass
 
 @torch.no_grad()
 def pooled_speech_features(encoder: AudioEncoder, task, *, batch_size: int = PROBE_BATCH,
-                           device="cpu") -> torch.Tensor:
+                           device="cpu", tick=None) -> torch.Tensor:
     """``[N, C]`` float32 on the CPU: each utterance's last hidden state averaged over its
     frames. Only utterances of the same length share a batch: nothing is padded, because
     padding would reach the real frames through the stacked positional convolutions (each
@@ -319,6 +319,8 @@ def pooled_speech_features(encoder: AudioEncoder, task, *, batch_size: int = PRO
         for rows in batches:
             wav = torch.from_numpy(np.stack([np.asarray(corpus[i], dtype=np.float32) for i in rows]))
             out[torch.tensor(rows)] = encoder(wav.to(device)).mean(1).float().cpu()
+            if tick is not None:  # progress
+                tick(len(rows))
     finally:
         encoder.train(was_training)
     return out
@@ -330,7 +332,8 @@ def pooled_speech_features(encoder: AudioEncoder, task, *, batch_size: int = PRO
 SPEECH_FLOOR_INITS = 1
 
 
-def probe_speech(encoder: AudioEncoder, task, *, floor_inits: int | None = None, seed: int = 0, device="cpu") -> dict:
+def probe_speech(encoder: AudioEncoder, task, *, floor_inits: int | None = None, seed: int = 0, device="cpu",
+                 progress: bool = False) -> dict:
     """Linear probe (``d2v_fast.probe.linear_probe``) of the frozen encoder on a speech task
     (``data/audio/probe_task.py``), and for the floor the same architecture at ``floor_inits``
     random initialisations (seeds from ``seed``; default ``SPEECH_FLOOR_INITS``; the global
@@ -339,9 +342,10 @@ def probe_speech(encoder: AudioEncoder, task, *, floor_inits: int | None = None,
 
     head = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
             "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "unit": "utterances"}
-    return probe_with_floor(encoder, task, lambda enc: pooled_speech_features(enc, task, device=device),
+    return probe_with_floor(encoder, task, lambda enc, tick: pooled_speech_features(enc, task, device=device, tick=tick),
                             lambda: AudioEncoder(encoder.config).to(device), head,
-                            floor_inits=SPEECH_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed)
+                            floor_inits=SPEECH_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed,
+                            progress=progress)
 
 
 def is_speech_model(path) -> bool:
@@ -376,7 +380,7 @@ def speech_held_out(run_config: dict, task) -> bool | None:
 
 
 def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: str = "cpu", out=None,
-                      floor_inits: int | None = None) -> dict:
+                      floor_inits: int | None = None, progress: bool = False) -> dict:
     """``python -m d2v_fast.probe`` for a speech run directory or a ``Data2VecAudioModel``
     directory, on the built-in speaker task or a user's (``task``: a JSON-lines file of
     ``audio`` and ``label``); a run directory (or ``out``) gets probe.json."""
@@ -411,8 +415,10 @@ def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: s
         encoder = load_pretrained(path)
     if builtin:
         # the size is read here, not bound at import, so that tests can probe a small task
-        loaded = speech_probe.read_speech_probe(speech_probe.builtin_speech_probe(speech_probe.PROBE_UTTERANCES))
-    probed = probe_speech(encoder.to(device), loaded, seed=seed, device=device, floor_inits=floor_inits)
+        loaded = speech_probe.read_speech_probe(speech_probe.builtin_speech_probe(speech_probe.PROBE_UTTERANCES,
+                                                                                  progress=progress))
+    probed = probe_speech(encoder.to(device), loaded, seed=seed, device=device, floor_inits=floor_inits,
+                          progress=progress)
     result = {"model": str(path), "kind": kind, **probed,
               "test_held_out_of_pretraining": speech_held_out(hf, loaded) if kind == "run" and builtin else None}
     target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
@@ -497,6 +503,8 @@ class AudioModality(Modality):
 
     def verify_corpus(self, corpus) -> None:
         """Every shard's sha256 against ``meta.json``."""
+        from ..data.audio.corpus import REPREPARE
+
         for shard in corpus.meta["shards"]:
             path = Path(corpus.path) / shard["samples"]
             h = hashlib.sha256()
@@ -505,7 +513,7 @@ class AudioModality(Modality):
                     h.update(chunk)
             if h.hexdigest() != shard["sha256"]:
                 raise UsageError(f"{path}: content differs from its checksum in meta.json (changed or damaged "
-                                 f"since preparation); re-run `python -m d2v_fast.data.audio prepare`")
+                                 f"since preparation); prepare the corpus again (`{REPREPARE}`)")
 
     def describe(self, cfg, corpus) -> str:
         secs = float(corpus.lengths.sum()) / corpus.sample_rate

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from ..data.images.dataset import ImageMaskingConfig, build_image_dataloader
 from ..errors import UsageError
 from ..files import staged_directory
 from ..models.vision import (VISION_PRESETS, GridDecoder, VisionConfig, VisionEncoder, config_from_hf,
-                             hf_config_dict, hf_image_processor_dict, keep_visible)
+                             hf_config_dict, keep_visible)
 from ..recipes.data2vec import Student
 from ..recipes.data2vec2 import Student2
 from . import Modality
@@ -311,24 +312,61 @@ def image_probe_task(corpus: ImageCorpus) -> ImageProbeTask:
                           classes=list(corpus.classes), splits=split_ix, source=str(corpus.path))
 
 
+def whole_photos(corpus: ImageCorpus, images: list[int], image_size: int, device="cpu") -> torch.Tensor:
+    """The model's input for whole corpus photos outside training (the probe's; what an
+    exported image processor reproduces from the raw photo): no crop, flip or jitter, the
+    stored photo resized to ``image_size`` (bicubic) and normalised as in training."""
+    aug = AugmentConfig(size=image_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
+    pixels = torch.from_numpy(corpus.batch(images)).permute(0, 3, 1, 2)
+    full = torch.tensor([[0, 0, pixels.shape[2], pixels.shape[3], 0, 1, 1, 1]] * len(images), dtype=torch.float64)
+    return augment_batch(pixels.to(device), full, aug)
+
+
+def image_processor_dict(enc: VisionConfig, corpus_meta: dict | None) -> dict:
+    """``preprocessor_config.json`` for ``transformers``' ``BitImageProcessor`` (any
+    ``AutoImageProcessor`` loads it) that takes a raw photo to what the model saw of its
+    corpus's photos outside training (``whole_photos``): for the built-in Fashion-MNIST
+    photos (28 x 28 greyscale) the centre crop pads them with black to the stored 32 x 32, as
+    the corpus did; for photos prepared by ``d2v_fast.data.images.prepare`` the shorter side
+    is resized (bicubic, the long side truncated as preparation does) and the centre cropped;
+    then RGB, [0, 1] and the mean/std training normalised with. Exact when the stored size is
+    the model's image size (the built-in photos with the tiny preset; ``--size`` equal to
+    ``--model.image_size``); otherwise training resized twice (to ``--size`` at preparation,
+    then to the image size) and the processor resizes once, over the same crop."""
+    from ..data.images.builtin import PAD, SIDE
+
+    size = enc.image_size
+    source = (corpus_meta or {}).get("source") or {}
+    proc = {"image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
+            "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,  # PIL bicubic
+            "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [float(v) for v in IMAGENET_MEAN], "image_std": [float(v) for v in IMAGENET_STD]}
+    if source.get("dataset") == "fashion-mnist":  # padding, not resizing: the crop pads with zeros
+        raw = SIDE - 2 * PAD
+        if size == SIDE:
+            proc.update(do_resize=False)
+        else:
+            proc.update(size={"shortest_edge": int(raw * size / SIDE)})
+    return proc
+
+
 @torch.no_grad()
 def pooled_features(encoder: VisionEncoder, corpus: ImageCorpus, images: list[int], *, batch_size: int = 256,
-                    device="cpu") -> torch.Tensor:
-    """Mean over the patches of the final-layernorm output, for whole photos (no crop or
-    flip; resized to the encoder's image size and normalised as in training)."""
+                    device="cpu", tick=None) -> torch.Tensor:
+    """Mean over the patches of the final-layernorm output, for whole photos
+    (``whole_photos``). ``tick(n)`` (progress) after each batch of ``n`` photos."""
     size = encoder.config.image_size
-    aug = AugmentConfig(size=size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
     was_training = encoder.training
     encoder.eval()
     out = []
     try:
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
-            pixels = torch.from_numpy(corpus.batch(chunk)).permute(0, 3, 1, 2)
-            full = torch.tensor([[0, 0, pixels.shape[2], pixels.shape[3], 0, 1, 1, 1]] * len(chunk),
-                                dtype=torch.float64)
-            x = augment_batch(pixels.to(device), full, aug)
+            x = whole_photos(corpus, chunk, size, device)
             out.append(encoder(x)[:, 1:].mean(1).float().cpu())
+            if tick is not None:
+                tick(len(chunk))
     finally:
         encoder.train(was_training)
     return torch.cat(out)
@@ -341,18 +379,22 @@ IMAGE_FLOOR_INITS = 1
 
 
 def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor_inits: int | None = None, seed: int = 0,
-                 device="cpu") -> dict:
+                 device="cpu", task_name: str | None = None, progress: bool = False) -> dict:
     """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.probe``'s
     classifier), and for the floor the same architecture at ``floor_inits`` random
-    initialisations (default ``IMAGE_FLOOR_INITS``)."""
+    initialisations (default ``IMAGE_FLOOR_INITS``). ``task_name`` describes the task in
+    the result (default: the corpus's path and its classes)."""
     from ..probe import probe_with_floor
 
     task = image_probe_task(corpus)
-    head = {"task": f"{task.source} (image classes)", "classes": len(task.classes),
-            "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}}
-    return probe_with_floor(encoder, task, lambda enc: pooled_features(enc, corpus, task.images, device=device),
+    head = {"task": task_name or f"{task.source}: its {len(task.classes)} image classes",
+            "classes": len(task.classes), "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")},
+            "unit": "images"}
+    return probe_with_floor(encoder, task,
+                            lambda enc, tick: pooled_features(enc, corpus, task.images, device=device, tick=tick),
                             lambda: VisionEncoder(encoder.config).to(device), head,
-                            floor_inits=IMAGE_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed)
+                            floor_inits=IMAGE_FLOOR_INITS if floor_inits is None else floor_inits, seed=seed,
+                            progress=progress)
 
 
 def is_image_model(path) -> bool:
@@ -362,9 +404,11 @@ def is_image_model(path) -> bool:
     return is_model_dir(path, "images", "data2vec-vision")
 
 
-def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, floor_inits: int | None = None) -> dict:
+def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, floor_inits: int | None = None,
+                      progress: bool = False) -> dict:
     """``python -m d2v_fast.probe`` for an image run directory or export: the encoder on
-    its run's corpus (an export, or a run whose corpus has no splits: the built-in photos)."""
+    its run's corpus (an export, or a run whose corpus has no labelled held-out split: the
+    built-in Fashion-MNIST photos, which the result and a line on stderr say)."""
     from ..export import load_pretrained
     from ..probe import PROBE_FILE, write_result
 
@@ -389,15 +433,26 @@ def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, flo
     else:
         encoder = load_pretrained(path)
         corpus_dir = hf.get("data_dir")
+    from ..data.images.builtin import builtin_images_path
+
     corpus = open_images(corpus_dir) if corpus_dir else None
-    if corpus is None or "t10k" not in (corpus.meta.get("splits") or {}):
+    builtin_task = "Fashion-MNIST's 10 classes (the built-in photos; test: its t10k photos)"
+    if corpus is not None and "t10k" in (corpus.meta.get("splits") or {}) and corpus.classes:
+        name = builtin_task if corpus.meta.get("source", {}).get("dataset") == "fashion-mnist" else None
+        held_out = True if kind == "run" else None  # image jobs train on the train split only
+    else:
         from ..data.images.builtin import builtin_images
 
-        corpus = open_images(builtin_images(progress=False))
+        why = f"{corpus_dir} has no labelled held-out (t10k) split" if corpus_dir else "an export names no corpus"
+        name = f"{builtin_task}, not the run's own images: {why}"
+        print(f"probe: {why}; probing on the built-in Fashion-MNIST photos instead ({builtin_images_path()})",
+              file=sys.stderr, flush=True)
+        corpus = open_images(builtin_images(progress=progress))
+        held_out = None  # those photos' relation to the run's corpus is unknown
     result = {"model": str(path), "kind": kind,
-              **probe_images(encoder.to(device), corpus, seed=seed, device=device, floor_inits=floor_inits),
-              # the image loader trains on the train split only: the t10k photos were never seen
-              "test_held_out_of_pretraining": True if kind == "run" and corpus_dir else None}
+              **probe_images(encoder.to(device), corpus, seed=seed, device=device, floor_inits=floor_inits,
+                             task_name=name, progress=progress),
+              "test_held_out_of_pretraining": held_out}
     target = Path(out) if out else (path / PROBE_FILE if kind == "run" else None)
     if target is not None:
         write_result(result, target)
@@ -674,18 +729,29 @@ class ImagesModality(Modality):
     def export_hf(self, weights: dict[str, torch.Tensor], enc_cfg_dict: dict, out_dir, *, dtype: str = "float32",
                   run_dir=None, state: dict | None = None) -> str:
         """Writes ``config.json`` (``Data2VecVisionConfig``), ``model.safetensors`` and
-        ``preprocessor_config.json`` (``BeitImageProcessor`` with the mean/std we trained
-        with) as ``out_dir``, atomically."""
+        ``preprocessor_config.json`` (``image_processor_dict``: the run's corpus's preprocessing,
+        read from its ``meta.json``) as ``out_dir``, atomically."""
         from safetensors.torch import save_file
 
+        from ..data.images.corpus import read_meta
+
         enc = VisionConfig(**{k: v for k, v in enc_cfg_dict.items() if k in VisionConfig.__dataclass_fields__})
-        mean, std = IMAGENET_MEAN, IMAGENET_STD  # what augment_config normalises with, for every run
+        corpus = ((state or {}).get("corpus") or {}).get("path")
+        try:
+            meta = read_meta(Path(corpus)) if corpus else None
+        except UsageError:
+            meta = None
+        if meta is None and not ((state or {}).get("config") or {}).get("data", {}).get("path"):
+            meta = {"source": {"dataset": "fashion-mnist"}}  # the built-in photos, whose cache was removed
+        elif meta is None:
+            print(f"warning: the run's corpus {corpus} cannot be read; the exported image processor assumes photos "
+                  f"prepared at the model's image size (shorter side resized, centre crop)", file=sys.stderr)
         tensors = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in sorted(weights.items())}
         with staged_directory(Path(out_dir)) as staging:
             save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
             (staging / "config.json").write_text(json.dumps(hf_config_dict(enc, dtype=dtype), indent=2) + "\n")
             (staging / "preprocessor_config.json").write_text(
-                json.dumps(hf_image_processor_dict(enc, mean, std), indent=2) + "\n")
+                json.dumps(image_processor_dict(enc, meta), indent=2) + "\n")
             if state is not None:
                 (staging / "d2v_fast.json").write_text(json.dumps({"step": state.get("step")}, indent=2) + "\n")
         return "Data2VecVisionModel"

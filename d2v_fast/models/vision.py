@@ -451,24 +451,34 @@ class VisionEncoder(nn.Module):
         return n
 
 
-# Names of the SDPA kernels as they appear in the profiler (aten ops).
+# The SDPA kernels' aten ops, as a TorchDispatchMode sees them. The math kernel is composite
+# (it decomposes into matmuls and a softmax), so it is what runs when none of these does.
 _SDPA_OPS = {
-    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
-    "aten::_scaled_dot_product_flash_attention": "flash",
-    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
-    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
-    "aten::_scaled_dot_product_attention_math": "math",
-    "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
+    "aten._scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "aten._scaled_dot_product_flash_attention": "flash",
+    "aten._scaled_dot_product_efficient_attention": "memory-efficient",
+    "aten._scaled_dot_product_cudnn_attention": "cudnn",
+    "aten._scaled_dot_product_fused_attention_overrideable": "overrideable",
 }
 
 
 def attention_backend(model: VisionEncoder, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32, batch: int = 2, backward: bool = True) -> str:
     """Which SDPA kernel one block of ``model`` runs on ``device`` in ``dtype``, with its
-    attention bias (if any) needing a gradient as in training. Measured with the
-    profiler, not inferred: PyTorch falls back to the math kernel silently when a fused
-    kernel rejects the inputs (e.g. a float mask with a gradient)."""
-    from torch.profiler import ProfilerActivity, profile
+    attention bias (if any) needing a gradient as in training. Measured (the aten ops the
+    call dispatches to), not inferred: PyTorch falls back to the math kernel silently when a
+    fused kernel rejects the inputs (e.g. a float mask with a gradient). A dispatch mode, not
+    the profiler, whose start and stop print lines of their own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
 
     cfg = model.config
     T, C, H = cfg.num_patches + 1, cfg.hidden_size, cfg.num_heads
@@ -478,14 +488,12 @@ def attention_backend(model: VisionEncoder, device: torch.device | str = "cpu",
     bias = model.attention_bias()
     if bias is not None:
         bias = bias.detach().to(device, dtype).requires_grad_(backward)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with Seen() as seen:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         if backward:
             out.float().sum().backward()
-    seen = {e.name for e in prof.events()}
-    found = [name for op, name in _SDPA_OPS.items() if op in seen]
-    return found[0] if len(found) == 1 else ("unknown" if not found else "+".join(found))
+    found = [name for op, name in _SDPA_OPS.items() if op in seen.ops]
+    return found[0] if len(found) == 1 else ("math" if not found else "+".join(found))
 
 
 __all__ = ["VisionConfig", "VisionEncoder", "VISION_PRESETS", "RECIPE_FLAVOURS", "vision_config",

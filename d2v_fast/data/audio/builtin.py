@@ -142,11 +142,11 @@ def speakable_chunks(doc: str) -> list[str]:
     return [c[: 2 * CHUNK_CHARS[1]] for c in chunks if len(c) >= CHUNK_CHARS[0]]
 
 
-def speech_texts(n: int, workers: int | None = None) -> list[str]:
+def speech_texts(n: int, workers: int | None = None, progress: bool = False) -> list[str]:
     """The first ``n`` speakable chunks of the standard library's docstrings (the reserved
     modules' left out)."""
     texts: list[str] = []
-    for module, doc in stdlib_labelled_docstrings(workers):
+    for module, doc in stdlib_labelled_docstrings(workers, progress=progress):
         if module >= RESERVED_FROM:  # the speech probe's texts
             continue
         texts.extend(speakable_chunks(doc))
@@ -216,7 +216,7 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
         if progress:
             print(f"building the built-in speech corpus ({utterances} standard-library docstring passages read "
                   f"by eSpeak NG {engine_version}) into {out}", file=sys.stderr, flush=True)
-        texts = speech_texts(utterances, workers)
+        texts = speech_texts(utterances, workers, progress=progress)
         source_id = (f"espeak-ng:{engine_version}:python-stdlib-docstrings:{sys.version.split()[0]}"
                      f":v{BUILTIN_SPEECH_VERSION}:n{utterances}")
         extra = {"builtin": {"what": "Python standard-library docstrings read by eSpeak NG (synthetic speech)",
@@ -225,17 +225,21 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
                              "rate_wpm": list(RATE_WPM), "pitch": list(PITCH)}}
         return prepare_audio_corpus(out, utterances=synthesized(texts, workers), source_id=source_id,
                                     min_seconds=2.0, max_seconds=20.0, force=True, progress=progress,
-                                    extra_meta=extra)
+                                    extra_meta=extra, expected=len(texts))
 
 
-@cli_entry
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m d2v_fast.data.audio.builtin",
                                 description="Build (or find) the built-in speech corpus and print its path.")
     p.add_argument("--utterances", type=int, default=BUILTIN_SPEECH_UTTERANCES, help="corpus size")
     p.add_argument("--workers", type=int, default=default_workers(), help="synthesis processes")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     print(builtin_speech_corpus(args.utterances, workers=args.workers, progress=not args.quiet))
     return 0
 

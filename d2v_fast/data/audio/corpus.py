@@ -24,7 +24,8 @@ from ..shards import META, open_offset_shards, read_corpus_meta  # noqa: F401 (M
 FORMAT = "d2v_fast.audio_corpus"
 FORMAT_VERSION = 1
 SAMPLE_RATE = 16000
-PREPARE_HINT = "prepare one with `python -m d2v_fast.data.audio prepare IN... OUT`"
+PREPARE_HINT = "prepare one with `python -m d2v_fast.data.audio --input IN... --out DIR`"
+REPREPARE = "python -m d2v_fast.data.audio --input IN... --out DIR --force"  # with the inputs it was made from
 DTYPES = ("float16", "float32")
 
 
@@ -132,7 +133,7 @@ def open_audio_corpus(path: str | os.PathLike, *, flag: str = "--data") -> Audio
     path = Path(path)
     meta = read_audio_meta(path, flag=flag)
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    fix = "the corpus is truncated or altered; re-run `python -m d2v_fast.data.audio prepare`"
+    fix = f"the corpus is truncated or altered; prepare it again (`{REPREPARE}`)"
     samples, offsets = open_offset_shards(path, meta, dtype, data="samples", index="index", count="num_samples",
                                           items="num_utterances", unit="samples", fix=fix)
     return AudioCorpus(path=path, meta=meta, samples=samples, offsets=offsets)

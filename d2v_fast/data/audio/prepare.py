@@ -11,7 +11,8 @@ shorter than ``--min-seconds`` or silent, and cut to its first ``--max-seconds``
 published recipe: drop < 2 s, crop to 20 s). Batching later crops every batch to its
 shortest utterance, so nothing is ever padded.
 
-A file that cannot be decoded, holds NaN/inf, or has a rate that cannot be resampled stops
+A file that cannot be decoded, is truncated (fewer frames than its header declares, or an
+Ogg stream without its end page), holds NaN/inf, or has a rate that cannot be resampled stops
 the run with one line naming it (exit 2) unless ``--skip-bad`` turns that into a warning.
 Everything is written into a hidden staging directory beside ``--out`` and renamed into
 place when complete (``meta.json`` last), like the text corpus; re-running with the same
@@ -24,6 +25,7 @@ import glob
 import multiprocessing as mp
 import os
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -90,16 +92,69 @@ def _walk(directory: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- one utterance
+def declared_frames(path: Path) -> int | None:
+    """The frame count a file's header declares, where the format has one and the writer
+    filled it in: WAV/RF64 (the ``data`` chunk's size over the block size) and FLAC (STREAMINFO's
+    total samples). None for other formats and for streaming writers' placeholders (0 or
+    0xFFFFFFFF). libsndfile itself reads what is there and says nothing of the rest."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if head[:4] == b"fLaC":
+                block = head[4:] + f.read(30)  # the first metadata block: its header and STREAMINFO
+                if len(block) < 38 or block[0] & 0x7F != 0:
+                    return None
+                info = block[4:]
+                return (((info[13] & 0x0F) << 32) | int.from_bytes(info[14:18], "big")) or None
+            if head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+                return None
+            block_align = big_data = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"data":
+                    if size == 0xFFFFFFFF and big_data is not None:  # RF64: the size is in ds64
+                        size = big_data
+                    return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+                body = f.read(size + (size & 1)) if cid in (b"fmt ", b"ds64") else f.seek(size + (size & 1), 1)
+                if cid == b"fmt " and len(body) >= 14:
+                    block_align = struct.unpack("<H", body[12:14])[0]
+                elif cid == b"ds64" and len(body) >= 16:
+                    big_data = struct.unpack("<Q", body[8:16])[0]
+    except OSError:
+        return None
+
+
+def _ogg_ends(path: Path) -> bool:
+    """Whether an Ogg file's last page carries the end-of-stream flag (a cut file's does not)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 65536 - 282))  # the last page starts within its maximum size
+        tail = f.read()
+    at = tail.rfind(b"OggS")
+    return at >= 0 and len(tail) > at + 5 and bool(tail[at + 5] & 0x04)
+
+
 def decode(path: Path) -> tuple[np.ndarray, int]:
-    """``(mono float32 samples, rate)``; UsageError naming the file when it cannot be read."""
+    """``(mono float32 samples, rate)``; UsageError naming the file when it cannot be read
+    or holds fewer frames than its header declares (a file cut short)."""
     import soundfile as sf
 
+    fix = "re-encode it (e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.flac`) or remove it"
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError) as err:
         msg = " ".join(str(err).split()) or type(err).__name__
-        raise UsageError(f"{path}: cannot be decoded as audio ({msg}); re-encode it "
-                         f"(e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.flac`) or remove it") from None
+        raise UsageError(f"{path}: cannot be decoded as audio ({msg}); {fix}") from None
+    declared = declared_frames(path)
+    if declared is not None and len(data) < declared:
+        raise UsageError(f"{path}: truncated: its header declares {declared:,} frames, {len(data):,} could be "
+                         f"read; copy or export it again, or pass --skip-bad to leave it out")
+    if declared is None and path.suffix.lower() in (".ogg", ".oga") and not _ogg_ends(path):
+        raise UsageError(f"{path}: truncated: its Ogg stream has no end page ({len(data):,} frames could be read); "
+                         f"copy or export it again, or pass --skip-bad to leave it out")
     return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0], int(rate)
 
 
@@ -155,11 +210,12 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
                          source_id: str | None = None, min_seconds: float = 2.0, max_seconds: float = 20.0,
                          dtype: str = "float16", workers: int | None = None, skip_bad: bool = False,
                          shard_samples: int = DEFAULT_SHARD_SAMPLES, force: bool = False,
-                         progress: bool = True, extra_meta: dict | None = None) -> Path:
+                         progress: bool = True, extra_meta: dict | None = None, expected: int | None = None) -> Path:
     """Build a speech corpus from audio files (``inputs``) or in-memory
-    ``(name, samples, rate)`` triples (``utterances`` with a stable ``source_id``).
-    ``extra_meta`` is read only after the last utterance, so an ``utterances`` generator may
-    fill it (the speech probe records the labels of what it yielded)."""
+    ``(name, samples, rate)`` triples (``utterances`` with a stable ``source_id``; ``expected``:
+    how many, for the progress bar). ``extra_meta`` is read only after the last utterance, so
+    an ``utterances`` generator may fill it (the speech probe records the labels of what it
+    yielded)."""
     out = Path(out)
     if (inputs is None) == (utterances is None):
         raise ValueError("pass exactly one of inputs= or utterances=")
@@ -190,6 +246,7 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
     if inputs is not None:
         names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         items = _loaded(files, workers, skip_bad)
+        expected = len(files)
     else:
         names = source_id
         items = ((name, to_corpus_audio(np.asarray(wav, np.float32), rate, name), "silent")
@@ -207,13 +264,20 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
         kept = total = cropped = 0
         dropped = {"shorter than min": 0, "silent": 0, "unreadable": 0}
         lengths = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="utterances", unit=" utt", total=expected, file=sys.stderr, dynamic_ncols=True)
         for name, wav, why in items:
+            if bar is not None:
+                bar.update(1)
             if wav is None:
                 if why == "silent":
                     dropped["silent"] += 1
                 else:
                     dropped["unreadable"] += 1
-                    print(f"warning: skipping {why}", file=sys.stderr, flush=True)
+                    (bar.write if bar is not None else print)(f"warning: skipping {why}", file=sys.stderr)
                 continue
             if len(wav) < min_samples:
                 dropped["shorter than min"] += 1
@@ -224,6 +288,8 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
             kept += 1
             total += len(wav)
             lengths.append(len(wav))
+        if bar is not None:
+            bar.close()
         if kept == 0:
             raise UsageError(f"the inputs ({names}) hold no usable utterance of at least {min_seconds:g} s "
                              f"(dropped: {', '.join(f'{v} {k}' for k, v in dropped.items() if v) or 'none'}); "
@@ -263,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=20.0, help="keep only the first this many seconds")
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="sample storage type")
     p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
-    p.add_argument("--skip-bad", action="store_true", help="warn about and skip undecodable files instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="warn about and skip undecodable or truncated files instead of stopping")
     p.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard file")
     p.add_argument("--force", action="store_true", help="replace a different corpus already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")

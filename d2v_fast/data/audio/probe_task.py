@@ -46,13 +46,13 @@ PIECE_CHARS = (90, 160)   # texts cut at word ends: ~4 s or more of speech at th
 _STREAM = 0x7370_6b72     # the probe's own draw stream ("spkr"), apart from voice_for's
 
 
-def probe_texts(n: int, workers: int | None = None) -> tuple[list[str], int]:
+def probe_texts(n: int, workers: int | None = None, progress: bool = False) -> tuple[list[str], int]:
     """``n`` texts from the reserved modules' docstrings (passages cut into pieces of
     PIECE_CHARS at word ends, in the docstrings' order), and the number of speakable
     passages the built-in speech corpus can draw on (those before the reserved modules)."""
     texts: list[str] = []
     available = 0
-    for module, doc in stdlib_labelled_docstrings(workers):
+    for module, doc in stdlib_labelled_docstrings(workers, progress=progress):
         chunks = speakable_chunks(doc)
         if module < RESERVED_FROM:
             available += len(chunks)
@@ -126,7 +126,7 @@ def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | N
         if progress:
             print(f"building the built-in speech probe task ({utterances} utterances by eSpeak NG {version}, "
                   f"{len(VARIANTS)} voice variants) into {out}", file=sys.stderr, flush=True)
-        texts, available = probe_texts(utterances, workers)
+        texts, available = probe_texts(utterances, workers, progress=progress)
         record: dict = {}
 
         def kept():
@@ -145,7 +145,8 @@ def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | N
         source_id = (f"espeak-ng:{version}:python-stdlib-docstrings:{sys.version.split()[0]}:speech-probe"
                      f":v{PROBE_SPEECH_VERSION}:n{utterances}")
         prepare_audio_corpus(out, utterances=kept(), source_id=source_id, min_seconds=PROBE_SECONDS,
-                             max_seconds=PROBE_SECONDS, force=True, progress=progress, extra_meta=record)
+                             max_seconds=PROBE_SECONDS, force=True, progress=progress, extra_meta=record,
+                             expected=len(texts))
         read_speech_probe(out)  # every kept utterance has its label
         return out
 

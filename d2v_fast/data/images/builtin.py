@@ -103,4 +103,4 @@ def builtin_images(*, limit: int | None = None, progress: bool = True) -> Path:
                  "licence": "MIT (Expat), Copyright 2017 Zalando SE"}
         return write_image_corpus(out, iter(padded), names=names, labels=labels[keep].tolist(), size=(SIDE, SIDE),
                                   channels=1, classes=CLASSES, source=source, extra=extra, force=True,
-                                  progress=False)
+                                  progress=progress)

@@ -1,6 +1,6 @@
 """Image corpus preparation: folders of JPEG/PNG -> uint8 shards + labels + meta.json.
 
-    python -m d2v_fast.data.images.prepare --input DIR... --out DIR [--size 256] [--workers N]
+    python -m d2v_fast.data.images.prepare --input DIR... --out DIR [--size 256] [--workers N] [--skip-bad]
 
 Each image is decoded once with Pillow (EXIF orientation applied, converted to RGB, alpha
 dropped), its shorter side resized to ``--size`` (bicubic) and centre-cropped to
@@ -11,13 +11,15 @@ ImageFolder layout), the sorted folder names are the classes and each image's la
 its folder's index; otherwise there are no labels (-1).
 
 Everything is written into a hidden staging directory beside ``--out`` and renamed into
-place when complete (``meta.json`` last); a bad image (unreadable, truncated, 16-bit or
-float pixels) stops the run with one line naming the file, and nothing is left behind.
+place when complete (``meta.json`` last); a bad image (unreadable, truncated: its data ends
+before the pixels its header declares, 16-bit or float pixels) stops the run with one line
+naming the file, and nothing is left behind, unless ``--skip-bad`` turns that into a warning.
 Re-running with the same inputs and options is a no-op.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -72,20 +74,36 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[int], list[str]
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: decoded, oriented, RGB, shorter side resized, centre-cropped."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """uint8 [size, size, 3]: decoded, oriented, RGB, shorter side resized, centre-cropped.
+    A file whose data ends before the pixels its header declares is refused, whatever
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says (it would fill the rest with grey)."""
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
     fix = "re-save it as an 8-bit JPEG/PNG or remove it"
+    declared = None
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later
+            declared = im.size
+            try:
+                im.load()  # decode now: a truncated file fails here, not later
+            except OSError as err:
+                if "truncated" not in str(err).lower():
+                    raise
+                raise UsageError(f"{path}: truncated: its header declares {declared[0]}x{declared[1]} pixels, the "
+                                 f"data ends before they are all decoded ({err}); copy or export it again, or pass "
+                                 f"--skip-bad to leave it out") from None
+            if im.size != declared:
+                raise UsageError(f"{path}: decoded to {im.size[0]}x{im.size[1]} pixels, its header declares "
+                                 f"{declared[0]}x{declared[1]}; {fix}")
             if im.mode not in _EIGHT_BIT_MODES:
                 raise UsageError(f"{path}: pixel mode {im.mode} (16-bit or float samples) is not supported; "
                                  f"convert it to 8-bit RGB or greyscale")
             im = ImageOps.exif_transpose(im).convert("RGB")
             w, h = im.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            # the long side truncated, as Hugging Face's image processors size it (``shortest_edge``),
+            # so that an exported processor resizes a photo exactly as preparation did
+            nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
             if (nw, nh) != (w, h):
                 im = im.resize((nw, nh), Image.Resampling.BICUBIC)
             left, top = (nw - size) // 2, (nh - size) // 2
@@ -95,24 +113,38 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         raise UsageError(f"{path}: not an image Pillow can read; {fix}") from None
     except Image.DecompressionBombError as err:
         raise UsageError(f"{path}: too large to decode safely ({err}); downscale it first") from None
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-        raise UsageError(f"{path}: cannot be decoded ({err}); {fix}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # corrupt data (or a header that ends early)
+        what = "truncated" if "truncated" in str(err).lower() else "cannot be decoded"
+        raise UsageError(f"{path}: {what} ({err}); {fix}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
-def _decode_task(args: tuple[str, int]) -> bytes:
-    return decode_image(Path(args[0]), args[1]).tobytes()
+def _decode_task(args: tuple[str, int, bool]) -> bytes | str:
+    """The image's bytes; with ``skip_bad``, the error's text instead of raising it."""
+    path, size, skip_bad = args
+    try:
+        return decode_image(Path(path), size).tobytes()
+    except UsageError as err:
+        if not skip_bad:
+            raise
+        return str(err)
 
 
-def _decoded(files: Sequence[Path], size: int, workers: int) -> Iterator[np.ndarray]:
-    tasks = [(str(f), size) for f in files]
-    if workers <= 1 or len(files) < 64:
-        for t in tasks:
-            yield np.frombuffer(_decode_task(t), dtype=np.uint8)
-        return
-    # spawn: the parent may hold torch/OpenMP threads that fork would copy half-alive
-    with mp.get_context("spawn").Pool(workers) as pool:
-        for data in pool.imap(_decode_task, tasks, chunksize=16):
-            yield np.frombuffer(data, dtype=np.uint8)
+def _decoded(files: Sequence[Path], size: int, workers: int, skip_bad: bool = False) -> Iterator[np.ndarray | None]:
+    """Each file's pixels, or None (with a warning) for a bad one under ``skip_bad``."""
+    tasks = [(str(f), size, skip_bad) for f in files]
+    with contextlib.ExitStack() as stack:
+        if workers <= 1 or len(files) < 64:
+            results = map(_decode_task, tasks)
+        else:  # spawn: the parent may hold torch/OpenMP threads that fork would copy half-alive
+            results = stack.enter_context(mp.get_context("spawn").Pool(workers)).imap(_decode_task, tasks, chunksize=16)
+        for data in results:
+            if isinstance(data, str):
+                print(f"warning: skipping {data}", file=sys.stderr, flush=True)
+                yield None
+            else:
+                yield np.frombuffer(data, dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -154,9 +186,9 @@ class ImageShardWriter:
 def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequence[str], labels: Sequence[int],
                        size: tuple[int, int], channels: int, classes: list[str] | None, source: dict,
                        extra: dict | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Write ``images`` (uint8 [h, w, channels] each, in the order of ``names``/``labels``)
-    as a corpus at ``out``, atomically. ``source`` identifies the inputs (its fingerprint
-    makes a re-run a no-op)."""
+    """Write ``images`` (uint8 [h, w, channels] each, in the order of ``names``/``labels``;
+    None for one left out, whose name and label are dropped) as a corpus at ``out``,
+    atomically. ``source`` identifies the inputs (its fingerprint makes a re-run a no-op)."""
     out = Path(out)
     source = dict(source, fingerprint=_fingerprint(source))
     if _check_out_dir(out, source["fingerprint"], force, read=read_meta):
@@ -175,16 +207,22 @@ def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequen
         t0 = time.perf_counter()
         writer = ImageShardWriter(staging, image_bytes, max(1, SHARD_BYTES // image_bytes))
         bar = _bar(progress, len(names))
-        n = 0
+        seen, kept = 0, []
         for pixels in images:
-            writer.add(pixels)
-            n += 1
+            if pixels is not None:
+                writer.add(pixels)
+                kept.append(seen)
+            seen += 1
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        if n != len(names):
-            raise RuntimeError(f"wrote {n} images for {len(names)} names")
+        if seen != len(names):
+            raise RuntimeError(f"read {seen} images for {len(names)} names")
+        if not kept:
+            raise UsageError(f"every input image was left out (see the warnings above); nothing to write to {out}")
+        n, skipped = len(kept), seen - len(kept)
+        names, labels = [names[i] for i in kept], [labels[i] for i in kept]
         shards = writer.finish()
         np.save(staging / "labels.npy", np.asarray(labels, dtype=np.int64))
         (staging / "files.txt").write_text("".join(name + "\n" for name in names))
@@ -192,7 +230,7 @@ def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequen
             "format": FORMAT, "version": FORMAT_VERSION, "d2v_fast_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "num_images": n, "size": [h, w], "channels": channels, "dtype": "uint8", "layout": "NHWC",
-            "classes": classes, "labels": "labels.npy", "index": "files.txt",
+            "classes": classes, "labels": "labels.npy", "index": "files.txt", "skipped": skipped,
             "shards": shards, **(extra or {}), "source": source,
         }
         finish_corpus(staging, out, meta, sync=("labels.npy", "files.txt"))
@@ -200,13 +238,14 @@ def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequen
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _say(progress, f"wrote {out}: {n:,} images of {h}x{w}x{channels}"
-                   f"{f', {len(classes)} classes' if classes else ', no labels'}, {len(shards)} shard(s) "
-                   f"in {time.perf_counter() - t0:.1f}s")
+                   f"{f', {len(classes)} classes' if classes else ', no labels'}, {len(shards)} shard(s)"
+                   f"{f'; {skipped} skipped' if skipped else ''} in {time.perf_counter() - t0:.1f}s")
     return out
 
 
 def prepare_images(out: str | os.PathLike, inputs: Sequence[str], *, size: int = DEFAULT_SIZE,
-                   workers: int | None = None, force: bool = False, progress: bool = True) -> Path:
+                   workers: int | None = None, force: bool = False, progress: bool = True,
+                   skip_bad: bool = False) -> Path:
     """Build an image corpus from directories / image files. Returns the corpus path."""
     if size < 1:
         raise UsageError(f"--size {size}: must be a positive number of pixels (e.g. 256)")
@@ -218,8 +257,9 @@ def prepare_images(out: str | os.PathLike, inputs: Sequence[str], *, size: int =
     for f in files:
         st = f.stat()
         described.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    source = {"inputs": described, "size": size, "decoder": "Pillow RGB, shorter side bicubic, centre crop"}
-    return write_image_corpus(Path(out), _decoded(files, size, workers), names=names, labels=labels,
+    source = {"inputs": described, "size": size, "decoder": "Pillow RGB, shorter side bicubic (long side truncated), centre crop",
+              **({"skip_bad": True} if skip_bad else {})}
+    return write_image_corpus(Path(out), _decoded(files, size, workers, skip_bad), names=names, labels=labels,
                               size=(size, size), channels=3, classes=classes, source=source, force=force,
                               progress=progress)
 
@@ -229,7 +269,7 @@ def _bar(progress: bool, total: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(desc="decoding", unit=" images", total=total, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(desc="images", unit=" images", total=total, file=sys.stderr, dynamic_ncols=True)
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -245,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="corpus directory to write")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="stored side in pixels (shorter side, centre crop)")
     p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="warn about and skip unreadable or truncated images instead of stopping")
     p.add_argument("--force", action="store_true", help="replace a different corpus already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -254,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prepare_images(args.out, args.input, size=args.size, workers=args.workers, force=args.force,
-                   progress=not args.quiet)
+                   progress=not args.quiet, skip_bad=args.skip_bad)
     return 0
 
 
