@@ -16,7 +16,8 @@ with a ``TorchDispatchMode``:
   a ``_foreach_*``/``_fused_*`` call counts the launches its multi-tensor apply would make
   (up to 110/64/48/36/30 tensors of 1/2/3/4/5 lists and 320 chunks of 65,536 elements a
   launch); each Triton launch counts one;
-- **syncs**: ops that make the host wait for the device, when an input is device-resident:
+- **syncs**: ops that make the host wait for the device, when an input is device-resident
+  (a factory called without a device, such as a layer-drop draw, makes a host tensor):
   ``_local_scalar_dense`` (``.item()``, ``int()``, ``bool()``), ``nonzero``,
   ``masked_select``, boolean indexing, ``repeat_interleave`` without ``output_size``,
   ``unique``, ``equal``. Which tensors are "on the device" is tracked through the update: a
@@ -323,6 +324,9 @@ def cuda_path_on_cpu():
             setattr(obj, name, value)
 
 
+_HOST_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "randperm", "arange")
+
+
 @contextlib.contextmanager
 def _moves_to_device(counter: CostCounter):
     """``tensor.to(device)`` of a host tensor gives a device-resident copy (on the CPU ``.to``
@@ -338,11 +342,27 @@ def _moves_to_device(counter: CostCounter):
             counter._host.discard(counter._key(out))
         return out
 
+    # A factory called without a device makes a host tensor on a GPU run too (a layer-drop draw,
+    # torch.rand(())); the dispatcher cannot tell (it always sees a device), so tell it here.
+    factories = {name: getattr(torch, name) for name in _HOST_FACTORIES}
+
+    def host_factory(fn):
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if kwargs.get("device") is None and torch.is_tensor(out):
+                counter._host.add(counter._key(out))
+            return out
+        return call
+
     torch.Tensor.to = to
+    for name, fn in factories.items():
+        setattr(torch, name, host_factory(fn))
     try:
         yield
     finally:
         torch.Tensor.to = orig
+        for name, fn in factories.items():
+            setattr(torch, name, fn)
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -574,7 +594,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--host-only", action="store_true",
                    help="only the host ms, the providers (and switch rows) timed in interleaved rounds (--repeats)")
     p.add_argument("--json", default="")
-    p.add_argument("--append", action="store_true", help="add the rows to those already in --json")
+    p.add_argument("--append", action="store_true", help="add the rows to those already in --json (replacing rows of the same config and provider)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise UsageError(f"--repeats {args.repeats}: must be >= 1")
@@ -590,7 +610,9 @@ def main(argv: list[str]) -> int:
         earlier = json.loads(Path(args.json).read_text()).get("rows", [])
 
     def write(rows):
-        rows = earlier + rows
+        key = lambda r: (r["modality"], r["recipe"], r["provider"])
+        new = {key(r) for r in rows}
+        rows = [r for r in earlier if key(r) not in new] + rows  # a row measured again replaces the old one
         if args.json:
             doc = {**env, "benchmark": "step_cost", "threads_for_host_ms": 1, "config": args.config,
                    "note": "one optimizer update on the CPU with the CUDA path emulated (d2v_fast/cost.py); ops = "
