@@ -94,19 +94,6 @@ cpu_triton = pytest.mark.skipif(not (kernels.AVAILABLE and INTERPRETED),
                                 reason="the Triton side on CPU needs triton and TRITON_INTERPRET=1 before import")
 
 
-@pytest.fixture
-def poisoned():
-    """Uninitialised memory is NaN-filled, so an output element left unwritten shows."""
-    old_mode = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    old_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
-    torch.utils.deterministic.fill_uninitialized_memory = old_fill
-
-
 def layers_case(K, B, T, C, clones, seed=0):
     """Layers that differ in scale and offset (a layer read twice or skipped changes the
     targets), a padding mask (sample 1 fully padded when B > 1) and a ``[B*clones, T]`` mask."""

@@ -39,20 +39,6 @@ NORM_COMBOS = list(itertools.product([None, "instance", "layer"], repeat=2))
 
 
 @pytest.fixture
-def poisoned():
-    """torch.empty & co. return NaN-filled memory, so an element a kernel forgot to write
-    shows up as NaN."""
-    old_mode = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    old_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
-    torch.utils.deterministic.fill_uninitialized_memory = old_fill
-
-
-@pytest.fixture
 def triton_side(poisoned):
     ops.set_kernels("triton")
     yield

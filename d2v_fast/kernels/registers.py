@@ -490,20 +490,26 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m d2v_fast.kernels.registers", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="", help="also write the report here (JSON)")
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
     p.add_argument("--case", action="append", choices=[c.key for c in CASES] + ["ema"],
                    help="only these cases (repeatable; default all)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     cases = tuple(c for c in CASES if not args.case or c.key in args.case)
     doc = report(args.arch, cases, with_ema=not args.case or "ema" in args.case)
     print(format_table(doc))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, out)  # a reader never sees half a report
     return 0
 
 
