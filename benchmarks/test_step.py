@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_fast.bench import PROVIDERS, environment, make_step, synthetic_batch
+from d2v_fast.bench import PROVIDERS, environment, make_step, measure_batch, result_row
 from d2v_fast.config import preset
 
 CUDA = torch.cuda.is_available()
@@ -56,17 +56,7 @@ def time_steps(benchmark, provider: str, cfg, batch_size: int, *, rounds: int, w
     """Build the provider's step and batch and warm it up untimed, then time ``rounds`` single
     steps through ``benchmark``; the row (as ``d2v_fast.bench.measure`` writes it) from the
     median step."""
-    from d2v_fast.modalities import get_modality
-    from d2v_fast.schedule import peak_flops
-
-    images = cfg.modality == "images"
-    if images:
-        from d2v_fast.modalities.images import flops_per_patch
-        from d2v_fast.modalities.images import synthetic_batch as image_batch
-
-        batch = image_batch(cfg, batch_size, augment_on_device=CUDA)
-    else:
-        batch = synthetic_batch(cfg, batch_size, VOCAB)
+    batch = measure_batch(cfg, DEVICE, batch_size, VOCAB)
     step = make_step(provider, cfg, DEVICE, VOCAB)
     for _ in range(warmup):
         step(batch)
@@ -86,19 +76,9 @@ def time_steps(benchmark, provider: str, cfg, batch_size: int, *, rounds: int, w
     if getattr(benchmark, "stats", None) is not None:  # the table's median is this step's (not --benchmark-disable)
         table = benchmark.stats.stats.median
         assert abs(table - s) <= 0.05 * s + 1e-3, (table, s)
-    modality = get_modality(cfg.modality)
-    if images:
-        units, per_unit = batch_size * cfg.model.num_patches, flops_per_patch(cfg)
-    else:
-        units, per_unit = modality.units(batch), modality.flops_per_unit(cfg)
-    peak = peak_flops(DEVICE)
-    return {"provider": provider, "modality": cfg.modality, "unit": modality.unit, "preset": cfg.preset,
-            "batch_size": batch_size, "seq_len": units // batch_size,
-            "attention": cfg.train.attention if provider == "d2v_fast" else None,
-            "step_s": s, "steps_timed": len(seconds), "warmup_steps": warmup, "tokens_per_s": units / s,
-            "masked_targets_per_s": float(batch["mask"].sum()) / s, "model_tflops": units / s * per_unit / 1e12,
-            "mfu": (units / s * per_unit / peak) if peak else None,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(DEVICE) / 2 ** 30 if CUDA else None}
+    peak_mem = torch.cuda.max_memory_allocated(DEVICE) if CUDA else None
+    return {**result_row(provider, cfg, batch, batch_size, s, peak_mem, DEVICE), "steps_timed": len(seconds),
+            "warmup_steps": warmup}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

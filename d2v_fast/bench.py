@@ -174,18 +174,38 @@ def measure_batch(cfg: Config, device: torch.device, batch_size: int | None = No
     return synthetic_batch(cfg, batch_size, vocab)
 
 
-def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
-            vocab: int = 50265) -> dict:
-    """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
+def result_row(provider: str, cfg: Config, batch: dict, batch_size: int, seconds: float, peak_mem: int | None,
+               device: torch.device) -> dict:
+    """A step benchmark's row from one step's seconds: throughput in the modality's input units
+    (patches for images, frames for speech; the ``tokens_per_s`` column keeps its name), model
+    TFLOP/s, MFU against the device's dense bf16 peak, peak memory."""
     from .modalities import get_modality
     from .schedule import peak_flops
 
+    modality = get_modality(cfg.modality)
+    if cfg.modality == "images":
+        from .modalities.images import flops_per_patch
+
+        tokens, flops_per_token = batch_size * cfg.model.num_patches, flops_per_patch(cfg)
+    else:
+        tokens, flops_per_token = modality.units(batch), modality.flops_per_unit(cfg)
+    peak = peak_flops(device)
+    return {"provider": provider, "modality": cfg.modality, "unit": modality.unit, "preset": cfg.preset,
+            "batch_size": batch_size, "seq_len": tokens // batch_size,
+            "attention": cfg.train.attention if provider == "d2v_fast" else None,
+            "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
+            "model_tflops": tokens / seconds * flops_per_token / 1e12,
+            "mfu": (tokens / seconds * flops_per_token / peak) if peak else None,
+            "peak_memory_gib": peak_mem / 2 ** 30 if peak_mem is not None else None}
+
+
+def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int, steps: int, warmup: int,
+            vocab: int = 50265) -> dict:
+    """Times ``steps`` steps after ``warmup`` (device events on CUDA). Returns one result row."""
     if cfg.modality not in ("text", "images", "audio"):
         raise UsageError(f"--modality {cfg.modality}: d2v_fast.bench times text, images and audio")
-    images = cfg.modality == "images"
     batch = measure_batch(cfg, device, batch_size, vocab)
-    if images:
-        from .modalities.images import flops_per_patch
     step = make_step(provider, cfg, device, vocab)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -208,21 +228,7 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
             step(batch)
         seconds = (time.perf_counter() - t0) / steps
         peak_mem = None
-    modality = get_modality(cfg.modality)
-    # tokens: input units (patches for images, frames for speech; the column keeps its name)
-    if images:
-        tokens, flops_per_token = batch_size * cfg.model.num_patches, flops_per_patch(cfg)
-    else:
-        tokens, flops_per_token = modality.units(batch), modality.flops_per_unit(cfg)
-    peak = peak_flops(device)
-    row = {"provider": provider, "modality": cfg.modality, "unit": modality.unit, "preset": cfg.preset,
-           "batch_size": batch_size, "seq_len": tokens // batch_size,
-           "attention": cfg.train.attention if provider == "d2v_fast" else None,
-           "step_s": seconds, "tokens_per_s": tokens / seconds,
-           "masked_targets_per_s": float(batch["mask"].sum()) / seconds,
-           "model_tflops": tokens / seconds * flops_per_token / 1e12,
-           "mfu": (tokens / seconds * flops_per_token / peak) if peak else None,
-           "peak_memory_gib": peak_mem / 2 ** 30 if peak_mem is not None else None}
+    row = result_row(provider, cfg, batch, batch_size, seconds, peak_mem, device)
     del step
     if device.type == "cuda":
         torch.cuda.empty_cache()
