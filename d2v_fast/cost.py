@@ -12,7 +12,8 @@ with a ``TorchDispatchMode``:
   metadata ops (``view``, ``t``, ``transpose``, ``expand``, ``slice``, ``select``,
   ``unsqueeze``, ``detach``, ``alias``, ``_unsafe_view``, ... : every op whose schema says its
   outputs alias its inputs without writing them), allocations (``empty*``, ``new_empty*``,
-  ``lift_fresh``) and ``_local_scalar_dense`` (a device-to-host copy, counted as a sync);
+  ``lift_fresh``), the profiler's ``record_function`` markers (host only) and
+  ``_local_scalar_dense`` (a device-to-host copy, counted as a sync);
   a ``_foreach_*``/``_fused_*`` call counts the launches its multi-tensor apply would make
   (up to 110/64/48/36/30 tensors of 1/2/3/4/5 lists and 320 chunks of 65,536 elements a
   launch); each Triton launch counts one;
@@ -55,7 +56,8 @@ from torch.utils._pytree import tree_leaves
 _NO_KERNEL = {"aten::empty.memory_format", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
               "aten::new_empty_strided", "aten::lift_fresh", "aten::_local_scalar_dense", "aten::_unsafe_view",
               "aten::set_.source_Storage", "aten::set_.source_Storage_storage_offset", "aten::resize_",
-              "aten::_has_compatible_shallow_copy_type", "aten::record_stream", "aten::is_same_size"}
+              "aten::_has_compatible_shallow_copy_type", "aten::record_stream", "aten::is_same_size",
+              "profiler::_record_function_enter_new", "profiler::_record_function_exit"}
 _SYNC = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
          "aten::_unique2", "aten::_unique", "aten::unique_consecutive", "aten::equal", "aten::is_nonzero"}
 _MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
@@ -274,11 +276,25 @@ def _emulate(triton_fn, public: str):
     return call
 
 
+def _one_op(name: str, compute):
+    """What is one ATen op on a GPU but several on the CPU: the value computed uncounted, the
+    op counted once (as a kernel)."""
+    def call(*args):
+        with STATE.twin():
+            out = compute(*args)
+        if STATE.counter is not None and not STATE.twin_depth:
+            STATE.counter.ops[name] += 1
+            STATE.counter.kernels[name] += 1
+        return out
+    return call
+
+
 @contextlib.contextmanager
 def cuda_path_on_cpu():
     """Run the step as on a GPU, as far as the host can tell (see the module docstring)."""
     from . import kernels, ops
-    from .kernels import ema, gather, loss, targets
+    from .kernels import ema, gather, loss, norm, targets
+    from .models import encoder
 
     saved = []
 
@@ -307,7 +323,7 @@ def cuda_path_on_cpu():
     try:
         patch(ops, "kernels_backend", backend)
         patch(kernels, "_in_dispatch_mode", lambda: False)  # the direct path, as outside a mode
-        for module in (gather, loss, targets, ema):
+        for module in (gather, loss, targets, ema, norm):
             patch(module, "check_device", lambda *a, **k: None)
             for name in [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]:
                 patch(module, name, _NoLaunch(name))
@@ -316,6 +332,10 @@ def cuda_path_on_cpu():
         patch(ops, "_loss", _Proxy(loss, regression_loss=_emulate(loss.regression_loss, "regression_loss")))
         patch(ops, "_targets", _Proxy(targets, build_targets=_emulate(targets.build_targets, "build_targets")))
         patch(ops, "_ema", _Proxy(ema, ema_update_=_emulate(ema.ema_update_, "ema_update_")))
+        patch(ops, "_norm", _Proxy(norm, layer_norm_dual_fwd=_emulate(norm.layer_norm_dual_fwd, "layer_norm_dual_fwd")))
+        # a shadowed Linear's parameter gradients: CUDA's fp32-output GEMM and sum (one op each)
+        patch(encoder, "_fp32_grads", lambda t: True)
+        patch(encoder, "_mm_out", _one_op("aten::mm", lambda a, b, dtype: a.mm(b).to(dtype)))
         patch(F, "scaled_dot_product_attention", sdpa)
         patch(F, "dropout", dropout)
         yield

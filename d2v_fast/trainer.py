@@ -369,10 +369,7 @@ class Trainer:
 
     def _finish_step(self, micro_batches, count, denom, loss_sum, tvar, pvar) -> dict:
         """Clip, then the optimizer update and one EMA step (or the skip of a non-finite one)."""
-        if self.cfg.optim.clip_norm > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), self.cfg.optim.clip_norm)
-        else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.model.student.parameters() if p.grad is not None])
+        gnorm = self._clip()
         if hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP
             gnorm = gnorm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
@@ -405,6 +402,28 @@ class Trainer:
             stats = torch.cat([stats[:1], stats[1:] / self.world_size])
             dist.all_reduce(stats)
         return {"loss": stats[0] / denom[0], "target_var": stats[1], "pred_var": stats[2], **out}
+
+    def _clip(self) -> torch.Tensor:
+        """The gradients' global norm, and the clip to ``optim.clip_norm`` (when > 0). Outside
+        FSDP, over the student's parameter list taken once (not a walk of its modules per update),
+        with the ops ``clip_grad_norm_`` runs: one ``_foreach_norm``, the norm of the norms, one
+        ``_foreach_mul_``; the same values bit for bit."""
+        clip = self.cfg.optim.clip_norm
+        params = getattr(self, "_clip_params", None)
+        if params is None:
+            params = [p for p in self.model.student.parameters() if p.requires_grad]
+            plain = not self.fsdp and len({(p.device, p.dtype) for p in params}) == 1
+            self._clip_params = params = params if plain else []
+        if not params:  # FSDP's DTensors, or several devices or dtypes: torch groups them
+            if clip > 0:
+                return torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), clip)
+            return torch.nn.utils.get_total_norm([p.grad for p in self.model.student.parameters()
+                                                  if p.grad is not None])
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        if clip > 0:
+            torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
+        return total
 
     def _refresh_student_copy(self) -> None:
         """``--train.bf16_student``: the student blocks' bf16 copy follows their fp32 weights (one

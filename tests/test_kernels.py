@@ -937,3 +937,65 @@ def test_bf16_on_gpu(op, monkeypatch):
             bf16_rule(t_k, want, t_t, 1e-7)
     finally:
         ops.set_kernels("auto")
+
+
+# ----------------------------------------------------------------------------- layer_norm_dual
+@cpu_triton
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 100), (4, 1023), (2, 3, 768)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_dual_kernel_against_native(triton_side, shape, affine):
+    """The kernel's fp32 output, mean and 1/std against ``native_layer_norm``; its bf16 output
+    equals the cast of its fp32 output bit for bit (round to nearest even)."""
+    C = shape[-1]
+    x = torch.randn(*shape) * 3 + 1.5
+    w, b = (torch.randn(C), torch.randn(C)) if affine else (None, None)
+    y, y_low, mean, rstd = ops.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16)
+    ry, rmean, rrstd = torch.native_layer_norm(x.double(), (C,), None if w is None else w.double(),
+                                               None if b is None else b.double(), 1e-5)
+    close(y, ry, atol=1e-4, rtol=1e-4)
+    close(mean, rmean, atol=1e-5, rtol=1e-5)
+    close(rstd, rrstd, atol=1e-4, rtol=1e-4)
+    assert y_low.dtype == torch.bfloat16 and torch.equal(y_low, y.to(torch.bfloat16))
+    _, _, none_mean, none_rstd = ops.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16, stats=False)
+    assert none_mean is None and none_rstd is None
+
+
+@pytest.mark.parametrize("side", ["torch", pytest.param("triton", marks=cpu_triton)])
+@pytest.mark.parametrize("use", ["both", "fp32", "low"])
+def test_layer_norm_dual_gradients(side, use, poisoned):
+    """Forward and backward of ``ops.layer_norm_dual`` against ``F.layer_norm`` followed by a
+    cast, with gradients reaching the outputs through either or both; on the eager side bit
+    for bit (the same ops, the two gradients summed in fp32 as autograd sums them)."""
+    ops.set_kernels(side)
+    try:
+        C = 37
+        x0, w0, b0 = torch.randn(2, 9, C), torch.randn(C), torch.randn(C)
+        g, g_low = torch.randn(2, 9, C), torch.randn(2, 9, C).to(torch.bfloat16)
+
+        def run(dual: bool):
+            x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+            if dual:
+                y, y_low = ops.layer_norm_dual(x, w, b, 1e-5, torch.bfloat16)
+            else:
+                y = F.layer_norm(x, (C,), w, b, 1e-5)
+                y_low = y.to(torch.bfloat16)
+            terms = {"both": [(y, g), (y_low, g_low)], "fp32": [(y, g)], "low": [(y_low, g_low)]}[use]
+            torch.autograd.backward([t for t, _ in terms], [gr for _, gr in terms])
+            return y.detach(), y_low.detach(), x.grad, w.grad, b.grad
+
+        got, want = run(True), run(False)
+        for a, e in zip(got, want):
+            if side == "torch":
+                assert torch.equal(a, e)
+            else:
+                close(a.float(), e.float(), atol=2e-2 if a.dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
+    finally:
+        ops.set_kernels("auto")
+
+
+def test_layer_norm_dual_without_grad_keeps_no_statistics():
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        y, y_low = ops.layer_norm_dual(x, torch.ones(16), torch.zeros(16), 1e-5)
+    assert torch.equal(y_low, y.to(torch.bfloat16))
+    assert torch.equal(y, F.layer_norm(x, (16,), torch.ones(16), torch.zeros(16), 1e-5))

@@ -335,7 +335,7 @@ def test_bf16_student_computes_the_same_update(builtin_cache, tmp_path):
     copy kept by the update (``_ShadowLinearFn``) instead of autocast's casts; every loss,
     weight, teacher value and optimizer moment bit for bit the same, and a resumed run reads
     a fresh copy."""
-    from d2v_fast.models.encoder import ShadowedLinear
+    from d2v_fast.models.encoder import DualLayerNorm, ShadowedLinear
 
     def run(out, steps=3, **train):
         cfg = small_cfg(builtin_cache, max_steps=steps, micro_batch_size=4, dtype="bfloat16", **{**OFF, **train})
@@ -345,8 +345,11 @@ def test_bf16_student_computes_the_same_update(builtin_cache, tmp_path):
 
     la, a = run(tmp_path / "autocast")
     lb, b = run(tmp_path / "copy", bf16_student=True)
-    assert b.switches["bf16_student"] and isinstance(b.model.student.encoder.encoder.layer[0].intermediate.dense,
-                                                     ShadowedLinear)
+    layer = b.model.student.encoder.encoder.layer[0]
+    assert b.switches["bf16_student"] and isinstance(layer.intermediate.dense, ShadowedLinear)
+    # the LayerNorms hand their bf16 rounding to the next Linear (no cast there, none in backward)
+    assert isinstance(layer.output.LayerNorm, DualLayerNorm) and isinstance(layer.attention.output.LayerNorm,
+                                                                            DualLayerNorm)
     assert la == lb
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -559,3 +562,40 @@ def test_host_counts_take_syncs_out_of_the_step_on_gpu(builtin_cache, tmp_path):
     synced, counted = syncs(tmp_path / "synced"), syncs(tmp_path / "counted", host_counts=True)
     print(f"synchronising calls in one update of 2 micro-batches: {synced} by default, {counted} with host counts")
     assert counted < synced
+
+
+def test_shadowed_linear_fp32_gradients_on_the_gpu_path(monkeypatch):
+    """On a GPU a shadowed Linear's weight and bias gradients leave their GEMM and their sum in
+    fp32 (one op each, no rounding to bf16 and cast back). On the CPU: the bias path (a sum with
+    ``dtype=``) is closer to a float64 recomputation than autocast's rounded one, and the weight
+    path falls back to autocast's arithmetic, where ``mm`` has no ``out_dtype``."""
+    from d2v_fast.models import encoder
+
+    torch.manual_seed(0)
+    g2 = (torch.randn(4000, 40) * 3).to(torch.bfloat16)
+    x2 = torch.randn(4000, 24).to(torch.bfloat16)
+    exact_b, exact_w = g2.double().sum(0), g2.double().t() @ x2.double()
+    monkeypatch.setattr(encoder, "_fp32_grads", lambda t: False)
+    b_auto, w_auto = encoder._bias_grad(g2, torch.float32), encoder._weight_grad(g2, x2, torch.float32)
+    assert torch.equal(b_auto, g2.sum(0).float()) and torch.equal(w_auto, g2.t().mm(x2).float())
+    monkeypatch.setattr(encoder, "_fp32_grads", lambda t: True)
+    monkeypatch.setattr(encoder, "_MM_OUT_DTYPE", [])
+    b_gpu, w_gpu = encoder._bias_grad(g2, torch.float32), encoder._weight_grad(g2, x2, torch.float32)
+    assert b_gpu.dtype == w_gpu.dtype == torch.float32
+    err = lambda a, e: float((a.double() - e).abs().max())
+    assert err(b_gpu, exact_b) < err(b_auto, exact_b)
+    assert encoder._MM_OUT_DTYPE == [False] and torch.equal(w_gpu, w_auto)  # the CPU's fallback
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_shadowed_linear_fp32_weight_gradient_on_gpu():
+    from d2v_fast.models import encoder
+
+    g2 = torch.randn(4000, 40, device="cuda").to(torch.bfloat16)
+    x2 = torch.randn(4000, 24, device="cuda").to(torch.bfloat16)
+    exact = g2.double().t() @ x2.double()
+    w = encoder._weight_grad(g2, x2, torch.float32)
+    rounded = g2.t().mm(x2).float()
+    assert w.dtype == torch.float32
+    assert float((w.double() - exact).abs().max()) <= float((rounded.double() - exact).abs().max())

@@ -62,7 +62,7 @@ SMEM_RESERVED_PER_BLOCK = 1024
 # Every kernel a launcher launches (the other @triton.jit functions are helpers they call).
 KERNELS = ("_targets_token_kernel", "_targets_time_kernel", "_instance_stats_kernel", "_instance_finalize_kernel",
            "_instance_apply_kernel", "_move_rows_kernel", "_regression_loss_kernel", "_scale_rows_kernel",
-           "_ema_flat_kernel", "_ema_multi_kernel")
+           "_ema_flat_kernel", "_ema_multi_kernel", "_layer_norm_dual_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +179,9 @@ class _Recorder:
             return kernel
 
         JITFunction.run = run
-        from . import ema, gather, loss, targets
+        from . import ema, gather, loss, norm, targets
 
-        for module in (ema, gather, loss, targets):  # CPU tensors are fine: nothing is launched
+        for module in (ema, gather, loss, norm, targets):  # CPU tensors are fine: nothing is launched
             module.check_device = lambda *a, **k: None
 
 
@@ -304,7 +304,7 @@ def run_case(case: Case, rec: _Recorder) -> dict:
     """Drive every launcher one training step of ``case`` calls (forward and backward)."""
     import torch
 
-    from . import gather, loss, targets
+    from . import gather, loss, norm, targets
 
     d = describe(case)
     cfg = d.pop("_cfg")
@@ -353,6 +353,12 @@ def run_case(case: Case, rec: _Recorder) -> dict:
         y = forward()
         rec.op = f"{op} bwd"
         y.backward(torch.empty_like(y))
+
+    if case.modality == "text":  # a post-LN block's LayerNorm with its bf16 copy (--train.bf16_student/teacher)
+        x = torch.empty(B, T, C)
+        step("layer_norm_dual", lambda: norm.layer_norm_dual_fwd(x, torch.empty(C), torch.empty(C), 1e-5, bf16))
+        step("layer_norm_dual no statistics", lambda: norm.layer_norm_dual_fwd(
+            x, torch.empty(C), torch.empty(C), 1e-5, bf16, stats=False))
 
     N = int(mask.sum())
     if r.name == "data2vec":  # the student's hidden states at the masked rows

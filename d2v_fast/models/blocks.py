@@ -28,6 +28,11 @@ except Exception:  # ImportError, or a binary built for another torch
     flash_attn_varlen_func = None
 
 
+# A tensor attribute: the low-precision rounding of a LayerNorm's fp32 output
+# (``models.encoder.DualLayerNorm``), read by the Linear that takes that output next.
+LOW_COPY = "_d2v_low"
+
+
 class Varlen:
     """Real-token layout of a padded batch for ``flash_attn_varlen_func``: attention runs
     on the packed real tokens only, padded rows of the output are zero."""
@@ -196,7 +201,9 @@ def run_blocks(blocks, h: torch.Tensor, attn_mask=None, *, collect: str | None =
                 if not any(hasattr(p, "to_local") for p in params):
                     h = h + sum(p.sum() for p in params) * 0.0
             continue
-        h, ffn = block(h, attn_mask)
+        h_in, (h, ffn) = h, block(h, attn_mask)
+        if hasattr(h_in, LOW_COPY):  # read by this block: a collected output keeps no second copy
+            delattr(h_in, LOW_COPY)
         if collect == "ffn":
             outputs.append(ffn)
         elif collect == "block":

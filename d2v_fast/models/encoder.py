@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block, Dense, QueryKeyValue, attention_mask, run_blocks
+from .. import ops
+from .blocks import LOW_COPY, Block, Dense, QueryKeyValue, attention_mask, run_blocks
 
 
 @dataclass
@@ -132,9 +133,9 @@ class _ShadowLinearFn(torch.autograd.Function):
     casts and the transposes per call."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w, w_t, b):
-        x_dtype = x.dtype
-        x2 = x.to(w_t.dtype).reshape(-1, x.shape[-1])
+    def forward(ctx, x, weight, bias, w, w_t, b, x_low=None):
+        x_dtype = x.dtype  # ``x_low``: x already rounded (a DualLayerNorm's copy), no cast
+        x2 = (x.to(w_t.dtype) if x_low is None else x_low).reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, w)
         ctx.meta = (x.shape, x_dtype, weight.dtype, bias is not None)
         out = torch.addmm(b, x2, w_t) if b is not None else torch.mm(x2, w_t)
@@ -149,10 +150,67 @@ class _ShadowLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g2.mm(w).view(shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            gw = g2.t().mm(x2).to(p_dtype)
+            gw = _weight_grad(g2, x2, p_dtype)
         if has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0).to(p_dtype)
-        return gx, gw, gb, None, None, None
+            gb = _bias_grad(g2, p_dtype)
+        return gx, gw, gb, None, None, None, None
+
+
+# On a GPU the parameter gradients of a shadowed Linear leave their GEMM and their sum in the
+# parameter's dtype (fp32), unrounded: one kernel each instead of a bf16 result and a cast
+# (``mm(..., out_dtype=)``, CUDA's bf16 GEMM with fp32 output; a sum with ``dtype=``). That is
+# autocast's arithmetic less one rounding to bf16, so it is at least as accurate. The CPU keeps
+# autocast's arithmetic bit for bit (its ``mm`` has no ``out_dtype``).
+_MM_OUT_DTYPE: list[bool] = []  # [] until the first CUDA call says whether this torch has it
+
+
+def _fp32_grads(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``a @ b`` with a ``dtype`` result straight from the GEMM, or None where torch lacks it."""
+    if _MM_OUT_DTYPE == [False]:
+        return None
+    try:
+        out = torch.mm(a, b, out_dtype=dtype)
+    except (TypeError, RuntimeError, NotImplementedError):
+        _MM_OUT_DTYPE[:] = [False]
+        return None
+    _MM_OUT_DTYPE[:] = [True]
+    return out
+
+
+def _weight_grad(g2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype != g2.dtype and _fp32_grads(g2):
+        out = _mm_out(g2.t(), x2, dtype)
+        if out is not None:
+            return out
+    return g2.t().mm(x2).to(dtype)
+
+
+def _bias_grad(g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype != g2.dtype and _fp32_grads(g2):
+        return g2.sum(0, dtype=dtype)
+    return g2.sum(0).to(dtype)
+
+
+class DualLayerNorm(nn.LayerNorm):
+    """A LayerNorm whose fp32 output, under autocast, also carries its rounding to autocast's
+    dtype (``ops.layer_norm_dual``, one kernel for both on a GPU), for the ``ShadowedLinear``
+    that reads it next: in a post-LN block the output is both the residual stream (fp32) and
+    the next Linear's input, which autocast would cast (a kernel, and in backward the cast's
+    gradient and an add). Same parameters and state-dict names as ``nn.LayerNorm``; outside
+    autocast, or while compiling, it is ``nn.LayerNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling() \
+                or torch.get_autocast_dtype(kind) not in (torch.bfloat16, torch.float16):
+            return super().forward(x)
+        y, y_low = ops.layer_norm_dual(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(kind))
+        setattr(y, LOW_COPY, y_low)
+        return y
 
 
 class ShadowedLinear(nn.Linear):
@@ -164,14 +222,26 @@ class ShadowedLinear(nn.Linear):
     step (``--train.bf16_student``), its gradients reaching the fp32 parameters
     (``_ShadowLinearFn``)."""
 
+    # The only Linear that reads its input (a LayerNorm's output, beside the residual): its input
+    # gradient may reach the LayerNorm in bf16, through the rounded copy, and be summed there in
+    # fp32 with the residual's, as autograd sums them after a cast. BERT's query, key and value
+    # read one input together; their bf16 gradients would be summed in bf16, so they take the
+    # copy for the GEMM only and return an fp32 gradient, as autocast's three casts do.
+    sole_reader = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shadow = getattr(self, "weight_shadow", None)
         if shadow is not None and torch.is_autocast_enabled(x.device.type) \
                 and torch.get_autocast_dtype(x.device.type) == shadow.dtype:
+            low = getattr(x, LOW_COPY, None)  # a DualLayerNorm's rounded output: no cast here
+            if low is not None and low.dtype != shadow.dtype:
+                low = None
+            if low is not None and self.sole_reader:  # its gradient, too, reaches the norm in bf16
+                x, low = low, None
             if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
                 return _ShadowLinearFn.apply(x, self.weight, self.bias, self.weight_shadow, self.weight_shadow_t,
-                                             self.bias_shadow)
-            x2 = x.to(shadow.dtype).reshape(-1, x.shape[-1])  # what linear runs, less its transpose
+                                             self.bias_shadow, low)
+            x2 = (x.to(shadow.dtype) if low is None else low).reshape(-1, x.shape[-1])  # linear, less its transpose
             b = self.bias_shadow
             out = torch.addmm(b, x2, self.weight_shadow_t) if b is not None else torch.mm(x2, self.weight_shadow_t)
             return out.view(*x.shape[:-1], out.shape[-1])
@@ -185,9 +255,10 @@ def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = 
     ``flat``'s layout, so that ``ema_update_(..., shadow=buffer)`` writes it in its own pass
     (or ``buffer.copy_(flat)`` after an optimizer step). The Linears become ``ShadowedLinear``
     (same Parameter objects, same state-dict names); loading a state dict into ``layers``
-    refreshes the copy. ``buffers``: register the views as non-persistent buffers (a teacher);
-    False keeps them plain attributes (a student under DDP, which would broadcast buffers every
-    forward). Returns the buffer."""
+    refreshes the copy. Its LayerNorms become ``DualLayerNorm`` (same Parameters), whose output
+    brings its bf16 rounding to the Linear that reads it. ``buffers``: register the views as
+    non-persistent buffers (a teacher); False keeps them plain attributes (a student under DDP,
+    which would broadcast buffers every forward). Returns the buffer."""
     shadow = flat.detach().to(dtype)
     base, size = flat.data_ptr(), flat.element_size()
 
@@ -200,10 +271,15 @@ def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = 
 
     for parent in list(layers.modules()):
         for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm and child.elementwise_affine:
+                norm = DualLayerNorm(child.normalized_shape, eps=child.eps, device="meta")
+                norm.weight, norm.bias = child.weight, child.bias  # the same Parameters
+                setattr(parent, name, norm)
             if type(child) is nn.Linear:
                 new = ShadowedLinear(child.in_features, child.out_features, bias=child.bias is not None,
                                      device="meta")
                 new.weight, new.bias = child.weight, child.bias  # the same Parameters: flat views, optimizer, EMA
+                new.sole_reader = name not in ("query", "key", "value")
                 w, b = view_of(child.weight), (view_of(child.bias) if child.bias is not None else None)
                 if buffers:
                     new.register_buffer("weight_shadow", w, persistent=False)

@@ -25,11 +25,13 @@ from .. import kernels as _k
 from ..kernels import ema as _ema
 from ..kernels import gather as _gather
 from ..kernels import loss as _loss
+from ..kernels import norm as _norm
 from ..kernels import targets as _targets
 from ..kernels.ema import flatten_params_
 from ..kernels import eager as _twin
 
-__all__ = ["build_targets", "ema_update_", "flatten_params_", "kernels_backend", "masked_gather", "masked_scatter",
+__all__ = ["build_targets", "ema_update_", "flatten_params_", "kernels_backend", "layer_norm_dual",
+           "layer_norm_dual_fwd", "masked_gather", "masked_scatter",
            "regression_loss", "representation_std", "set_kernels"]
 
 CHOICES = ("auto", "triton", "torch")
@@ -166,6 +168,48 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
     if shadow is not None:
         with torch.no_grad():
             shadow.copy_(torch.cat([t.detach().reshape(-1) for t in teacher]))
+
+
+def layer_norm_dual_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                        low: torch.dtype, stats: bool = True):
+    """``(y, y.to(low), mean, rstd)`` of a LayerNorm over the last dimension of fp32 ``x``: on
+    the Triton side one kernel writes both outputs; the twin is ``native_layer_norm`` and a cast.
+    ``stats=False``: no backward will follow, ``mean``/``rstd`` are None."""
+    if kernels_backend(x, "layer_norm_dual") == "triton":
+        return _norm.layer_norm_dual_fwd(x, weight, bias, eps, low, stats)
+    return _twin.layer_norm_dual_fwd(x, weight, bias, eps, low, stats)
+
+
+class _LayerNormDual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, low):
+        y, y_low, mean, rstd = layer_norm_dual_fwd(x, weight, bias, eps, low)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)  # an unused output gives None, not a tensor of zeros
+        return y, y_low
+
+    @staticmethod
+    def backward(ctx, grad, grad_low):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if grad is None and grad_low is None:
+            return None, None, None, None, None
+        # the two outputs' gradients summed in fp32, as autograd sums them after a cast's backward
+        g = grad_low.to(x.dtype) if grad is None else (grad if grad_low is None else grad + grad_low)
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            g, x, [x.shape[-1]], mean, rstd, weight, bias, list(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None, None
+
+
+def layer_norm_dual(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                    low: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dimension of fp32 ``x``, returned in fp32 and as its rounding to
+    ``low`` (bit for bit ``y.to(low)``), for a post-LN block under autocast whose output is both
+    the residual stream and the next Linear's input: forward writes both in one pass (Triton
+    side), backward sums the two gradients and runs ATen's LayerNorm backward, instead of a
+    cast, its backward and an add."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return layer_norm_dual_fwd(x, weight, bias, eps, low, stats=False)[:2]  # no backward: no statistics
+    return _LayerNormDual.apply(x, weight, bias, eps, low)
 
 
 def representation_std(x: torch.Tensor) -> torch.Tensor:
