@@ -574,7 +574,7 @@ def test_shadowed_linear_fp32_gradients_on_the_gpu_path(monkeypatch):
     torch.manual_seed(0)
     g2 = (torch.randn(4000, 40) * 3).to(torch.bfloat16)
     x2 = torch.randn(4000, 24).to(torch.bfloat16)
-    exact_b, exact_w = g2.double().sum(0), g2.double().t() @ x2.double()
+    exact_b = g2.double().sum(0)
     monkeypatch.setattr(encoder, "_fp32_grads", lambda t: False)
     b_auto, w_auto = encoder._bias_grad(g2, torch.float32), encoder._weight_grad(g2, x2, torch.float32)
     assert torch.equal(b_auto, g2.sum(0).float()) and torch.equal(w_auto, g2.t().mm(x2).float())
