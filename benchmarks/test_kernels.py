@@ -49,6 +49,7 @@ from d2v_fast import kernels  # noqa: E402
 from d2v_fast.kernels import ema as kema  # noqa: E402
 from d2v_fast.kernels import gather as kgather  # noqa: E402
 from d2v_fast.kernels import loss as kloss  # noqa: E402
+from d2v_fast.kernels import norm as knorm  # noqa: E402
 from d2v_fast.kernels import targets as ktargets  # noqa: E402
 from d2v_fast.kernels import eager as twin  # noqa: E402
 
@@ -420,3 +421,17 @@ def test_ema_update(benchmark, provider, student_dtype):
         fn = lambda: twin_fn(teacher, student, decay)  # noqa: E731
     s = {**s, "parameters": n, "student": student_dtype}
     run(benchmark, f"ema_update_{student_dtype}", provider, fn, n * (8 + student[0].element_size()), s, capturable=True)
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager"])
+def test_layer_norm_dual(benchmark, provider):
+    """A post-LN block's LayerNorm with its bf16 copy for the next Linear (``ops.layer_norm_dual``,
+    forward): `triton` one kernel writing both outputs and the statistics, `eager`
+    ``native_layer_norm`` then autocast's cast (two kernels)."""
+    s = shape_for(provider)
+    x = torch.randn(s["B"], s["T"], s["C"], device=DEVICE)
+    w, b = torch.randn(s["C"], device=DEVICE), torch.randn(s["C"], device=DEVICE)
+    fn = provider_fn(provider, lambda: knorm.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16),
+                     lambda: twin.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16))
+    n = x.numel()
+    run(benchmark, "layer_norm_dual", provider, fn, nbytes=n * (4 + 4 + 2), shape=s, capturable=True)
