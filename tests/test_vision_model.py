@@ -127,6 +127,7 @@ def test_drop_masked_keeps_cls_and_visible_patches_in_order():
     h = model.embeddings(pixels)
     kept = keep_visible(h, mask)
     assert kept.shape == (2, 15, 128)
+    assert torch.equal(keep_visible(h, mask, kept=14), kept)  # the count from the host: the same rows
     torch.testing.assert_close(kept[0], h[0, [0] + list(range(51, 65))])
     torch.testing.assert_close(kept[1], h[1, :15])
     out, _ = model.encode(pixels, mask, drop_masked=True)

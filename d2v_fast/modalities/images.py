@@ -211,7 +211,7 @@ class ImageStudent2(_ImageStudentMixin, Student2):
         mask = batch["mask"]  # [clones * B, N], clones of a sample adjacent
         enc = self.encoder
         x = F.dropout(enc.embeddings(pixels), enc.config.dropout, self.training)
-        h, _ = enc.run_layers(keep_visible(x, mask))  # [R, 1 + V, C]
+        h, _ = enc.run_layers(keep_visible(x, mask, batch.get("kept")))  # [R, 1 + V, C]
         h = enc.layernorm(h)
         self._cls_pred = h[:, 0]
         return h[:, 1:], None, ~mask, pixels.detach()

@@ -318,22 +318,25 @@ class LayerStack(nn.Module):
         self.layer = nn.ModuleList(Layer(cfg, rate) for rate in rates)
 
 
-def keep_visible(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def keep_visible(h: torch.Tensor, mask: torch.Tensor, kept: int | None = None) -> torch.Tensor:
     """[B, 1 + N, C] -> [R, 1 + V, C]: CLS and the unmasked patches of each mask row, in
     order (data2vec 2.0: only visible patches enter the student). ``mask`` is [R, N] with
     R = clones * B (clones of a sample adjacent), so the clones are gathered straight from
     ``h`` without materialising ``h.repeat_interleave(clones, 0)``. Every row must keep the
-    same number of patches (the inverse block mask guarantees it)."""
+    same number of patches (the inverse block mask guarantees it). ``kept``: that number,
+    when the caller read it from the batch's host copy (the trainer's ``--train.host_counts``):
+    no device reads; otherwise it is read here and every row checked."""
     from .. import ops  # the fused gather on CUDA, its eager twin elsewhere
 
     R, C = mask.shape[0], h.shape[-1]
-    counts = (~mask).sum(1)
-    V = int(counts[0])
-    if bool((counts != V).any()):
-        raise ValueError(f"keep_visible: rows keep {sorted(set(counts.tolist()))} patches; "
-                         f"every row must keep the same number")
+    if kept is None:
+        counts = (~mask).sum(1)
+        kept = int(counts[0])
+        if bool((counts != kept).any()):
+            raise ValueError(f"keep_visible: rows keep {sorted(set(counts.tolist()))} patches; "
+                             f"every row must keep the same number")
     keep = torch.cat([mask.new_ones(R, 1), ~mask], dim=1)
-    return ops.masked_gather(h, keep).view(R, 1 + V, C)
+    return ops.masked_gather(h, keep, R * (1 + kept)).view(R, 1 + kept, C)
 
 
 class GridDecoder(nn.Module):
