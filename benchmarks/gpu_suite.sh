@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything issue 13 measures, in one call on a fresh H100/H200 with the device image
+# Everything docs/performance.md measures on a GPU, in one call on a fresh H100/H200 with the device image
 # (Python 3.12, torch, triton, transformers, pytest-benchmark; no network):
 #
 #     bash benchmarks/gpu_suite.sh OUTDIR        (from the checkout's root; e.g. OUTDIR=$OUT)
@@ -98,7 +98,7 @@ stage step-d2v-32 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v
 stage step-d2v-64 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
 stage ablation 170 "${BENCH[@]}" --batch-size 64 --ablation --providers hf --steps 6 --warmup 2 --json "$OUTDIR/ablation.json"
 stage step-d2v2 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
-# speech (issue 15), base, 20 s crops (999 frames): data2vec at 8 utterances, data2vec2 at 4 (x 8 clones)
+# speech, base, 20 s crops (999 frames): data2vec at 8 utterances, data2vec2 at 4 (x 8 clones)
 ABENCH=($PY -m d2v_fast.bench --modality audio --config base --data.num_workers 0)
 stage step-audio-d2v 60 "${ABENCH[@]}" "${TIMED[@]}" --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 stage step-audio-d2v2 60 "${ABENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 4 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"

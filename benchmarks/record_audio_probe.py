@@ -1,6 +1,6 @@
 """Run the tiny speech default job (which ends with the built-in speaker probe) for the given
 recipes and seeds and record each run's probe result against its random-init floor in
-benchmarks/results/probe-default-job-audio-cpu.json, the file the README's speech probe
+benchmarks/results/probe-default-job-audio-cpu.json, the file docs/probe.md's speech probe
 numbers come from. Runs already in the file (same recipe and seed) are replaced, others kept.
 
     python benchmarks/record_audio_probe.py [--recipes data2vec,data2vec2] [--seeds 0,1] [--keep DIR]

@@ -1,5 +1,5 @@
 """Run the default job (`make pretrain`) and record its wall time and loss curve in
-benchmarks/results/default-job-<device>.json, the file the README's default-job numbers come from.
+benchmarks/results/default-job-<device>.json, the file the default-job numbers of README.md and docs/ come from.
 
     python benchmarks/record_default_job.py [--modality text|images] [--recipe data2vec|data2vec2] [extra pretrain flags ...]
 

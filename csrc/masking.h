@@ -1,4 +1,4 @@
-// Mask generation for the CPU data path (SPEC §1a, §1b).
+// Mask generation for the CPU data path (docs/data.md, docs/design.md#data).
 //
 // Both functions fill a whole batch in one call, split over std::threads by rows. A row's
 // mask depends only on (seed, epoch, index[, clone]) and its maskable pattern, never on

@@ -36,7 +36,7 @@ from .config import Config, parse_args
 from .errors import UsageError, cli_entry
 
 PROVIDERS = ("d2v_fast", "hf", "reference", "reference+compile")
-SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+RESERVED_IDS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 # The step's performance switches: --train.<name>, (value when on, value when off).
 ABLATION = {"skip_on_device": (True, False), "host_counts": (True, False), "cast_once": (True, False),
             "compile": ("blocks", "none"), "fused_qkv": (True, False), "bf16_teacher": (True, False),
@@ -48,7 +48,7 @@ class SyntheticCorpus:
     """Just what the trainer reads off a corpus, for benchmarking without data."""
 
     vocab_size: int = 50265
-    special_ids: dict = dataclasses.field(default_factory=lambda: dict(SPECIAL))
+    special_ids: dict = dataclasses.field(default_factory=lambda: dict(RESERVED_IDS))
     path: Path = Path("<synthetic>")
     meta: dict = dataclasses.field(default_factory=lambda: {"tokenizer": {"sha256": ""}, "source": {}})
 
@@ -72,12 +72,12 @@ def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> 
     T = cfg.data.seq_len
     items = []
     for i in range(batch_size):
-        ids = torch.randint(len(SPECIAL), vocab, (T,), generator=g)
-        ids[0], ids[-1] = SPECIAL["bos"], SPECIAL["eos"]
+        ids = torch.randint(len(RESERVED_IDS), vocab, (T,), generator=g)
+        ids[0], ids[-1] = RESERVED_IDS["bos"], RESERVED_IDS["eos"]
         items.append({"input_ids": ids, "index": i, "epoch": 0})
     from .modalities.text import masking_for
 
-    return MaskCollator(SPECIAL, masking_for(cfg.recipe), seed)(items)
+    return MaskCollator(RESERVED_IDS, masking_for(cfg.recipe), seed)(items)
 
 
 def device_name(device: torch.device) -> str:
@@ -126,7 +126,7 @@ class ReferenceStep:
             return
         from .reference.train import ReferenceStep as Step
 
-        self.step = Step(cfg, vocab, SPECIAL["pad"], device=device, compile=compile)
+        self.step = Step(cfg, vocab, RESERVED_IDS["pad"], device=device, compile=compile)
 
     def __call__(self, batch: dict) -> None:
         self.step([batch])
@@ -156,7 +156,7 @@ def make_step(provider: str, cfg: Config, device: torch.device, vocab: int):
             raise UsageError(f"--providers hf: text only; use d2v_fast,reference for --modality {cfg.modality}")
         from .reference.hf_step import HFData2VecStep
 
-        return HFData2VecStep(cfg, device, vocab, SPECIAL["pad"])
+        return HFData2VecStep(cfg, device, vocab, RESERVED_IDS["pad"])
     if provider == "reference":
         return ReferenceStep(cfg, device, vocab)
     if provider == "reference+compile":

@@ -82,7 +82,7 @@ def test_base_preset_builds_the_paper_model():
     with torch.device("meta"):
         model = build_model(dataclasses.replace(m, vocab_size=50265), r)
     n = model.student.encoder.num_params()
-    assert 84e6 < n < 86e6  # ~85M non-embedding parameters (SPEC §3)
+    assert 84e6 < n < 86e6  # ~85M non-embedding parameters (docs/design.md#flops)
     head = model.student.head
     assert [tuple(l.weight.shape) for l in head if isinstance(l, torch.nn.Linear)] == [(1536, 768), (768, 1536)]
     assert sum(p.numel() for p in model.teacher.parameters()) == n

@@ -127,8 +127,8 @@ class BlockSampler(Sampler):
 
 @dataclass
 class MaskingConfig:
-    """``span`` = data2vec text masking (SPEC §1a): special tokens and padding are never
-    masked. ``random`` = data2vec 2.0 (§1b): exactly ``int(L * mask_prob)`` of the ``L``
+    """``span`` = data2vec text masking (fairseq config/text/pretraining/base.yaml): special tokens and padding are never
+    masked. ``random`` = data2vec 2.0 (config/v2/base_text_only_task.yaml): exactly ``int(L * mask_prob)`` of the ``L``
     non-padding positions per clone (so every unpadded row keeps the same number of tokens
     and the student's input needs no padding mask)."""
 

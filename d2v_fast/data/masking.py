@@ -1,5 +1,5 @@
-"""Masks for pretraining: span masking (data2vec v1, SPEC §1a) and random clone masks
-(data2vec 2.0, SPEC §1b).
+"""Masks for pretraining: span masking (data2vec v1, fairseq config/text/pretraining/base.yaml) and random clone masks
+(data2vec 2.0, config/v2/base_text_only_task.yaml).
 
 Both functions mask a whole batch in one call to the C++ extension ``d2v_fast._C``
 (``csrc/masking.cpp``), split over threads by rows with the GIL released. When the

@@ -3,7 +3,7 @@ corpora and the built-in eSpeak NG corpus (``data/audio/``), the frame masks of 
 speech recipes made in the loader workers, students for data2vec (v1) and data2vec 2.0, and
 Hugging Face ``Data2VecAudioModel`` interop.
 
-Sources of the recipe values (SPEC §1c): fairseq ``examples/data2vec/config/audio/pretraining/
+Sources of the recipe values (docs/speech.md): fairseq ``examples/data2vec/config/audio/pretraining/
 base_librispeech.yaml`` with ``models/data2vec_audio.py`` (v1) and ``config/v2/
 base_audio_only_task.yaml`` with ``models/data2vec2.py`` and ``models/modalities/audio.py`` (2.0).
 

@@ -1,7 +1,7 @@
 """Images: data2vec (v1, the BEiT recipe of facebookresearch/data2vec_vision ``beit/``) and
 data2vec 2.0 (fairseq ``config/v2/base_images_only_task.yaml``, ``models/data2vec2.py``,
 ``models/modalities/images.py``) on the modality-agnostic core, exported as Hugging Face
-``Data2VecVisionModel`` (SPEC §1c).
+``Data2VecVisionModel`` (docs/images.md).
 
 What this module supplies to the core: the presets of both recipes (``tiny`` for CPU,
 ``base`` = ViT-B/16 at 224 with the published values), the corpus (a prepared image
@@ -9,7 +9,7 @@ corpus, or the built-in Fashion-MNIST photos), a loader whose workers make the p
 (C++ extension) and the augmentation parameters (and, when training on the CPU, the
 augmented pixels), the two students, the FLOP count per patch and the Hugging Face export.
 
-Where our 2.0 image model differs from the published one (README "Images"): it runs on
+Where our 2.0 image model differs from the published one (docs/images.md): it runs on
 the Hugging Face pre-LN block (``Data2VecVisionLayer``: no post-LN blocks, layer scale off,
 fixed sin-cos positions in ``embeddings.position_embeddings``), so that export stays an
 exact save; the published model uses post-LN blocks that ``Data2VecVisionModel`` cannot
@@ -48,7 +48,7 @@ _IMAGENET = 1_281_167
 
 RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
     # data2vec v1 images: data2vec_vision beit/README.md ViT-B command (run_cyclical.py,
-    # 16 GPUs x batch 128) and SPEC §1c.
+    # 16 GPUs x batch 128); docs/images.md.
     "data2vec": {
         "*": {
             "model": {"position_encoding": "relative", "layer_scale_init": 1e-4, "use_mask_token": True,
@@ -247,7 +247,7 @@ class ImageStudent2(_ImageStudentMixin, Student2):
 
 # ---------------------------------------------------------------------------- FLOPs
 def flops_per_patch(cfg) -> float:
-    """Model FLOPs of one training step per input patch (SPEC §3 conventions: 2 per
+    """Model FLOPs of one training step per input patch (docs/design.md#flops conventions: 2 per
     multiply-add forward, x3 with backward; N = block parameters). T = 1 + patches.
 
     data2vec: student fwd+bwd and teacher fwd over all T tokens (blocks 8N per token,

@@ -22,7 +22,7 @@ class TextStudent(Student):
     transformer blocks) shares the student's embeddings, computed again for the unmasked
     sentence without dropout. Where we differ from the public code on purpose: there the
     teacher's input holds only the masked positions' original tokens, with padding
-    elsewhere; we feed the full unmasked sentence, as the paper describes (SPEC §1a)."""
+    elsewhere; we feed the full unmasked sentence, as the paper describes (arXiv 2202.03555 §3)."""
 
     def __init__(self, enc: EncoderConfig, cfg):
         super().__init__(Encoder(enc), cfg, enc.hidden_size, enc.init_std)
@@ -94,7 +94,7 @@ def masking_for(recipe):
 
 
 def model_flops_per_token(cfg) -> float:
-    """Model FLOPs of one training step per input token (SPEC §3), N = non-embedding
+    """Model FLOPs of one training step per input token (docs/design.md#flops), N = non-embedding
     encoder parameters. data2vec: student fwd+bwd 6N, teacher fwd 2N, attention
     12·L·T·C (student) + 4·L·T·C (teacher). data2vec2: the teacher as above, the student
     on clones·(1-p) of the tokens at length (1-p)·T, the conv decoder on every position of
