@@ -16,7 +16,7 @@
 #   audio     python -m d2v_fast.bench --modality audio, base, 20 s crops: data2vec at batch 8,
 #             data2vec2 at batch 4 (32 clone rows); d2v_fast and reference (into step.jsonl)
 #   ablation  data2vec base batch 64, one process: hf, then d2v_fast with every switch of
-#             d2v_fast.bench.ABLATION on, each off in turn, all at their defaults
+#             d2v_fast.steptimer.ABLATION on, each off in turn, all at their defaults
 #   images    which SDPA kernel the v1 (BEiT) attention with its relative position bias runs
 #             at bf16 with a gradient (printed to suite.log); the image step, ViT-B/16 at 224:
 #             data2vec batch 64 and data2vec2 batch 16 (x 16 clones), d2v_fast and reference

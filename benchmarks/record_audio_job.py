@@ -34,7 +34,7 @@ def _timed(argv: list[str], env: dict) -> float:
 
 def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
-    from d2v_fast.bench import environment
+    from d2v_fast.steptimer import environment
 
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--keep", metavar="DIR", help="keep the run directories under DIR (default: a temporary directory)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from d2v_fast.bench import environment
+    from d2v_fast.steptimer import environment
 
     info = environment(torch.device("cpu"))
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

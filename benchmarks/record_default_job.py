@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str]) -> int:
-    from d2v_fast.bench import environment
+    from d2v_fast.steptimer import environment
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"

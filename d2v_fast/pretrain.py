@@ -195,7 +195,8 @@ def run(argv=None) -> int:
                 f"logging interval(s), steps {first['step']}-{last['step']}); {trainer.skipped} update(s) skipped; "
                 f"encoder saved to {out / ckpt.ENCODER_FILE}", file=sys.stderr)
         if rank == 0 and probing:
-            from .probe import details, probe_path, summary
+            from .linear_probe import details, summary
+            from .probing import probe_path
 
             say("linear probe of the encoder against a random-init floor (--train.probe_task none skips it)",
                 file=sys.stderr)

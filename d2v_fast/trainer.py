@@ -734,12 +734,12 @@ class Trainer:
         return history
 
     def probe(self) -> dict | None:
-        """Linear probe (``d2v_fast.probe``, no random-init floor) of the student encoder as
+        """Linear probe (``d2v_fast.linear_probe``, no random-init floor) of the student encoder as
         it is now; rank 0 logs ``probe_accuracy``/``probe_macro_f1`` to metrics.jsonl and
         returns the result. Collective under FSDP (the weights are gathered). It draws no
         random numbers and leaves the encoder in training mode, so probing does not change
         the run."""
-        from .probe import load_task, probe_encoder
+        from .modalities.text import load_task, probe_encoder
 
         if not self.modality.has_probe:
             return None

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from d2v_fast.bench import RESERVED_IDS, SyntheticCorpus, synthetic_batch
+from d2v_fast.steptimer import RESERVED_IDS, SyntheticCorpus, synthetic_batch
 from d2v_fast.config import preset
 from d2v_fast.errors import UsageError
 from d2v_fast.trainer import Trainer

@@ -380,11 +380,11 @@ IMAGE_FLOOR_INITS = 1
 
 def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor_inits: int | None = None, seed: int = 0,
                  device="cpu", task_name: str | None = None, progress: bool = False) -> dict:
-    """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.probe``'s
+    """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.linear_probe``'s
     classifier), and for the floor the same architecture at ``floor_inits`` random
     initialisations (default ``IMAGE_FLOOR_INITS``). ``task_name`` describes the task in
     the result (default: the corpus's path and its classes)."""
-    from ..probe import probe_with_floor
+    from ..linear_probe import probe_with_floor
 
     task = image_probe_task(corpus)
     head = {"task": task_name or f"{task.source}: its {len(task.classes)} image classes",
@@ -399,7 +399,7 @@ def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor_inits: in
 
 def is_image_model(path) -> bool:
     """Whether ``path`` is a run directory of an image run or a ``Data2VecVisionModel`` export."""
-    from ..probe import is_model_dir
+    from ..linear_probe import is_model_dir
 
     return is_model_dir(path, "images", "data2vec-vision")
 
@@ -409,8 +409,8 @@ def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, flo
     """``python -m d2v_fast.probe`` for an image run directory or export: the encoder on
     its run's corpus (an export, or a run whose corpus has no labelled held-out split: the
     built-in Fashion-MNIST photos, which the result and a line on stderr say)."""
-    from ..export import load_pretrained
-    from ..probe import PROBE_FILE, write_result
+    from ..pretrained import load_pretrained
+    from ..linear_probe import PROBE_FILE, write_result
 
     path = Path(path)
     kind, corpus_dir = "run", None
