@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_fast.data import masking
+from d2v_fast.data.text import masking
 from d2v_fast.reference import masking as reference
 
 B, T = 256, 512

@@ -80,7 +80,7 @@ def _check_probe_task(cfg, modality) -> bool:
     """Whether the run ends with a probe; a bad task file stops now, not after training."""
     probing = modality.has_probe and cfg.train.probe_task != "none"
     if probing and cfg.train.probe_task != "builtin":
-        from .data.probe_task import read_task
+        from .data.text.probe_task import read_task
 
         read_task(cfg.train.probe_task, flag="--train.probe_task")
     return probing

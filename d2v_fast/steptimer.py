@@ -40,7 +40,7 @@ class SyntheticCorpus:
 def synthetic_batch(cfg: Config, batch_size: int, vocab: int, seed: int = 0) -> dict:
     """Unpadded ``<s> … </s>`` blocks with span masks, as the MaskCollator makes them; for
     speech, unit-variance noise waveforms of ``data.max_samples`` with the recipe's frame masks."""
-    from .data.dataset import MaskCollator
+    from .data.text.dataset import MaskCollator
 
     g = torch.Generator().manual_seed(seed)
     if cfg.modality == "audio":

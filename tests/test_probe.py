@@ -12,9 +12,10 @@ import torch
 from d2v_fast import linear_probe, probe
 from d2v_fast.modalities import text as text_probe
 from d2v_fast.checkpoint import ENCODER_FILE, save_encoder
-from d2v_fast.data import builtin
-from d2v_fast.data.corpus import open_corpus, read_meta
-from d2v_fast.data.probe_task import Task, read_task, split_by_document
+from d2v_fast.data.text import builtin
+from d2v_fast.data.text.corpus import open_corpus, read_meta
+from d2v_fast.data.text.probe_task import Task, read_task
+from d2v_fast.data.probe_task import split_by_document
 from d2v_fast.models.encoder import ENCODER_PRESETS, Encoder, EncoderConfig
 from d2v_fast.trainer import Trainer
 

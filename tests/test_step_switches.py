@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from d2v_fast import kernels, ops
-from d2v_fast.data.corpus import open_corpus
+from d2v_fast.data.text.corpus import open_corpus
 from d2v_fast.config import validate
 from d2v_fast.errors import UsageError
 from d2v_fast.kernels import ema as kema

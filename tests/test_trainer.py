@@ -19,7 +19,7 @@ from d2v_fast import load_pretrained
 from d2v_fast import pretrain
 from d2v_fast.checkpoint import load_checkpoint
 from d2v_fast.config import preset
-from d2v_fast.data.corpus import open_corpus
+from d2v_fast.data.text.corpus import open_corpus
 from d2v_fast.models import Encoder, EncoderConfig
 from d2v_fast.recipes import RecipeConfig, build_model
 from d2v_fast.reference.train import reference_losses

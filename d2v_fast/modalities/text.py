@@ -90,7 +90,7 @@ class TextStudent2(Student2):
 
 
 def masking_for(recipe):
-    from ..data.dataset import MaskingConfig
+    from ..data.text.dataset import MaskingConfig
 
     if recipe.name == "data2vec2":
         return MaskingConfig("random", recipe.mask_prob, clones=recipe.clones)
@@ -169,8 +169,8 @@ class TextModality(Modality):
 
     # ---------------------------------------------------------------- data
     def open_corpus(self, cfg, *, rank: int = 0):
-        from ..data.builtin import builtin_corpus
-        from ..data.corpus import open_corpus
+        from ..data.text.builtin import builtin_corpus
+        from ..data.text.corpus import open_corpus
 
         return open_corpus(cfg.data.path) if cfg.data.path else open_corpus(builtin_corpus(progress=rank == 0))
 
@@ -179,7 +179,7 @@ class TextModality(Modality):
         return f"{corpus.meta.get('source', {}).get('fingerprint', '')}:{corpus.meta['tokenizer']['sha256']}"
 
     def verify_corpus(self, corpus) -> None:
-        from ..data.corpus import verify_corpus
+        from ..data.text.corpus import verify_corpus
 
         verify_corpus(corpus)
 
@@ -200,7 +200,7 @@ class TextModality(Modality):
                 f"corpus {corpus.path}")
 
     def loader(self, corpus, cfg, *, micro_batch_size, epoch, start, rank, world_size):
-        from ..data.dataset import build_dataloader
+        from ..data.text.dataset import build_dataloader
 
         t, d = cfg.train, cfg.data
         return build_dataloader(
@@ -275,7 +275,7 @@ def _hf_encoder(path: Path) -> Encoder:
 def load_probed(path: str | os.PathLike) -> Probed:
     """The frozen encoder and tokenizer of a run directory or a Hugging Face model directory."""
     from .. import checkpoint as ckpt
-    from ..data.tokenizer import load_tokenizer
+    from ..data.text.tokenizer import load_tokenizer
     from ..pretrained import load_pretrained
 
     path = Path(path)
@@ -347,10 +347,10 @@ def mean_pooled(encoder: Encoder, ids: list[list[int]], *, batch_size: int = DEF
 
 def load_task(task: str | os.PathLike | None, *, progress: bool = False):
     """A task file, or the built-in task (None or "builtin")."""
-    from ..data.probe_task import read_task
+    from ..data.text.probe_task import read_task
 
     if task is None or str(task) == "builtin":
-        from ..data.builtin import builtin_probe_task
+        from ..data.text.builtin import builtin_probe_task
 
         return read_task(builtin_probe_task(progress=progress), flag="built-in task")
     return read_task(task)
@@ -384,7 +384,7 @@ def held_out(probed: Probed, task) -> bool | None:
     True when that corpus records this very task file as held out, None when unknown."""
     import hashlib
 
-    from ..data.corpus import read_meta
+    from ..data.text.corpus import read_meta
 
     if probed.corpus is None or not Path(task.source).is_file():
         return None

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 # docs/design.md#hf-layout: <s>=0 <pad>=1 </s>=2 <unk>=3, then <mask> (lstrip=True, like RoBERTa's).
 ROBERTA_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
