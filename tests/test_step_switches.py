@@ -428,7 +428,7 @@ def test_cast_once_casts_the_student_weights_once_per_update(builtin_cache, tmp_
 
 # ----------------------------------------------------------------------------- micro-batch size
 def test_largest_fitting_divisor():
-    from d2v_fast.trainer import largest_fitting_divisor
+    from d2v_fast.autobatch import largest_fitting_divisor
 
     tried = []
 
