@@ -109,3 +109,32 @@ def test_the_help_the_readme_names_runs():
     res = subprocess.run([sys.executable, "-m", "d2v_fast.pretrain", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert res.returncode == 0 and "--optim.lr" in res.stdout and "--modality" in res.stdout
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for a in parts[i:]:
+                obj = getattr(obj, a)
+            return True
+        except AttributeError:
+            return False
+    return False
+
+
+def test_the_docs_name_files_and_modules_that_exist():
+    """A path or a ``d2v_fast.x.y`` the README or docs/ name is there (they moved with the code)."""
+    bad = []
+    for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = f.read_text()
+        for path in re.findall(r"(?<![\w/])((?:d2v_fast|tests|benchmarks|csrc|examples)/[\w/.-]+\.(?:py|sh|cpp|h|jsonl|json))",
+                               text):
+            if not (ROOT / path).exists():
+                bad.append((f.name, path))
+        bad += [(f.name, m) for m in re.findall(r"(?<![\w.])(d2v_fast(?:\.\w+)+)", text) if not _resolves(m)]
+    assert bad == []

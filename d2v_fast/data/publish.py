@@ -132,10 +132,11 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def corpus_parser(prog: str, description: str, inputs: str, more) -> argparse.ArgumentParser:
+def corpus_parser(*, prog: str, description: str, inputs: str, more) -> argparse.ArgumentParser:
     """A preparation command's parser: ``--input`` (``inputs`` says what it takes) and ``--out``,
     then the modality's own flags (``more(parser)``), then ``--force`` and ``--quiet``."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=inputs)
     p.add_argument("--out", required=True, metavar="DIR", help="corpus directory to write")
     more(p)

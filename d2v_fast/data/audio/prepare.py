@@ -35,7 +35,8 @@ import numpy as np
 from ... import __version__
 from ...errors import UsageError, cli_entry
 from ..inputs import expand_inputs
-from ..publish import _describe_files, _say, already_prepared, corpus_parser, default_workers, finish_corpus, new_staging
+from ..publish import (_describe_files, _say, already_prepared, corpus_parser, default_workers, finish_corpus,
+                       new_staging)
 from .corpus import DTYPES, FORMAT, FORMAT_VERSION, SAMPLE_RATE, AudioShardWriter, read_audio_meta
 from .resample import MAX_FILTER_TAPS, filter_taps, resample
 
@@ -287,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         # whole argument list over unchanged
         p.add_argument("--modality", choices=("audio",), default="audio", help=argparse.SUPPRESS)
 
-    return corpus_parser("python -m d2v_fast.data.audio", __doc__.split("\n\n")[0],
-                         f"{'/'.join(SUFFIXES)} files, directories (searched recursively) or globs", more)
+    return corpus_parser(prog="python -m d2v_fast.data.audio", description=__doc__.split("\n\n")[0],
+                         inputs=f"{'/'.join(SUFFIXES)} files, directories (searched recursively) or globs",
+                         more=more)
 
 
 @cli_entry

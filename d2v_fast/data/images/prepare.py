@@ -269,13 +269,15 @@ def _bar(progress: bool, total: int):
 
 def build_parser() -> argparse.ArgumentParser:
     def more(p):
-        p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="stored side in pixels (shorter side, centre crop)")
+        p.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                       help="stored side in pixels (shorter side, centre crop)")
         p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
         p.add_argument("--skip-bad", action="store_true",
                        help="warn about and skip unreadable or truncated images instead of stopping")
 
-    return corpus_parser("python -m d2v_fast.data.images.prepare", __doc__.split("\n\n")[0],
-                         "directories (searched recursively; DIR/<class>/<image> gives labels) or image files", more)
+    return corpus_parser(prog="python -m d2v_fast.data.images.prepare", description=__doc__.split("\n\n")[0],
+                         inputs="directories (searched recursively; DIR/<class>/<image> gives labels) or image files",
+                         more=more)
 
 
 @cli_entry

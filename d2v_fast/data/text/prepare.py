@@ -23,7 +23,8 @@ import numpy as np
 
 from ... import __version__
 from ...errors import UsageError, cli_entry
-from ..publish import _describe_files, _say, already_prepared, corpus_parser, default_workers, finish_corpus, new_staging
+from ..publish import (_describe_files, _say, already_prepared, corpus_parser, default_workers, finish_corpus,
+                       new_staging)
 from .corpus import FORMAT, FORMAT_VERSION, ShardWriter, read_meta, token_dtype
 from .sources import check_inputs, expand_inputs, iter_documents
 from .tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe
@@ -223,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
         p.add_argument("--min-frequency", type=int, default=2, help="BPE: minimum pair frequency to merge")
 
-    return corpus_parser("python -m d2v_fast.data.prepare", __doc__.split("\n\n")[0],
-                         ".txt/.jsonl files (optionally .gz), directories or globs", more)
+    return corpus_parser(prog="python -m d2v_fast.data.prepare", description=__doc__.split("\n\n")[0],
+                         inputs=".txt/.jsonl files (optionally .gz), directories or globs", more=more)
 
 
 @cli_entry
