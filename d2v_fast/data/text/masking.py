@@ -54,10 +54,8 @@ def span_mask(
     Returns:
         bool [B, T], True at masked positions.
     """
-    maskable, indices = _check_batch(maskable, indices)
-    mask_prob = _check_mask_prob(mask_prob)
-    span = _check_count("span", span, "the number of maskable positions each span covers")
-    seed, epoch = _as_u64("seed", seed), _as_u64("epoch", epoch)
+    maskable, indices, mask_prob, span, seed, epoch = _checked(
+        maskable, indices, mask_prob, ("span", span, "the number of maskable positions each span covers"), seed, epoch)
     if _C is not None:
         return _C.span_mask(maskable, mask_prob, span, seed, epoch, indices)
     return _span_mask_python(maskable, mask_prob, span, seed, epoch, indices)
@@ -81,13 +79,18 @@ def random_mask(
         bool [B * clones, T]; row ``b * clones + c`` is clone c of sample b (clones of a
         sample are adjacent, matching ``x.repeat_interleave(clones, 0)``).
     """
-    maskable, indices = _check_batch(maskable, indices)
-    mask_prob = _check_mask_prob(mask_prob)
-    clones = _check_count("clones", clones, "the number of masks per sample")
-    seed, epoch = _as_u64("seed", seed), _as_u64("epoch", epoch)
+    maskable, indices, mask_prob, clones, seed, epoch = _checked(
+        maskable, indices, mask_prob, ("clones", clones, "the number of masks per sample"), seed, epoch)
     if _C is not None:
         return _C.random_mask(maskable, mask_prob, seed, epoch, indices, clones)
     return _random_mask_python(maskable, mask_prob, seed, epoch, indices, clones)
+
+
+def _checked(maskable, indices, mask_prob, count, seed, epoch) -> tuple:
+    """Both masks' arguments, checked in this order; ``count``: (name, value, what it counts)."""
+    maskable, indices = _check_batch(maskable, indices)
+    return (maskable, indices, _check_mask_prob(mask_prob), _check_count(*count), _as_u64("seed", seed),
+            _as_u64("epoch", epoch))
 
 
 def _check_batch(maskable, indices) -> tuple[torch.Tensor, torch.Tensor]:
