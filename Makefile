@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # Used only when no torch is importable; an existing torch is always kept.
 # On our CPU machines this resolves to the local CPU wheel.
-TORCH_SPEC ?= torch==2.13.0
+TORCH_REQUIREMENT ?= torch==2.13.0
 NPROC ?= 1
 ARGS ?=
 STAMP := .make/installed
@@ -24,7 +24,7 @@ install:
 	fi
 
 _install:
-	@$(PYTHON) -c "import torch" >/dev/null 2>&1 || $(PIP) install "$(TORCH_SPEC)"
+	@$(PYTHON) -c "import torch" >/dev/null 2>&1 || $(PIP) install "$(TORCH_REQUIREMENT)"
 	$(PIP) install "setuptools>=64" wheel ninja "pybind11>=2.10"
 	$(PIP) install --no-build-isolation -e ".[dev]"
 	cd / && $(PYTHON) -c "import d2v_fast._C"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything issue 13 measures, in one call on a fresh H100/H200 with the device image
+# Everything docs/performance.md measures on a GPU, in one call on a fresh H100/H200 with the device image
 # (Python 3.12, torch, triton, transformers, pytest-benchmark; no network):
 #
 #     bash benchmarks/gpu_suite.sh OUTDIR        (from the checkout's root; e.g. OUTDIR=$OUT)
@@ -16,7 +16,7 @@
 #   audio     python -m d2v_fast.bench --modality audio, base, 20 s crops: data2vec at batch 8,
 #             data2vec2 at batch 4 (32 clone rows); d2v_fast and reference (into step.jsonl)
 #   ablation  data2vec base batch 64, one process: hf, then d2v_fast with every switch of
-#             d2v_fast.bench.ABLATION on, each off in turn, all at their defaults
+#             d2v_fast.steptimer.ABLATION on, each off in turn, all at their defaults
 #   images    which SDPA kernel the v1 (BEiT) attention with its relative position bias runs
 #             at bf16 with a gradient (printed to suite.log); the image step, ViT-B/16 at 224:
 #             data2vec batch 64 and data2vec2 batch 16 (x 16 clones), d2v_fast and reference
@@ -98,7 +98,7 @@ stage step-d2v-32 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v
 stage step-d2v-64 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
 stage ablation 170 "${BENCH[@]}" --batch-size 64 --ablation --providers hf --steps 6 --warmup 2 --json "$OUTDIR/ablation.json"
 stage step-d2v2 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
-# speech (issue 15), base, 20 s crops (999 frames): data2vec at 8 utterances, data2vec2 at 4 (x 8 clones)
+# speech, base, 20 s crops (999 frames): data2vec at 8 utterances, data2vec2 at 4 (x 8 clones)
 ABENCH=($PY -m d2v_fast.bench --modality audio --config base --data.num_workers 0)
 stage step-audio-d2v 60 "${ABENCH[@]}" "${TIMED[@]}" --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 stage step-audio-d2v2 60 "${ABENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 4 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"

@@ -1,6 +1,6 @@
-"""Run the tiny speech job on the built-in speech corpus with the README's launch command and
+"""Run the tiny speech job on the built-in speech corpus with the documented launch command and
 record its wall time, loss curve and throughput in
-benchmarks/results/audio-job-<recipe>-<device>.json, the file the README's speech numbers come
+benchmarks/results/audio-job-<recipe>-<device>.json, the file docs/speech.md's numbers come
 from. The built-in speech corpus and the speech probe's task are first built in a fresh cache
 and timed on their own (``corpus_build_s``, ``probe_task_build_s``), so ``wall_s`` is the job
 itself (training and its end-of-job probe).
@@ -34,7 +34,7 @@ def _timed(argv: list[str], env: dict) -> float:
 
 def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
-    from d2v_fast.bench import environment
+    from d2v_fast.steptimer import environment
 
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),

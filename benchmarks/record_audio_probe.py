@@ -1,6 +1,6 @@
 """Run the tiny speech default job (which ends with the built-in speaker probe) for the given
 recipes and seeds and record each run's probe result against its random-init floor in
-benchmarks/results/probe-default-job-audio-cpu.json, the file the README's speech probe
+benchmarks/results/probe-default-job-audio-cpu.json, the file docs/probe.md's speech probe
 numbers come from. Runs already in the file (same recipe and seed) are replaced, others kept.
 
     python benchmarks/record_audio_probe.py [--recipes data2vec,data2vec2] [--seeds 0,1] [--keep DIR]
@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--keep", metavar="DIR", help="keep the run directories under DIR (default: a temporary directory)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from d2v_fast.bench import environment
+    from d2v_fast.steptimer import environment
 
     info = environment(torch.device("cpu"))
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

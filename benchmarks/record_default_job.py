@@ -1,5 +1,5 @@
 """Run the default job (`make pretrain`) and record its wall time and loss curve in
-benchmarks/results/default-job-<device>.json, the file the README's default-job numbers come from.
+benchmarks/results/default-job-<device>.json, the file the default-job numbers of README.md and docs/ come from.
 
     python benchmarks/record_default_job.py [--modality text|images] [--recipe data2vec|data2vec2] [extra pretrain flags ...]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str]) -> int:
-    from d2v_fast.bench import environment
+    from d2v_fast.steptimer import environment
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from d2v_fast.bench import environment
-from d2v_fast.data.builtin import builtin_corpus
-from d2v_fast.data.corpus import open_corpus
-from d2v_fast.data.dataset import MaskingConfig, build_dataloader
+from d2v_fast.steptimer import environment
+from d2v_fast.data.text.builtin import builtin_corpus
+from d2v_fast.data.text.corpus import open_corpus
+from d2v_fast.data.text.dataset import MaskingConfig, build_dataloader
 
 import torch
 

@@ -1,5 +1,5 @@
 """Host time of one op call, without the GPU work: what the Python side of each fused op
-costs before its kernel runs (issue 13: at batch 32 the host needed ~66 ms to launch a step
+costs before its kernel runs (docs/performance.md: at batch 32 the host needed ~66 ms to launch a step
 whose GPU work was ~47 ms, and the masked gather, scatter and loss measured slower than
 their eager twins at base shapes).
 

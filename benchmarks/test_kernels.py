@@ -1,4 +1,4 @@
-"""Fused kernels vs their eager twins (SPEC §3): providers `triton` (d2v_fast/kernels),
+"""Fused kernels vs their eager twins (docs/design.md#kernels): providers `triton` (d2v_fast/kernels),
 `triton+custom_op` (the same kernels reached through their torch.library custom ops, as
 under torch.compile, instead of the direct autograd Functions: the difference is host
 time), `triton_split` (build_targets' two-pass instance norm, ``D2V_TARGETS_TIME=split``), `eager` (d2v_fast/kernels/eager.py) and `compiled` (torch.compile of the eager twin).
@@ -18,7 +18,7 @@ alone; `time_ms - device_ms` is what the host adds (Python, dispatch, launches, 
 Calls that synchronise cannot be captured and say why; the `*_counted` rows are the gather
 and the targets with the masked-row count given (`--train.host_counts`), which can.
 
-The `*_clones` rows are data2vec 2.0 multi-mask (SPEC §1b) at its text-base shape: B=64
+The `*_clones` rows are data2vec 2.0 multi-mask (docs/design.md#recipes) at its text-base shape: B=64
 samples, clone_batch 8, T=512, C=768, K=12 layers, exactly int(0.48*T) masked per clone;
 targets at the masked rows of every clone (computed once per sample), the gather of the
 student's kept rows of every clone straight from the un-cloned ``[B, T, C]`` batch.
@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # CPU: the kernels can only run in Triton's interpreter (SPEC §5)
+if not torch.cuda.is_available():  # CPU: the kernels can only run in Triton's interpreter (docs/design.md#interpreter)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from d2v_fast import kernels  # noqa: E402
@@ -55,9 +55,9 @@ from d2v_fast.kernels import eager as twin  # noqa: E402
 
 CUDA = torch.cuda.is_available() and kernels.AVAILABLE and not kernels.is_interpreted(kgather._move_rows_kernel)
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32  # the interpreter computes in fp32 (SPEC §5)
-MASK_PROB = 0.31  # data2vec text v1 span masking masks ~31% of the tokens (SPEC §1a)
-MASK_PROB_V2 = 0.48  # data2vec 2.0: exactly int(0.48 * T) per clone (SPEC §1b)
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # the interpreter computes in fp32 (docs/design.md#interpreter)
+MASK_PROB = 0.31  # data2vec text v1 span masking masks ~31% of the tokens (fairseq config/text/pretraining/base.yaml)
+MASK_PROB_V2 = 0.48  # data2vec 2.0: exactly int(0.48 * T) per clone (config/v2/base_text_only_task.yaml)
 CLONES = 8  # data2vec 2.0 clone_batch
 BETA = 4.0
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -74,7 +74,7 @@ def shape_for(provider: str) -> dict:
 
 
 def shape_for_clones(provider: str) -> dict:
-    """data2vec 2.0 text base (SPEC §1b); tiny on the CPU."""
+    """data2vec 2.0 text base (config/v2/base_text_only_task.yaml); tiny on the CPU."""
     if CUDA:
         return dict(B=64, clones=CLONES, T=512, C=768, K=12)
     if provider.startswith("triton"):
@@ -303,7 +303,7 @@ def test_build_targets(benchmark, provider, counted):
 
 @pytest.mark.parametrize("provider", ["triton", "triton_split", "eager"])
 def test_build_targets_speech(benchmark, provider):
-    """data2vec speech base (SPEC §1c): top-8 layers, instance norm over T = 999 frames (20 s
+    """data2vec speech base (docs/speech.md): top-8 layers, instance norm over T = 999 frames (20 s
     crops), 8 utterances, ~48% of the frames masked (1 - exp(-0.65)), count given. The long
     time axis leaves the one-pass kernel 8-channel (16-byte) tiles: the split method's case."""
     if CUDA:

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_fast.data import masking
+from d2v_fast.data.text import masking
 from d2v_fast.reference import masking as reference
 
 B, T = 256, 512
-SPAN = dict(mask_prob=0.35, span=4)  # data2vec text v1 (SPEC §1a)
-RANDOM = dict(mask_prob=0.48, clones=8)  # data2vec 2.0 text (SPEC §1b)
+SPAN = dict(mask_prob=0.35, span=4)  # data2vec text v1 (fairseq config/text/pretraining/base.yaml)
+RANDOM = dict(mask_prob=0.48, clones=8)  # data2vec 2.0 text (config/v2/base_text_only_task.yaml)
 MIN_SPEEDUP = 20.0  # C++ span_mask vs the NumPy loop, 2-core CPU
 RESULTS_PATH = Path(__file__).parent / "results" / "masking-cpu.json"
 

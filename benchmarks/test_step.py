@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_fast.bench import PROVIDERS, environment, make_step, measure_batch, result_row
+from d2v_fast.steptimer import PROVIDERS, environment, make_step, measure_batch, result_row
 from d2v_fast.config import preset
 
 CUDA = torch.cuda.is_available()
@@ -54,7 +54,7 @@ def _sync():
 
 def time_steps(benchmark, provider: str, cfg, batch_size: int, *, rounds: int, warmup: int) -> dict:
     """Build the provider's step and batch and warm it up untimed, then time ``rounds`` single
-    steps through ``benchmark``; the row (as ``d2v_fast.bench.measure`` writes it) from the
+    steps through ``benchmark``; the row (as ``d2v_fast.steptimer.measure`` writes it) from the
     median step."""
     batch = measure_batch(cfg, DEVICE, batch_size, VOCAB)
     step = make_step(provider, cfg, DEVICE, VOCAB)

@@ -1,4 +1,4 @@
-// Frame masks for speech (SPEC §1c): the span masks of both published audio recipes
+// Frame masks for speech (docs/speech.md): the span masks of both published audio recipes
 // (fairseq compute_mask_indices with static spans, min_masks, require_same_masks). A row's
 // spans depend only on (seed, epoch, index, clone) and the arguments; the thinning to the
 // batch's smallest count also on that count. d2v_fast/data/audio/masking.py holds the

@@ -1,4 +1,4 @@
-// Patch masks for images (SPEC §1c): BEiT block masking (data2vec v1) and inverse block
+// Patch masks for images (docs/images.md): BEiT block masking (data2vec v1) and inverse block
 // masking (data2vec 2.0). A row's mask depends only on (seed, epoch, index[, clone]) and
 // the arguments; d2v_fast/data/images/masking.py holds the bit-identical Python twin and
 // documents the algorithms.

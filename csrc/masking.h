@@ -1,8 +1,8 @@
-// Mask generation for the CPU data path (SPEC §1a, §1b).
+// Mask generation for the CPU data path (docs/data.md, docs/design.md#data).
 //
 // Both functions fill a whole batch in one call, split over std::threads by rows. A row's
 // mask depends only on (seed, epoch, index[, clone]) and its maskable pattern, never on
-// the batch it sits in or the thread count. d2v_fast/data/masking.py holds the
+// the batch it sits in or the thread count. d2v_fast/data/text/masking.py holds the
 // bit-identical pure-Python twin and documents the algorithm.
 #pragma once
 

@@ -8,6 +8,6 @@ def load_pretrained(path, map_location="cpu"):
     (its ``encoder.safetensors``, else its newest complete checkpoint), a checkpoint directory, or
     an ``encoder.safetensors`` / ``encoder.json`` file; nothing in the files is run. ``forward(input_ids, attention_mask=None)`` returns the last hidden
     state ``[B, T, C]``."""
-    from .export import load_pretrained as _load
+    from .pretrained import load_pretrained as _load
 
     return _load(path, map_location=map_location)

@@ -71,7 +71,7 @@ class TrainConfig:
     max_skipped_steps: int = 10  # stop after this many updates in a row with non-finite loss/gradients
     # Performance switches, each computing the same update; on by default wherever the run can use
     # them (Trainer.effective_switches; the start-up line lists those on), measured on the CPU by
-    # python -m d2v_fast.bench --cost (docs in the README's performance section).
+    # python -m d2v_fast.bench --cost (docs/performance.md).
     skip_on_device: bool = True  # non-finite skip decided on the device (fused AdamW found_inf, EMA store mask)
     host_counts: bool = True  # masked-row counts taken from the CPU batch: gathers and targets allocate without a sync
     # none | blocks (torch.compile of every student and teacher encoder block) | blocks-cudagraphs

@@ -430,7 +430,7 @@ def cost_config(modality: str, recipe: str, size: str = "base", **train) -> "obj
 
 
 def _make(provider: str, cfg, device, vocab: int = 50265):
-    from .bench import make_step, measure_batch
+    from .steptimer import make_step, measure_batch
 
     return make_step(provider, cfg, device, vocab), measure_batch(cfg, device, vocab=vocab)
 
@@ -598,7 +598,7 @@ def main(argv: list[str]) -> int:
     import argparse
     from pathlib import Path
 
-    from .bench import environment
+    from .steptimer import environment
     from .checkpoint import atomic_write_json
     from .errors import UsageError
 

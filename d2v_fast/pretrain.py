@@ -80,7 +80,7 @@ def _check_probe_task(cfg, modality) -> bool:
     """Whether the run ends with a probe; a bad task file stops now, not after training."""
     probing = modality.has_probe and cfg.train.probe_task != "none"
     if probing and cfg.train.probe_task != "builtin":
-        from .data.probe_task import read_task
+        from .data.text.probe_task import read_task
 
         read_task(cfg.train.probe_task, flag="--train.probe_task")
     return probing
@@ -195,7 +195,8 @@ def run(argv=None) -> int:
                 f"logging interval(s), steps {first['step']}-{last['step']}); {trainer.skipped} update(s) skipped; "
                 f"encoder saved to {out / ckpt.ENCODER_FILE}", file=sys.stderr)
         if rank == 0 and probing:
-            from .probe import details, probe_path, summary
+            from .linear_probe import details, summary
+            from .probing import probe_path
 
             say("linear probe of the encoder against a random-init floor (--train.probe_task none skips it)",
                 file=sys.stderr)

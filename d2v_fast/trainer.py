@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -23,11 +22,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from . import ops
+from .autobatch import MicroBatchSearch
 from .config import Config
+from .metrics import Metrics
 from .modalities import get_modality
+from .probe_hook import ProbeHook
 from .recipes import build_model
 from .schedule import build_optimizer, lr_schedule, peak_flops
+from .sharding import Sharding
 from .testing_hooks import crash_at_step, inject_nan_attempts
+from .warmstart import WarmStart
 
 class CollapseError(RuntimeError):
     pass
@@ -60,16 +64,10 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype):
     return lambda: sdpa_kernel(backend)
 
 
-def largest_fitting_divisor(local: int, fits) -> int:
-    """The largest divisor ``m`` of ``local`` with ``fits(m)``, trying them from the largest
-    down; 1 when none fits (the first step then reports the out-of-memory error itself)."""
-    for m in sorted((d for d in range(1, local + 1) if local % d == 0), reverse=True):
-        if fits(m):
-            return m
-    return 1
+class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
+    """The loop and its state; its side jobs are the mixins (``autobatch.py``, ``sharding.py``,
+    ``warmstart.py``, ``metrics.py``, ``probe_hook.py``)."""
 
-
-class Trainer:
     def __init__(self, cfg: Config, corpus, run_dir: Path, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
         self.cfg, self.corpus, self.run_dir = cfg, corpus, Path(run_dir)
@@ -161,106 +159,7 @@ class Trainer:
             self.micro_batch_size = self.fit_micro_batch(local)
             self.accum = local // self.micro_batch_size
 
-    # ------------------------------------------------------------------ micro-batch size
-    def trial_step(self, micro_batch_size: int) -> int | None:
-        """Forward and backward of one real micro-batch of ``micro_batch_size`` (the run's first)
-        that leaves no trace: RNG states forked, gradients dropped, no optimizer or EMA step.
-        Returns the peak device memory in bytes it needed, counting the optimizer state the
-        first update will allocate (None on the CPU, which has no such counter); raises
-        ``torch.OutOfMemoryError`` when it does not fit."""
-        cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, num_workers=0))
-        loader = self.modality.loader(self.corpus, cfg, micro_batch_size=micro_batch_size, epoch=0, start=0,
-                                      rank=self.rank, world_size=self.world_size)
-        mb = self._to_device(next(iter(loader)))
-        del loader
-        student = self.model.student  # the bare module: no DDP hooks, no collectives
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            # eager even with --train.compile blocks: a compile per trial size would spend the
-            # recompile budget before the run's own size (and eager memory is the safe bound)
-            with torch.random.fork_rng(devices=[self.device] if cuda else []), \
-                    torch.compiler.set_stance("force_eager"):
-                with self.autocast(), self.attention():
-                    pred, teacher_input = student(mb)
-                    target = self.model.targets(mb, teacher_input)
-                    loss = self.model.loss_sum(pred, target, mb)
-                loss.backward()
-                del pred, teacher_input, target, loss
-            if not cuda:
-                return None
-            peak = torch.cuda.max_memory_allocated(self.device)
-            if not self.optimizer.state:  # AdamW's two moments, allocated at the first update
-                peak += 2 * sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
-            return peak
-        finally:
-            for p in student.parameters():
-                p.grad = None
-            del mb
-            if cuda:
-                torch.cuda.empty_cache()
-
-    def fit_micro_batch(self, local: int, budget: float = 0.9) -> int:
-        """The largest divisor of this rank's share ``local`` whose ``trial_step`` fits in
-        ``budget`` of the device's memory (the smallest on every rank when distributed)."""
-        total = torch.cuda.get_device_properties(self.device).total_memory
-
-        def fits(m: int) -> bool:
-            try:
-                return self.trial_step(m) <= budget * total
-            except torch.OutOfMemoryError:
-                return False
-
-        chosen = largest_fitting_divisor(local, fits)
-        if self.distributed:
-            t = torch.tensor([chosen], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # a divisor of the same share on every rank
-            chosen = int(t)
-        return chosen
-
-    def _shard(self, use_bf16: bool) -> None:
-        """FSDP2: every encoder block is its own unit (student and teacher alike) and the
-        student the root, whose parameters (embeddings, head) stay gathered from its forward
-        to its backward, which is when the teacher borrows the embeddings. Checkpoints hold
-        full state dicts, the same files as with DDP: they resume at any world size and with
-        either --parallel."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
-            else MixedPrecisionPolicy()
-        student = self.model.student
-        # found before the student is sharded: fully_shard changes its blocks' class (FSDPLayer)
-        teacher_blocks = self._teacher_blocks()
-        for layer in student.blocks():
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(student, mp_policy=mp)
-        in_blocks = {id(p) for b in teacher_blocks for p in b.parameters()}
-        outside = any(id(p) not in in_blocks for p in self.model.teacher.parameters())
-        # A teacher that averages more than the blocks is sharded too, so those parameters are
-        # split as the student's (each on dim 0) for the EMA; a unit's forward (not its other
-        # methods) gathers them. The whole encoder (images) is one unit; a container without a
-        # forward of its own (speech: a ModuleDict of the encoder LayerNorm, the positional conv
-        # and the blocks) gives one unit per part outside the blocks, each called as a module.
-        # (found before the blocks are sharded: sharding replaces their parameters)
-        self._teacher_roots = []
-        if outside:
-            teacher = self.model.teacher
-            if type(teacher).forward is not torch.nn.Module.forward:
-                self._teacher_roots = [teacher]
-            else:
-                self._teacher_roots = [m for m in teacher.children()
-                                       if any(id(p) not in in_blocks for p in m.parameters())]
-                for part in self._teacher_roots:
-                    if type(part).forward is torch.nn.Module.forward:
-                        raise NotImplementedError(f"--parallel fsdp: the teacher's {type(part).__name__} holds "
-                                                  f"parameters outside the blocks but has no forward to gather them")
-        for layer in teacher_blocks:
-            fully_shard(layer, mp_policy=mp)
-        for part in self._teacher_roots:
-            fully_shard(part, mp_policy=mp)
-
+    # ------------------------------------------------------------------ the teacher's blocks
     def _teacher_blocks(self) -> list[torch.nn.Module]:
         """The teacher's copies of the student's blocks (the same block class, in order),
         found once, before FSDP gives the sharded blocks classes of their own."""
@@ -541,37 +440,6 @@ class Trainer:
         else:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + 1 + self.step)
 
-    def init_from(self, path) -> None:
-        """Warm start: a local Hugging Face model directory of this modality (e.g.
-        Data2VecTextModel/RobertaModel) into the student's encoder; the teacher starts as the
-        same weights."""
-        from .errors import UsageError
-
-        config, weights = self.modality.read_hf(path)
-        self.modality.check_hf_fits(config, self.enc_cfg, path)
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        prefix = "student.encoder."
-        mine = [k for k in full if k.startswith(prefix)]
-        missing = sorted(k[len(prefix):] for k in mine if k[len(prefix):] not in weights)
-        if missing:
-            raise UsageError(f"--init-from {path}: lacks {len(missing)} encoder weight(s), e.g. {missing[0]}")
-        for k in mine:
-            full[k] = weights[k[len(prefix):]]
-        for k in [k for k in full if k.startswith("teacher.")]:
-            full[k] = weights[self._encoder_name_of_teacher_key(k[len("teacher."):])]
-        self._set_model_state(full, f"--init-from {path}")
-
-    def _encoder_name_of_teacher_key(self, key: str) -> str:
-        """The student-encoder state-dict name that teacher key ``key`` averages: the teacher is a
-        copy of ``ema_source()``, which is a module of the encoder or a container of several."""
-        paths = {id(m): n for n, m in self.model.student.encoder.named_modules()}
-        source = self.model.student.ema_source()
-        join = lambda prefix, rest: f"{prefix}.{rest}" if prefix else rest
-        if id(source) in paths:
-            return join(paths[id(source)], key)
-        child, rest = key.split(".", 1)
-        return join(paths[id(getattr(source, child))], rest)
-
     def export_encoder(self) -> Path:
         """The student encoder for ``d2v_fast.load_pretrained``: ``encoder.safetensors`` with
         ``encoder.json`` (config, step, checksum) beside it."""
@@ -581,35 +449,6 @@ class Trainer:
             return path
         enc = {k[len("student.encoder."):]: v for k, v in full.items() if k.startswith("student.encoder.")}
         return ckpt.save_encoder(path, enc, dataclasses.asdict(self.enc_cfg), self.step, modality=self.cfg.modality)
-
-    # ------------------------------------------------------------------ the loop
-    def _log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self._tb = False
-        if self._tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, record["step"])
-
-    def truncate_metrics(self) -> None:
-        """After a resume, drop records of steps that will be run again."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.rank == 0 and path.is_file():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.step:
-                        keep.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a line cut short by a crash
-            path.write_text("".join(l + "\n" for l in keep))
 
     # ------------------------------------------------------------------ control
     # A signal repeated within this many seconds is the same request, reaching the worker
@@ -751,39 +590,6 @@ class Trainer:
             if self._tb:
                 self._tb.close()
         return history
-
-    def probe(self) -> dict | None:
-        """Linear probe (``d2v_fast.probe``, no random-init floor) of the student encoder as
-        it is now; rank 0 logs ``probe_accuracy``/``probe_macro_f1`` to metrics.jsonl and
-        returns the result. Collective under FSDP (the weights are gathered). It draws no
-        random numbers and leaves the encoder in training mode, so probing does not change
-        the run."""
-        from .probe import load_task, probe_encoder
-
-        if not self.modality.has_probe:
-            return None
-        if self.fsdp:
-            full = get_model_state_dict(self.model, options=self._FULL)
-            if self.rank != 0:
-                return None
-            encoder = self.modality.build_encoder(self.enc_cfg)
-            encoder.load_state_dict({k[len("student.encoder."):]: v for k, v in full.items()
-                                     if k.startswith("student.encoder.")})
-            encoder.to(self.device)
-        elif self.rank != 0:
-            return None
-        else:
-            encoder = self.model.student.encoder
-        if getattr(self, "_probe_inputs", None) is None:
-            self._probe_inputs = (load_task(self.cfg.train.probe_task), self.corpus.tokenizer())
-        task, tokenizer = self._probe_inputs
-        # eager even with compiled blocks: eval-mode, variable-length batches would spend the
-        # recompile budget, and CUDA graphs (blocks-cudagraphs) would replay outside a step
-        with torch.compiler.set_stance("force_eager"):
-            result = probe_encoder(encoder, tokenizer, task, floor_inits=0, device=self.device)
-        self._log({"step": self.step, "probe_accuracy": result["accuracy"], "probe_macro_f1": result["macro_f1"],
-                   "probe_s": result["seconds"]})
-        return result
 
     def _guard(self, rec: dict) -> None:
         t = self.cfg.train

@@ -15,7 +15,7 @@ def builtin_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("d2v_cache")
     old = os.environ.get("D2V_FAST_CACHE")
     os.environ["D2V_FAST_CACHE"] = str(cache)
-    from d2v_fast.data.builtin import builtin_corpus
+    from d2v_fast.data.text.builtin import builtin_corpus
 
     path = builtin_corpus(progress=False)
     yield path

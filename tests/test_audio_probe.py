@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v_fast import export, pretrain, probe
+from d2v_fast import export, linear_probe, pretrain, probe
 
 pytest.importorskip("espeakng_loader", reason="espeakng-loader is a dependency (pip install -e .)")
 
@@ -100,8 +100,8 @@ def test_end_of_job_probe_writes_probe_json(speech_run):
     run, _, stdout = speech_run
     line = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"probe: \d\.\d\d accuracy vs \d\.\d\d at random init", line), stdout
-    res = json.loads((run / probe.PROBE_FILE).read_text())
-    assert line == probe.summary(res)
+    res = json.loads((run / linear_probe.PROBE_FILE).read_text())
+    assert line == linear_probe.summary(res)
     assert res["classes"] == 12 and res["examples"] == {"train": 36, "val": 12, "test": 12}
     assert res["kind"] == "run" and res["test_held_out_of_pretraining"] is True
     assert 0 <= res["random_init"]["accuracy"] <= 1 and res["margin"] == res["accuracy"] - res["random_init"]["accuracy"]
@@ -109,12 +109,12 @@ def test_end_of_job_probe_writes_probe_json(speech_run):
     # throughput in the modality's unit (and, this release only, under its old name)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert all(r["frames_per_s"] > 0 and r["tokens_per_s"] == r["frames_per_s"] for r in recs)
-    assert "patches_per_s" not in recs[0] and probe.details(res).count("utterances") == 1
+    assert "patches_per_s" not in recs[0] and linear_probe.details(res).count("utterances") == 1
 
 
 def test_export_gives_the_run_dirs_features_and_result_deterministically(speech_run, speech_cache, tmp_path, capsys):
     from d2v_fast.data.audio.probe_task import read_speech_probe
-    from d2v_fast.export import load_pretrained
+    from d2v_fast.pretrained import load_pretrained
     from d2v_fast.models.audio import AudioEncoder, read_hf_dir
     from d2v_fast.modalities.audio import pooled_speech_features
 
@@ -133,7 +133,7 @@ def test_export_gives_the_run_dirs_features_and_result_deterministically(speech_
     capsys.readouterr()
     assert probe.main([str(hf), "--out", str(tmp_path / "hf.json")]) == 0
     assert re.fullmatch(r"probe: \d\.\d\d accuracy vs \d\.\d\d at random init\n", capsys.readouterr().out)
-    first, from_hf = (json.loads(p.read_text()) for p in (run / probe.PROBE_FILE, tmp_path / "hf.json"))
+    first, from_hf = (json.loads(p.read_text()) for p in (run / linear_probe.PROBE_FILE, tmp_path / "hf.json"))
     assert from_hf["kind"] == "hf" and from_hf["test_held_out_of_pretraining"] is None
     for key in ("accuracy", "macro_f1", "val_accuracy", "weight_decay"):
         assert from_hf[key] == first[key], key
@@ -162,7 +162,7 @@ def user_task(tmp_path):
 
 def test_a_user_task_of_recordings_is_probed(speech_run, user_task, tmp_path, capsys):
     from d2v_fast.data.audio.probe_task import read_user_speech_task
-    from d2v_fast.export import load_pretrained
+    from d2v_fast.pretrained import load_pretrained
     from d2v_fast.modalities.audio import pooled_speech_features
 
     run, _, _ = speech_run

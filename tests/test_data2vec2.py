@@ -10,7 +10,7 @@ import torch
 
 from d2v_fast import ops, pretrain
 from d2v_fast.config import parse_args
-from d2v_fast.data.corpus import open_corpus
+from d2v_fast.data.text.corpus import open_corpus
 from d2v_fast.recipes import build_model
 from d2v_fast.reference.train import reference_losses
 from d2v_fast.trainer import Trainer

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from d2v_fast.data import prepare as prep
-from d2v_fast.data.builtin import builtin_corpus, builtin_corpus_path
-from d2v_fast.data.corpus import open_corpus
-from d2v_fast.data.dataset import (BlockDataset, BlockSampler, MaskCollator, MaskingConfig,
-                                   block_table, build_dataloader)
+from d2v_fast.data.text import prepare as prep
+from d2v_fast.data.text.builtin import builtin_corpus, builtin_corpus_path
+from d2v_fast.data.text.corpus import open_corpus
+from d2v_fast.data.text.dataset import BlockDataset, MaskCollator, MaskingConfig, block_table, build_dataloader
+from d2v_fast.data.loader import BlockSampler
 from d2v_fast.errors import UsageError
 
 BOS, PAD, EOS, MASK = 0, 1, 2, 4

@@ -10,7 +10,7 @@ import torch
 from d2v_fast import export as ex
 from d2v_fast import load_pretrained, pretrain
 from d2v_fast.checkpoint import load_checkpoint
-from d2v_fast.data.tokenizer import load_tokenizer
+from d2v_fast.data.text.tokenizer import load_tokenizer
 
 from .helpers import ROOT
 

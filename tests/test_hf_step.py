@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from d2v_fast.bench import SPECIAL, SyntheticCorpus, synthetic_batch
+from d2v_fast.steptimer import RESERVED_IDS, SyntheticCorpus, synthetic_batch
 from d2v_fast.config import preset
 from d2v_fast.errors import UsageError
 from d2v_fast.trainer import Trainer
@@ -35,7 +35,7 @@ def tiny_cfg(recipe="data2vec", **recipe_fields):
 def test_hf_step_matches_the_engine(tmp_path, recipe_fields):
     cfg = tiny_cfg(**recipe_fields)
     engine = Trainer(cfg, SyntheticCorpus(vocab_size=VOCAB), tmp_path / "run")
-    hf = HFData2VecStep(cfg, torch.device("cpu"), VOCAB, SPECIAL["pad"])
+    hf = HFData2VecStep(cfg, torch.device("cpu"), VOCAB, RESERVED_IDS["pad"])
     hf.load_engine_state(copy.deepcopy(engine.model.state_dict()))
     batches = [synthetic_batch(cfg, 4, VOCAB, seed=s) for s in range(4)]
     a = [float(engine.train_step([b])["loss"]) for b in batches]

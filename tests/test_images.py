@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from d2v_fast import ops, pretrain
-from d2v_fast import probe as probe_mod
+from d2v_fast import linear_probe, probing
 from d2v_fast.config import preset
 from d2v_fast.data.images import builtin
 from d2v_fast.data.images.corpus import open_images
@@ -201,7 +201,7 @@ def test_export_loads_in_transformers_and_matches_on_photos_then_init_from(image
         assert result["classes"] == 10 and result["examples"]["test"] == 50  # the t10k photos of the small corpus
         assert 0 <= result["random_init"]["accuracy"] <= 1 and result["test_held_out_of_pretraining"] is True
         assert result["task"].startswith("Fashion-MNIST's 10 classes") and result["unit"] == "images"
-        assert "images (Fashion-MNIST" in probe_mod.details(result) and "documents" not in probe_mod.details(result)
+        assert "images (Fashion-MNIST" in linear_probe.details(result) and "documents" not in linear_probe.details(result)
     assert export_mod.main([str(run), str(hf_dir)]) == 0
     assert {p.name for p in hf_dir.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json",
                                                   "d2v_fast.json"}
@@ -266,13 +266,13 @@ def test_a_run_on_unlabelled_images_is_probed_on_the_builtin_photos_and_says_so(
     save_encoder(run / ENCODER_FILE, VisionEncoder(cfg).state_dict(), dataclasses.asdict(cfg), 0, modality="images")
     (run / "config.json").write_text(json.dumps({"modality": "images", "data_dir": str(own)}))
     monkeypatch.setattr(builtin, "builtin_images", lambda progress=True: images_cache)  # the small one
-    result = probe_mod.probe_path(run, floor_inits=0)
+    result = probing.probe_path(run, floor_inits=0)
     err = capsys.readouterr().err
     assert f"probe: {own} has no labelled held-out (t10k) split; probing on the built-in Fashion-MNIST photos " \
            f"instead" in err, err
     assert result["task"] == (f"Fashion-MNIST's 10 classes (the built-in photos; test: its t10k photos), not the "
                               f"run's own images: {own} has no labelled held-out (t10k) split")
-    assert result["test_held_out_of_pretraining"] is None and "images (Fashion-MNIST" in probe_mod.details(result)
+    assert result["test_held_out_of_pretraining"] is None and "images (Fashion-MNIST" in linear_probe.details(result)
 
 
 def _auto_processor(proc_dict, directory):

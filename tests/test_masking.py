@@ -1,5 +1,5 @@
 """Masking: span_mask / random_mask (C++ path and pure-Python fallback) against the
-algorithm in d2v_fast/data/masking.py and the NumPy reference in d2v_fast/reference."""
+algorithm in d2v_fast/data/text/masking.py and the NumPy reference in d2v_fast/reference."""
 import importlib
 import math
 import os
@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from d2v_fast.data import masking
+from d2v_fast.data import masking as row_stream
+from d2v_fast.data.text import masking
 from d2v_fast.reference import masking as reference
 
 NO_EXT = os.environ.get("D2V_FAST_NO_EXT", "0") == "1"
@@ -327,7 +328,7 @@ def test_fallback_warns_once_with_reason_and_fix(monkeypatch):
         importlib.import_module("d2v_fast._C")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert masking._load_extension() is None
+        assert row_stream._load_extension() is None
     assert len(caught) == 1
     assert caught[0].category is RuntimeWarning
     message = str(caught[0].message)
@@ -337,5 +338,5 @@ def test_fallback_warns_once_with_reason_and_fix(monkeypatch):
     monkeypatch.setenv("D2V_FAST_NO_EXT", "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert masking._load_extension() is None
+        assert row_stream._load_extension() is None
     assert caught == []

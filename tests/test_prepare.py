@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from d2v_fast.data import prepare as prep
-from d2v_fast.data.corpus import ShardWriter, open_corpus, token_dtype
-from d2v_fast.data.tokenizer import load_tokenizer, tokenizer_checksum
+from d2v_fast.data.text.corpus import ShardWriter, open_corpus, token_dtype
+from d2v_fast.data.text.tokenizer import load_tokenizer, tokenizer_checksum
 from d2v_fast.errors import UsageError
 
 WORDS = ("the model learns to predict representations of the masked input from a teacher "

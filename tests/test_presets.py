@@ -10,7 +10,8 @@ new config field fails too: every field must be listed for every preset. Sources
 - M2: fairseq examples/data2vec/models/data2vec2.py, models/modalities/{base,text,modules}.py
 - P1: the data2vec paper (arXiv 2202.03555); P2: the data2vec 2.0 paper (arXiv 2212.07525)
 - B1: data2vec_vision beit/README.md, the ViT-B pretraining command (data2vec v1, images base)
-- B2: data2vec_vision beit/run_cyclical.py argument defaults (what B1 does not set)
+- B2: data2vec_vision beit/run_cyclical.py argument defaults (what B1 does not set) and the model it
+  builds (beit/modeling_cyclical.py)
 - I2: fairseq examples/data2vec/config/v2/base_images_only_task.yaml (data2vec 2.0, images base)
 - IM2: fairseq examples/data2vec/models/modalities/images.py, models/data2vec2.py, data/mae_image_dataset.py
 - ours: an engineering choice of this project (no recipe value), or the CPU-sized tiny preset
@@ -22,7 +23,7 @@ import pytest
 from d2v_fast.config import SECTIONS, preset
 
 OURS = "ours: engineering default, not part of the recipe"
-CORPUS = "ours: replaced by the corpus's tokenizer at run time (RoBERTa BPE: pad id 1, SPEC §2)"
+CORPUS = "ours: replaced by the corpus's tokenizer at run time (RoBERTa BPE: pad id 1, docs/design.md#hf-layout)"
 UNUSED_V1 = "not used by data2vec (v1): data2vec 2.0 only"
 NOT_TEXT = "not used by text: images only"
 NOT_IMAGES = "not used by images: text only"
@@ -95,8 +96,8 @@ BASE_V1 = {
     "train.parallel": ("ddp", OURS),
     "train.kernels": ("auto", OURS),
     "train.collapse_warmup": (1000, OURS),
-    "train.min_target_var": (0.1, "M2 Data2VecMultiConfig.min_target_var (SPEC collapse guard)"),
-    "train.min_pred_var": (0.01, "M2 Data2VecMultiConfig.min_pred_var (SPEC collapse guard)"),
+    "train.min_target_var": (0.1, "M2 Data2VecMultiConfig.min_target_var"),
+    "train.min_pred_var": (0.01, "M2 Data2VecMultiConfig.min_pred_var"),
     "train.max_skipped_steps": (10, OURS),
     "train.skip_on_device": (True, OURS + " (performance switch, same math)"),
     "train.host_counts": (True, OURS + " (performance switch, same math)"),
@@ -236,17 +237,17 @@ IMAGES_BASE_V1 = {
     "model.ffn_size": (3072, "B1 ViT-B (mlp_ratio 4)"),
     "model.position_encoding": ("relative", "B2 rel_pos_bias default true -> use_shared_rel_pos_bias; abs_pos_emb false"),
     "model.layer_scale_init": (1e-4, "B1 --layer_scale_init_value 1e-4"),
-    "model.use_mask_token": (True, "SPEC §1c: learned mask token (BEiT)"),
-    "model.layer_norm_eps": (1e-6, "SPEC §1c: pre-LN eps 1e-6"),
+    "model.use_mask_token": (True, "B2 modeling_cyclical.py: learned mask token (BEiT)"),
+    "model.layer_norm_eps": (1e-6, "B2 modeling_cyclical.py: pre-LN LayerNorm eps 1e-6"),
     "model.dropout": (0.0, "B2: no --drop argument (timm default 0)"),
     "model.attention_dropout": (0.05, "B1 --attn_drop_rate 0.05"),
     "model.drop_path": (0.25, "B1 --drop_path 0.25"),
-    "model.init_std": (0.02, "SPEC §1c BEiT init (trunc normal 0.02)"),
+    "model.init_std": (0.02, "B2 modeling_cyclical.py: BEiT init (trunc normal 0.02)"),
     "recipe.name": ("data2vec", "P1"),
     "recipe.top_k": (6, "B1 --target_layers [6,7,8,9,10,11]"),
     "recipe.layer_norm": ("layer", "B2 target_layer_norm_last (no --no_target_layer_norm_last in B1)"),
     "recipe.final_norm": ("layer", "B1 --post_target_layer_norm"),
-    "recipe.head_hidden_mult": (0, "SPEC §1c: head Linear(768 -> 768)"),
+    "recipe.head_hidden_mult": (0, "B2 modeling_cyclical.py: head Linear(768 -> 768)"),
     "recipe.loss_beta": (2.0, "B1 --l1_beta=2.0"),
     "recipe.loss_scale": (1 / 768, "B1 F.smooth_l1_loss mean over elements = our channel sum x 1/768"),
     "recipe.ema_decay": (0.9998, "B1 --ema_decay 0.9998 --ema_start_at 0 (constant)"),
@@ -278,7 +279,7 @@ IMAGES_BASE_V1 = {
     "data.max_samples": (320_000, "not used by images (speech crop cap)"),
     "data.seq_len": (512, NOT_IMAGES),
     "data.block_mode": ("document", NOT_IMAGES),
-    "data.crop_scale": ((0.08, 1.0), "SPEC §1c BEiT RandomResizedCrop(224, 0.08-1)"),
+    "data.crop_scale": ((0.08, 1.0), "B2 BEiT RandomResizedCrop(224, scale 0.08-1)"),
     "data.color_jitter": (0.4, "B2 --color_jitter 0.4"),
     "train.batch_size": (2048, "B1 --batch_size 128 x --world_size 16"),
     "train.max_steps": (500_000, "B1 --epochs 800 x 625 updates"),
@@ -317,7 +318,7 @@ IMAGES_TINY_V1 = {
 IMAGES_BASE_V2 = {
     **IMAGES_BASE_V1,
     "model.position_encoding": ("sincos", "IM2 fixed 2-D sin-cos positions (use_alibi_encoder false)"),
-    "model.layer_scale_init": (0.0, "M2 layer scale off (the HF block, see README)"),
+    "model.layer_scale_init": (0.0, "M2 layer scale off (the HF block, see docs/images.md)"),
     "model.use_mask_token": (False, "IM2: masked patches are dropped, not replaced"),
     "model.layer_norm_eps": (1e-6, "I2 model.norm_eps"),
     "model.dropout": (0.0, "I2 model.encoder_dropout / post_mlp_drop"),
@@ -346,7 +347,7 @@ IMAGES_BASE_V2 = {
     "recipe.mask_patches": (0, "not used by data2vec 2.0: v1 only"),
     "recipe.mask_min_block": (16, "not used by data2vec 2.0: v1 only"),
     "recipe.mask_prob_adjust": (0.07, "I2 modalities.image.mask_prob_adjust"),
-    "recipe.cls_loss_weight": (0.01 * 256, "I2 model.cls_loss 0.01 x 256 clone rows per GPU (see README)"),
+    "recipe.cls_loss_weight": (0.01 * 256, "I2 model.cls_loss 0.01 x 256 clone rows per GPU (see docs/images.md)"),
     "optim.lr": (1e-3, "I2 optimizer.groups.default.lr_float"),
     "optim.betas": ((0.9, 0.95), "I2 optimizer.groups.default.optimizer.adam_betas"),
     "optim.eps": (1e-8, "M2 fairseq adam eps default 1e-8 (I2 sets none)"),
@@ -393,7 +394,7 @@ def test_every_field_of_the_preset_is_pinned_to_its_source(key):
 
 def test_tables_name_a_source_that_exists():
     """Every source names one of the documents above, a paper, or says it is ours."""
-    prefixes = ("T1 ", "T2 ", "T2L ", "M1", "M2", "P1", "P2", "ours", "not ", "fairseq", "SPEC", "B1", "B2", "I2 ",
+    prefixes = ("T1 ", "T2 ", "T2L ", "M1", "M2", "P1", "P2", "ours", "not ", "fairseq", "B1", "B2", "I2 ",
                 "IM2")
     for key, table in TABLES.items():
         for field, (_, src) in table.items():

@@ -9,11 +9,13 @@ import sys
 import pytest
 import torch
 
-from d2v_fast import probe
+from d2v_fast import linear_probe, probe
+from d2v_fast.modalities import text as text_probe
 from d2v_fast.checkpoint import ENCODER_FILE, save_encoder
-from d2v_fast.data import builtin
-from d2v_fast.data.corpus import open_corpus, read_meta
-from d2v_fast.data.probe_task import Task, read_task, split_by_document
+from d2v_fast.data.text import builtin
+from d2v_fast.data.text.corpus import open_corpus, read_meta
+from d2v_fast.data.text.probe_task import Task, read_task
+from d2v_fast.data.probe_task import split_by_document
 from d2v_fast.models.encoder import ENCODER_PRESETS, Encoder, EncoderConfig
 from d2v_fast.trainer import Trainer
 
@@ -127,18 +129,18 @@ def test_linear_probe_separates_separable_features_and_is_deterministic():
     feats[torch.arange(150), torch.tensor(labels)] += 2.0
     task = Task(texts=[""] * 150, labels=labels, splits=split_by_document(labels), classes=["a", "b", "c"],
                 source="synthetic")
-    a = probe.linear_probe(feats, task)
-    assert a == probe.linear_probe(feats, task)
+    a = linear_probe.linear_probe(feats, task)
+    assert a == linear_probe.linear_probe(feats, task)
     assert a["accuracy"] == 1.0 and a["macro_f1"] == 1.0
-    noise = probe.linear_probe(torch.randn(150, 16, generator=g), task)
+    noise = linear_probe.linear_probe(torch.randn(150, 16, generator=g), task)
     assert noise["accuracy"] < 0.7
 
 
 def test_mean_pooling_leaves_padding_out(random_run):
-    enc = probe.load_probed(random_run).encoder
+    enc = text_probe.load_probed(random_run).encoder
     ids = [[0, 50, 60, 70, 2], [0, 80, 2]]
-    both = probe.mean_pooled(enc, ids)
-    alone = probe.mean_pooled(enc, ids[1:])
+    both = text_probe.mean_pooled(enc, ids)
+    alone = text_probe.mean_pooled(enc, ids[1:])
     torch.testing.assert_close(both[1], alone[0], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         direct = enc(torch.tensor([ids[0]]))[0].mean(0)
@@ -175,7 +177,7 @@ def test_bad_input_is_one_line_and_exit_2(random_run, tmp_path, capsys, case, ne
         task.write_text("text,label\n")
     rc, out, err = cli([target] + (["--task", task] if task else []), capsys)
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
-    assert not (random_run / probe.PROBE_FILE).exists()
+    assert not (random_run / linear_probe.PROBE_FILE).exists()
 
 
 def test_user_task_probe_writes_probe_json(random_run, small_task, capsys):
@@ -184,13 +186,13 @@ def test_user_task_probe_writes_probe_json(random_run, small_task, capsys):
     assert re.fullmatch(r"probe: \d\.\d\d accuracy vs \d\.\d\d at random init\n", out)
     # its progress: a bar over the 120 documents of each of the 4 encoders, naming what runs
     assert "480/480" in err and " documents" in err and "random init 3/3" in err, err
-    res = json.loads((random_run / probe.PROBE_FILE).read_text())
+    res = json.loads((random_run / linear_probe.PROBE_FILE).read_text())
     assert res["classes"] == 6 and sum(res["examples"].values()) == 120
     assert res["test_held_out_of_pretraining"] is None  # a user task: the run's corpus says nothing about it
     # the run holds a random init with seed 0, and so is the floor's first: the same features, the same result
     first, *others = res["random_init"]["inits"]
     assert first["seed"] == 0 and first["accuracy"] == res["accuracy"]
-    assert [r["seed"] for r in others] == [1, 2]  # probe.FLOOR_INITS draws, averaged
+    assert [r["seed"] for r in others] == [1, 2]  # linear_probe.FLOOR_INITS draws, averaged
     mean = sum(r["accuracy"] for r in res["random_init"]["inits"]) / 3
     assert abs(res["random_init"]["accuracy"] - mean) < 1e-12 and abs(res["margin"] - (res["accuracy"] - mean)) < 1e-12
 
@@ -223,11 +225,11 @@ def test_default_job_prints_and_writes_its_probe_result(default_job):
     out, stdout = default_job
     line = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"probe: \d\.\d\d accuracy vs \d\.\d\d at random init", line), stdout
-    res = json.loads((out / probe.PROBE_FILE).read_text())
-    assert line == probe.summary(res)
+    res = json.loads((out / linear_probe.PROBE_FILE).read_text())
+    assert line == linear_probe.summary(res)
     assert res["test_held_out_of_pretraining"] is True and res["classes"] >= 10
     inits = res["random_init"]["inits"]
-    assert [r["seed"] for r in inits] == list(range(probe.FLOOR_INITS))  # the run's own init first
+    assert [r["seed"] for r in inits] == list(range(linear_probe.FLOOR_INITS))  # the run's own init first
     assert abs(res["random_init"]["accuracy"] - sum(r["accuracy"] for r in inits) / len(inits)) < 1e-12
     assert res["accuracy"] >= MIN_ACCURACY and res["margin"] > MIN_MARGIN, res
 
@@ -240,11 +242,11 @@ def test_hf_export_gives_the_run_dirs_features_and_accuracy(default_job, tmp_pat
     out, _ = default_job
     hf = tmp_path / "hf"
     assert export.main([str(out), str(hf)]) == 0
-    run, exp = probe.load_probed(out), probe.load_probed(hf)
-    task = probe.load_task(None)
-    ids = probe.tokenize(run.tokenizer, task.texts[:200], 128)
-    assert ids == probe.tokenize(exp.tokenizer, task.texts[:200], 128)
-    a, b = probe.mean_pooled(run.encoder, ids), probe.mean_pooled(exp.encoder, ids)
+    run, exp = text_probe.load_probed(out), text_probe.load_probed(hf)
+    task = text_probe.load_task(None)
+    ids = text_probe.tokenize(run.tokenizer, task.texts[:200], 128)
+    assert ids == text_probe.tokenize(exp.tokenizer, task.texts[:200], 128)
+    a, b = text_probe.mean_pooled(run.encoder, ids), text_probe.mean_pooled(exp.encoder, ids)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # and the way transformers computes the same model
     model = transformers.Data2VecTextModel.from_pretrained(str(hf)).eval()
@@ -258,6 +260,6 @@ def test_hf_export_gives_the_run_dirs_features_and_accuracy(default_job, tmp_pat
     capsys.readouterr()
     rc = probe.main([str(hf), "--out", str(tmp_path / "hf-probe.json")])
     assert rc == 0
-    mine, theirs = (json.loads(p.read_text()) for p in (out / probe.PROBE_FILE, tmp_path / "hf-probe.json"))
+    mine, theirs = (json.loads(p.read_text()) for p in (out / linear_probe.PROBE_FILE, tmp_path / "hf-probe.json"))
     for key in ("accuracy", "macro_f1"):
         assert abs(mine[key] - theirs[key]) < 1e-9 and abs(mine["random_init"][key] - theirs["random_init"][key]) < 1e-9

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from d2v_fast import kernels, ops
-from d2v_fast.data.corpus import open_corpus
+from d2v_fast.data.text.corpus import open_corpus
 from d2v_fast.config import validate
 from d2v_fast.errors import UsageError
 from d2v_fast.kernels import ema as kema
@@ -431,7 +431,7 @@ def test_cast_once_casts_the_student_weights_once_per_update(builtin_cache, tmp_
 
 # ----------------------------------------------------------------------------- micro-batch size
 def test_largest_fitting_divisor():
-    from d2v_fast.trainer import largest_fitting_divisor
+    from d2v_fast.autobatch import largest_fitting_divisor
 
     tried = []
 

@@ -19,7 +19,7 @@ from d2v_fast import load_pretrained
 from d2v_fast import pretrain
 from d2v_fast.checkpoint import load_checkpoint
 from d2v_fast.config import preset
-from d2v_fast.data.corpus import open_corpus
+from d2v_fast.data.text.corpus import open_corpus
 from d2v_fast.models import Encoder, EncoderConfig
 from d2v_fast.recipes import RecipeConfig, build_model
 from d2v_fast.reference.train import reference_losses
@@ -82,7 +82,7 @@ def test_base_preset_builds_the_paper_model():
     with torch.device("meta"):
         model = build_model(dataclasses.replace(m, vocab_size=50265), r)
     n = model.student.encoder.num_params()
-    assert 84e6 < n < 86e6  # ~85M non-embedding parameters (SPEC §3)
+    assert 84e6 < n < 86e6  # ~85M non-embedding parameters (docs/design.md#flops)
     head = model.student.head
     assert [tuple(l.weight.shape) for l in head if isinstance(l, torch.nn.Linear)] == [(1536, 768), (768, 1536)]
     assert sum(p.numel() for p in model.teacher.parameters()) == n

@@ -167,7 +167,7 @@ def test_relative_bias_gets_gradient_and_training_mode_runs():
 
 
 def test_attention_backend_is_measured_on_cpu(capfd):
-    # Recorded in the README: with a bias that needs a gradient (v1 training) PyTorch's
+    # Recorded in docs/images.md: with a bias that needs a gradient (v1 training) PyTorch's
     # CPU SDPA runs the math kernel; without one (teacher, eval, 2.0) the CPU flash kernel.
     v1 = VisionEncoder(vision_config("tiny", "data2vec"))
     assert attention_backend(v1, backward=True) == "math"

@@ -1,13 +1,12 @@
-"""Labelled text tasks for the linear probe (``d2v_fast.probe``): a JSON-lines file of
-``{"text": ..., "label": ..., "split": "train"|"val"|"test"}`` objects (``split`` optional),
-and the seeded split by document.
+"""What every labelled probe task shares (text: ``data/text/probe_task.py``; speech:
+``data/audio/probe_task.py``): JSON-lines files of labelled examples with an optional
+``split`` (train, val or test), their checks, and the seeded split by document.
 
 Kept free of torch: the built-in corpus writes its task from the preparation processes.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,18 +17,6 @@ from ..errors import UsageError
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"test": 0.2, "val": 0.2}  # the rest is train
 SPLIT_SEED = 0
-
-
-@dataclass
-class Task:
-    texts: list[str]
-    labels: list[int]  # index into classes
-    splits: list[str]
-    classes: list[str]
-    source: str
-
-    def indices(self, split: str) -> list[int]:
-        return [i for i, s in enumerate(self.splits) if s == split]
 
 
 def split_by_document(labels: Sequence, *, seed: int = SPLIT_SEED, max_per_label: int | None = None) -> list[str | None]:
@@ -127,18 +114,3 @@ def label_classes(raw_labels: list[str], path, *, flag: str = "--task", what: st
     return classes
 
 
-def read_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> Task:
-    """Read a task file; documents without a ``split`` field are split by ``split_by_document``."""
-    path = Path(path)
-    texts, raw_labels, given = [], [], []
-    for n, text, label, split in labelled_lines(path, "text", flag=flag):
-        if not isinstance(text, str) or not text.strip():
-            raise UsageError(f"{path}:{n}: 'text' must be a non-empty string")
-        texts.append(text)
-        raw_labels.append(label)
-        given.append(split)
-    classes = label_classes(raw_labels, path, flag=flag)
-    splits = complete_splits(raw_labels, given, path, flag=flag, seed=seed)
-    index = {c: i for i, c in enumerate(classes)}
-    return Task(texts=texts, labels=[index[l] for l in raw_labels], splits=list(splits), classes=classes,
-                source=str(path))

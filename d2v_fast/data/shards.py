@@ -1,11 +1,14 @@
 """What every prepared corpus (text, speech, images) shares on disk: a ``meta.json``
-written last, with a format name and version, and shards whose sizes it records.
+written last, with a format name and version, and shards whose sizes and sha256 it records;
+text and speech write theirs with ``OffsetShardWriter`` and read them with ``open_offset_shards``.
 
 Kept free of torch so that corpus-preparation workers start fast.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +70,52 @@ def open_offset_shards(path: Path, meta: dict, dtype: np.dtype, *, data: str, in
         shards.append(np.memmap(dpath, dtype=dtype, mode="r") if want else np.zeros(0, dtype))
         offsets.append(starts)
     return shards, offsets
+
+
+class OffsetShardWriter:
+    """Appends items of different lengths (documents, utterances) back to back to numbered
+    shards in a staging directory, in the layout ``open_offset_shards`` reads: ``FILE-NNNNN.bin``
+    and an int64 ``INDEX-NNNNN.npy`` of the items' start offsets plus the end (``files``: the two
+    prefixes), and per shard a record naming both files and counting values and items (``keys``:
+    the record's four keys) with the data's sha256. A shard is closed, its data fsynced, before
+    an item would take it past ``shard_size`` values."""
+
+    def __init__(self, directory: Path, dtype, shard_size: int, *, files: tuple[str, str],
+                 keys: tuple[str, str, str, str]):
+        self.directory, self.dtype, self.shard_size = Path(directory), np.dtype(dtype), shard_size
+        self.files, self.keys = files, keys
+        self.shards: list[dict] = []
+        self._file = None
+
+    def _open(self):
+        self._name = f"{self.files[0]}-{len(self.shards):05d}.bin"
+        self._file = open(self.directory / self._name, "wb")
+        self._hash = hashlib.sha256()
+        self._offsets = [0]
+
+    def _close(self):
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())  # data on disk before meta.json says it is
+        self._file.close()
+        index = f"{self.files[1]}-{len(self.shards):05d}.npy"
+        np.save(self.directory / index, np.asarray(self._offsets, dtype=np.int64))
+        data, offsets, count, items = self.keys
+        self.shards.append({data: self._name, offsets: index, count: int(self._offsets[-1]),
+                            items: len(self._offsets) - 1, "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def append(self, data: bytes, n: int) -> None:
+        """One item of ``n`` values (``data``: their bytes), in the open shard or a new one."""
+        if self._file is not None and self._offsets[-1] + n > self.shard_size and len(self._offsets) > 1:
+            self._close()
+        if self._file is None:
+            self._open()
+        self._file.write(data)
+        self._hash.update(data)
+        self._offsets.append(self._offsets[-1] + n)
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards

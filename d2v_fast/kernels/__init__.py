@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the data2vec hot path (SPEC §3), one file per op:
+"""Fused Triton kernels for the data2vec hot path (docs/design.md#kernels), one file per op:
 
 - ``gather.py``  masked_gather / masked_scatter (rows of ``[B, T, C]`` at a mask, and back)
 - ``targets.py`` build_targets (per-layer norm, mean over K, final norm, masked rows only)
@@ -14,7 +14,7 @@ raise when launched), so ``d2v_fast.ops`` keeps working on the torch side.
 
 Whether a kernel runs compiled (GPU) or in Triton's interpreter (NumPy on the CPU) is fixed
 when its ``@triton.jit`` runs, i.e. when these modules are imported: ``TRITON_INTERPRET=1``
-must be set before that (``tests/conftest.py`` does it; SPEC §5).
+must be set before that (``tests/conftest.py`` does it; docs/design.md#interpreter).
 """
 from __future__ import annotations
 

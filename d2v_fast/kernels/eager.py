@@ -1,4 +1,4 @@
-"""Eager twins of the fused kernels in ``d2v_fast/kernels`` (SPEC §3): the same functions with
+"""Eager twins of the fused kernels in ``d2v_fast/kernels`` (docs/design.md#kernels): the same functions with
 the same signatures, in plain vectorised PyTorch (whole batch, all K layers at once).
 
 They define the semantics, are the correctness oracle of the kernels, the baseline of
@@ -17,7 +17,7 @@ NORMS = (None, "instance", "layer")
 
 
 def mask_clones(x_shape: Sequence[int], mask_shape: Sequence[int], what: str) -> int:
-    """How many clones of each sample a mask holds (data2vec 2.0 multi-mask, SPEC §1b):
+    """How many clones of each sample a mask holds (data2vec 2.0 multi-mask, docs/design.md#recipes):
     ``clones`` when ``mask`` is ``[clones*B, T]`` for an input ``[B, T, ...]`` (rows
     ``b*clones .. b*clones + clones - 1`` belong to sample ``b``), 1 for ``[B, T]``; any other
     shape is a ValueError naming both."""
@@ -119,7 +119,7 @@ def _norm(y: torch.Tensor, kind: Optional[str], padding_mask, eps: float) -> tor
 def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
                   final_norm: Optional[str] = None, eps: float = 1e-5, count: Optional[int] = None) -> torch.Tensor:
-    """data2vec targets (SPEC §1 step 3): per-layer norm of each of the K layer outputs
+    """data2vec targets (docs/design.md#targets): per-layer norm of each of the K layer outputs
     (``[K, B, T, C]`` or a list of K ``[B, T, C]``), their mean, an optional final norm; fp32
     ``[B, T, C]``, or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0.
 

@@ -1,5 +1,5 @@
 """ema_update_: ``teacher = decay * teacher + (1 - decay) * student`` over every teacher
-parameter in one launch (SPEC §1 step 6, §3), and ``flatten_params_``, which lays a
+parameter in one launch (docs/design.md#ema), and ``flatten_params_``, which lays a
 parameter list out as one flat buffer so that the update is a single streaming pass.
 
 Three ways in, fastest first:

@@ -1,5 +1,5 @@
 """masked_gather / masked_scatter: the rows of ``x[B, T, C]`` where ``mask[B, T]`` is true,
-in row-major order, and back (SPEC §3; data2vec 2.0 student input and decoder input).
+in row-major order, and back (docs/design.md#kernels; data2vec 2.0 student input and decoder input).
 
 One kernel moves rows in either direction. Both directions are driven by ``pos[B*T]``:
 ``pos[i]`` is the compact row of full row ``i`` (an exclusive cumsum of the mask) or -1.
@@ -18,7 +18,7 @@ over the mask (``R`` bytes in, ``4R`` out); the gather also needs ``N`` on the h
 allocate its output (one sync, as ``x[mask]``, unless the caller passes it); the scatter
 needs none.
 
-Multi-mask (data2vec 2.0, SPEC §1b): the gather also takes ``mask[clones*B, T]`` for
+Multi-mask (data2vec 2.0 clones, docs/design.md#recipes): the gather also takes ``mask[clones*B, T]`` for
 ``x[B, T, C]`` (row ``r`` of the mask belongs to sample ``r // clones``). ``pos`` then lives in
 the cloned space (``B*clones*T`` entries) and nothing of size ``[B*clones, T, C]`` is built:
 

@@ -1,5 +1,5 @@
 """regression_loss: smooth L1 with ``beta`` (MSE ``d^2`` when ``beta == 0``) summed over the
-features of each row, times ``scale`` (SPEC §1 step 5, §3).
+features of each row, times ``scale`` (docs/design.md#loss).
 
 The forward kernel computes, in one pass over ``pred`` and ``target``, the per-row loss
 (fp32) and the gradient ``dloss_row / dpred`` (already times ``scale``), which it stores in

@@ -251,7 +251,7 @@ def _masks(case: Case, cfg, T: int, B: int):
     r = cfg.recipe
     idx = torch.arange(B)
     if case.modality == "text":
-        from ..data.masking import random_mask, span_mask
+        from ..data.text.masking import random_mask, span_mask
 
         maskable = torch.ones(B, T, dtype=torch.bool)
         if r.name == "data2vec2":

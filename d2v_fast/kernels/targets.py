@@ -1,4 +1,4 @@
-"""build_targets: data2vec targets from the teacher's top-K layer outputs (SPEC §1 step 3, §3).
+"""build_targets: data2vec targets from the teacher's top-K layer outputs (docs/design.md#targets).
 
 Per layer a norm ("instance": per sample and channel over time, padding left out of the
 statistics; "layer": per token over C, no affine; or none), the mean over the K layers, an
@@ -15,7 +15,7 @@ Two kernels, chosen by the axis the norms reduce over:
   HBM traffic: each input element is read exactly once (``K*B*T*C*e`` bytes), ``N*C*4``
   bytes written, plus the padding mask and ``pos`` (5 bytes a token, read once per channel
   block: 16 MB, 1.6% of the input at C=768 and BLOCK_C=16, nearly all L2 hits). For data2vec base (K=10, B*T=65,536,
-  C=768, bf16, 31% masked) that is 1.007 GB read + 0.062 GB written; the floor of SPEC §3.
+  C=768, bf16, 31% masked) that is 1.007 GB read + 0.062 GB written; the floor of docs/design.md#kernels.
   Constraint: ``next_pow2(T) * BLOCK_C`` values live in registers, so ``BLOCK_C`` shrinks as
   T grows (16 channels = 32 bytes of a bf16 row at T=512; neighbouring programs take the
   neighbouring channel blocks, so the rest of each 64/128-byte line is an L2 hit).
@@ -33,7 +33,7 @@ once: ``8*B*T*C`` extra bytes, 40% more than the floor at K=10 bf16):
 Layers may come as a list (up to MAX_LIST_LAYERS pointers are passed as kernel arguments,
 so nothing is copied) or stacked ``[K, B, T, C]`` (one base pointer and a layer stride).
 
-Multi-mask (data2vec 2.0, SPEC §1b): ``mask`` may be ``[clones*B, T]`` (row ``r`` belongs to
+Multi-mask (data2vec 2.0 clones, docs/design.md#recipes): ``mask`` may be ``[clones*B, T]`` (row ``r`` belongs to
 sample ``r // clones``); the output is one row per true ``mask[r, t]`` (row-major), the
 target of sample ``r // clones`` at ``t``. The targets are computed once per sample and the
 repeat is fused into the store, driven by ``pos`` over the cloned mask (an exclusive cumsum,

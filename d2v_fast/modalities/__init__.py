@@ -112,7 +112,7 @@ class Modality:
         raise NotImplementedError
 
     def flops_per_unit(self, cfg) -> float:
-        """Model FLOPs of one training step per input unit (SPEC §3)."""
+        """Model FLOPs of one training step per input unit (docs/design.md#flops)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- Hugging Face

@@ -3,7 +3,7 @@ corpora and the built-in eSpeak NG corpus (``data/audio/``), the frame masks of 
 speech recipes made in the loader workers, students for data2vec (v1) and data2vec 2.0, and
 Hugging Face ``Data2VecAudioModel`` interop.
 
-Sources of the recipe values (SPEC §1c): fairseq ``examples/data2vec/config/audio/pretraining/
+Sources of the recipe values (docs/speech.md): fairseq ``examples/data2vec/config/audio/pretraining/
 base_librispeech.yaml`` with ``models/data2vec_audio.py`` (v1) and ``config/v2/
 base_audio_only_task.yaml`` with ``models/data2vec2.py`` and ``models/modalities/audio.py`` (2.0).
 
@@ -334,11 +334,11 @@ SPEECH_FLOOR_INITS = 1
 
 def probe_speech(encoder: AudioEncoder, task, *, floor_inits: int | None = None, seed: int = 0, device="cpu",
                  progress: bool = False) -> dict:
-    """Linear probe (``d2v_fast.probe.linear_probe``) of the frozen encoder on a speech task
+    """Linear probe (``d2v_fast.linear_probe``) of the frozen encoder on a speech task
     (``data/audio/probe_task.py``), and for the floor the same architecture at ``floor_inits``
     random initialisations (seeds from ``seed``; default ``SPEECH_FLOOR_INITS``; the global
     RNG is left alone)."""
-    from ..probe import probe_with_floor
+    from ..linear_probe import probe_with_floor
 
     head = {"task": f"{task.source} ({task.record.get('label', 'labels')})", "classes": len(task.classes),
             "examples": {s: len(task.indices(s)) for s in ("train", "val", "test")}, "unit": "utterances"}
@@ -350,7 +350,7 @@ def probe_speech(encoder: AudioEncoder, task, *, floor_inits: int | None = None,
 
 def is_speech_model(path) -> bool:
     """Whether ``path`` is a speech run directory or a ``Data2VecAudioModel`` directory."""
-    from ..probe import is_model_dir
+    from ..linear_probe import is_model_dir
 
     return is_model_dir(path, "audio", "data2vec-audio")
 
@@ -385,9 +385,9 @@ def probe_speech_path(path, *, task: str | None = None, seed: int = 0, device: s
     directory, on the built-in speaker task or a user's (``task``: a JSON-lines file of
     ``audio`` and ``label``); a run directory (or ``out``) gets probe.json."""
     from ..data.audio import probe_task as speech_probe
-    from ..export import load_pretrained
+    from ..pretrained import load_pretrained
     from ..models.audio import read_hf_dir
-    from ..probe import PROBE_FILE, write_result
+    from ..linear_probe import PROBE_FILE, write_result
 
     builtin = task is None or str(task) == "builtin"
     # a bad task file stops before the model is read

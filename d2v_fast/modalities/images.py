@@ -1,7 +1,7 @@
 """Images: data2vec (v1, the BEiT recipe of facebookresearch/data2vec_vision ``beit/``) and
 data2vec 2.0 (fairseq ``config/v2/base_images_only_task.yaml``, ``models/data2vec2.py``,
 ``models/modalities/images.py``) on the modality-agnostic core, exported as Hugging Face
-``Data2VecVisionModel`` (SPEC §1c).
+``Data2VecVisionModel`` (docs/images.md).
 
 What this module supplies to the core: the presets of both recipes (``tiny`` for CPU,
 ``base`` = ViT-B/16 at 224 with the published values), the corpus (a prepared image
@@ -9,7 +9,7 @@ corpus, or the built-in Fashion-MNIST photos), a loader whose workers make the p
 (C++ extension) and the augmentation parameters (and, when training on the CPU, the
 augmented pixels), the two students, the FLOP count per patch and the Hugging Face export.
 
-Where our 2.0 image model differs from the published one (README "Images"): it runs on
+Where our 2.0 image model differs from the published one (docs/images.md): it runs on
 the Hugging Face pre-LN block (``Data2VecVisionLayer``: no post-LN blocks, layer scale off,
 fixed sin-cos positions in ``embeddings.position_embeddings``), so that export stays an
 exact save; the published model uses post-LN blocks that ``Data2VecVisionModel`` cannot
@@ -48,7 +48,7 @@ _IMAGENET = 1_281_167
 
 RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
     # data2vec v1 images: data2vec_vision beit/README.md ViT-B command (run_cyclical.py,
-    # 16 GPUs x batch 128) and SPEC §1c.
+    # 16 GPUs x batch 128); docs/images.md.
     "data2vec": {
         "*": {
             "model": {"position_encoding": "relative", "layer_scale_init": 1e-4, "use_mask_token": True,
@@ -247,7 +247,7 @@ class ImageStudent2(_ImageStudentMixin, Student2):
 
 # ---------------------------------------------------------------------------- FLOPs
 def flops_per_patch(cfg) -> float:
-    """Model FLOPs of one training step per input patch (SPEC §3 conventions: 2 per
+    """Model FLOPs of one training step per input patch (docs/design.md#flops conventions: 2 per
     multiply-add forward, x3 with backward; N = block parameters). T = 1 + patches.
 
     data2vec: student fwd+bwd and teacher fwd over all T tokens (blocks 8N per token,
@@ -380,11 +380,11 @@ IMAGE_FLOOR_INITS = 1
 
 def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor_inits: int | None = None, seed: int = 0,
                  device="cpu", task_name: str | None = None, progress: bool = False) -> dict:
-    """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.probe``'s
+    """Linear probe of the frozen encoder on the corpus's labels (``d2v_fast.linear_probe``'s
     classifier), and for the floor the same architecture at ``floor_inits`` random
     initialisations (default ``IMAGE_FLOOR_INITS``). ``task_name`` describes the task in
     the result (default: the corpus's path and its classes)."""
-    from ..probe import probe_with_floor
+    from ..linear_probe import probe_with_floor
 
     task = image_probe_task(corpus)
     head = {"task": task_name or f"{task.source}: its {len(task.classes)} image classes",
@@ -399,7 +399,7 @@ def probe_images(encoder: VisionEncoder, corpus: ImageCorpus, *, floor_inits: in
 
 def is_image_model(path) -> bool:
     """Whether ``path`` is a run directory of an image run or a ``Data2VecVisionModel`` export."""
-    from ..probe import is_model_dir
+    from ..linear_probe import is_model_dir
 
     return is_model_dir(path, "images", "data2vec-vision")
 
@@ -409,8 +409,8 @@ def probe_images_path(path, *, seed: int = 0, device: str = "cpu", out=None, flo
     """``python -m d2v_fast.probe`` for an image run directory or export: the encoder on
     its run's corpus (an export, or a run whose corpus has no labelled held-out split: the
     built-in Fashion-MNIST photos, which the result and a line on stderr say)."""
-    from ..export import load_pretrained
-    from ..probe import PROBE_FILE, write_result
+    from ..pretrained import load_pretrained
+    from ..linear_probe import PROBE_FILE, write_result
 
     path = Path(path)
     kind, corpus_dir = "run", None

@@ -1,5 +1,5 @@
 """The speech encoder, with Hugging Face ``Data2VecAudioModel``'s module tree, parameter
-names and semantics (SPEC §1c, §2), so that export is a save plus a config, not a
+names and semantics (docs/design.md#hf-layout), so that export is a save plus a config, not a
 translation.
 
     waveform [B, S] (16 kHz, per-utterance normalised)
@@ -20,7 +20,7 @@ before the positional conv and sends only the visible frames into the blocks.
 Attention goes through the text encoder's path (``F.scaled_dot_product_attention``, no
 mask for unpadded batches, flash-attn varlen for padded half-precision CUDA batches).
 Not here: the ALiBi bias of the published 2.0 audio model, which ``Data2VecAudioModel``
-cannot express (see SPEC §1c).
+cannot express (see docs/speech.md).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The RoBERTa-style post-LN text encoder, with Hugging Face ``Data2VecTextModel``
-parameter names and semantics (SPEC §2), so that export is a save, not a translation.
+parameter names and semantics (docs/design.md#hf-layout), so that export is a save, not a translation.
 
 The block's computation is ``models.blocks.Block`` (shared by every modality); this file
 lays out its parameters as Hugging Face does and adds the text embeddings.

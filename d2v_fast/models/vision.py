@@ -1,5 +1,5 @@
 """The image encoder: a ViT with Hugging Face ``Data2VecVisionModel`` (BEiT layout) module
-names and semantics (SPEC §1c, §2), so that export is a save, not a translation.
+names and semantics (docs/design.md#hf-layout), so that export is a save, not a translation.
 
 Two flavours, chosen by ``VisionConfig.position_encoding``:
 
@@ -25,7 +25,7 @@ after the residual (v1 targets) or every block's ``ffn`` before layer scale and 
 
 Attention is ``F.scaled_dot_product_attention``. With the relative bias it gets a float
 ``attn_mask`` [1, H, T, T] that needs a gradient; ``attention_backend`` measures which
-SDPA kernel PyTorch actually runs for that call (recorded in the README: on CPU the
+SDPA kernel PyTorch actually runs for that call (recorded in docs/images.md: on CPU the
 flash-attention CPU kernel, not the math path).
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ VISION_PRESETS = {
     "large": dict(image_size=224, patch_size=16, hidden_size=1024, num_layers=24, num_heads=16, ffn_size=4096),
 }
 
-# The block flavour of each recipe (SPEC §1c). v1: data2vec_vision beit/ (drop path 0.25,
+# The block flavour of each recipe (docs/images.md). v1: data2vec_vision beit/ (drop path 0.25,
 # attention dropout 0.05 are the published base run's; recipes may override).
 RECIPE_FLAVOURS = {
     "data2vec": dict(position_encoding="relative", layer_scale_init=1e-4, use_mask_token=True,

@@ -109,7 +109,7 @@ def masked_scatter(rows: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.
 def build_targets(layers: Sequence[torch.Tensor] | torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, layer_norm: Optional[str] = "instance",
                   final_norm: Optional[str] = None, eps: float = 1e-5, count: Optional[int] = None) -> torch.Tensor:
-    """data2vec targets (SPEC §1 step 3): per-layer norm ("instance" over time per sample and
+    """data2vec targets (docs/design.md#targets): per-layer norm ("instance" over time per sample and
     channel, padding excluded; "layer" per token; None) of each of the K layer outputs
     (``[K, B, T, C]`` or K ``[B, T, C]``), their mean, an optional final norm; fp32 ``[B, T, C]``
     or ``[N, C]`` at the rows where ``mask`` is true. Padded positions are 0. No gradient.

@@ -1,4 +1,4 @@
-"""Recipe ``data2vec`` (v1; SPEC §1, §1a, §1c): the student encodes the masked input and a
+"""Recipe ``data2vec`` (v1, arXiv 2202.03555 §3; docs/design.md): the student encodes the masked input and a
 regression head maps its last layer at the masked positions to the targets; the teacher (an
 EMA of part of the student's encoder, ``ema_source``) encodes the unmasked input in eval mode,
 and the targets are the mean of its top-K layer outputs, each normalised per the recipe.

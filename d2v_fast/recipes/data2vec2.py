@@ -1,4 +1,4 @@
-"""Recipe ``data2vec2`` (data2vec 2.0; SPEC §1b, §1c; fairseq ``models/data2vec2.py``,
+"""Recipe ``data2vec2`` (data2vec 2.0, arXiv 2212.07525; fairseq ``models/data2vec2.py``,
 ``models/modalities/``).
 
 The student never encodes masked positions: each sample is cloned ``clones`` times with its

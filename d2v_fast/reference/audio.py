@@ -1,4 +1,4 @@
-"""Eager references of both speech recipes (SPEC §1c), written plainly from the published
+"""Eager references of both speech recipes (docs/speech.md), written plainly from the published
 description and independently of the engine's path (``modalities/audio.py``, ``ops``): the
 conv extractor, projection, positional conv and blocks spelled out with ``F.conv1d``,
 ``F.layer_norm``, ``F.linear`` and a softmax attention over the encoder's parameters; masks

@@ -5,7 +5,7 @@ code does it: a per-parameter EMA loop of ``mul_``/``add_``, instance norm layer
 
 It is the correctness oracle of the engine and the baseline of the benchmarks; the engine
 never imports it. Unlike the public code it feeds the teacher the full unmasked sequence,
-as the paper describes (SPEC §1a).
+as the paper describes (arXiv 2202.03555 §3).
 """
 from __future__ import annotations
 

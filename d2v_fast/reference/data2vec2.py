@@ -1,4 +1,4 @@
-"""Eager reference of the ``data2vec2`` recipe (data2vec 2.0, SPEC §1b), written plainly:
+"""Eager reference of the ``data2vec2`` recipe (data2vec 2.0, arXiv 2212.07525), written plainly:
 clones made with ``repeat_interleave``, kept tokens taken row by row with boolean indexing,
 the encoder output dropped out and put back with boolean assignment into the noise tensor,
 per-layer ``F.instance_norm``/``F.layer_norm`` sample by sample, targets repeated for the

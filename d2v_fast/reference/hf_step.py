@@ -1,6 +1,6 @@
 """The data2vec training step written the plain way on Hugging Face ``transformers``: the
-``hf`` provider of the step benchmark (issue 13), i.e. what a user writes in an afternoon,
-the comparison the README's headline speed ratio is against.
+``hf`` provider of the step benchmark (docs/performance.md), i.e. what a user writes in an afternoon,
+the comparison the headline speed ratio is against.
 
 - student: ``Data2VecTextModel`` (``attn_implementation="sdpa"``) plus the regression head,
   fed the ``<mask>``-ed input; the head on ``last_hidden_state[mask]``;

@@ -1,4 +1,4 @@
-"""Eager references of the two image recipes (SPEC §1c), written plainly and apart from the
+"""Eager references of the two image recipes (docs/images.md), written plainly and apart from the
 engine's path: attention as ``softmax(q kᵀ/√d + bias) v`` (no SDPA), the mask token put in
 with boolean indexing, visible patches taken row by row, the decoder's convs in a loop, the
 targets with ``F.layer_norm``/``F.instance_norm`` layer by layer, ``F.smooth_l1_loss`` /

@@ -1,10 +1,10 @@
 """Eager NumPy masking: the baseline that benchmarks/test_masking.py compares
-d2v_fast.data.masking against, and a distribution oracle for tests. Not used by the engine.
+d2v_fast.data.text.masking against, and a distribution oracle for tests. Not used by the engine.
 
 Written the plain way public data2vec / wav2vec reference code masks: a Python loop over
 rows with a per-row NumPy generator, ``rng.choice`` for the span starts, Python lists to
 expand spans, ``np.unique``, then a write into a NumPy array. Same signatures and the same
-distribution as d2v_fast.data.masking, but a different RNG, so masks differ bit for bit.
+distribution as d2v_fast.data.text.masking, but a different RNG, so masks differ bit for bit.
 """
 from __future__ import annotations
 

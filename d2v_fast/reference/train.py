@@ -9,8 +9,8 @@ import dataclasses
 import torch
 
 from ..config import Config
-from ..data.corpus import Corpus
-from ..data.dataset import build_dataloader
+from ..data.text.corpus import Corpus
+from ..data.text.dataset import build_dataloader
 from .data2vec import ReferenceData2Vec
 from .common import ReferenceUpdate
 from .data2vec2 import ReferenceData2Vec2

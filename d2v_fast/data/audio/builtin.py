@@ -29,8 +29,9 @@ from typing import Iterator
 import numpy as np
 
 from ...errors import UsageError, cli_entry
-from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
-from ..prepare import default_workers
+from ..builtin import build_once, cache_dir, python_tag
+from ..publish import default_workers
+from ..text.builtin import stdlib_labelled_docstrings
 from .corpus import SAMPLE_RATE, read_audio_meta
 from .prepare import prepare_audio_corpus
 from .resample import resample
@@ -196,9 +197,17 @@ def synthesized(texts: list[str], workers: int, job=None) -> Iterator:
 
 
 # ----------------------------------------------------------------------------- the corpus
+def espeak_announced(progress: bool, what) -> str:
+    """eSpeak NG's version, asked before anything is built (one line when it is missing);
+    ``what(version)`` is said on stderr first when ``progress``."""
+    version = Espeak.get().version
+    if progress:
+        print(what(version), file=sys.stderr, flush=True)
+    return version
+
+
 def builtin_speech_path(utterances: int = BUILTIN_SPEECH_UTTERANCES) -> Path:
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_dir() / f"speech-espeak-stdlib-{tag}-v{BUILTIN_SPEECH_VERSION}-n{utterances}"
+    return cache_dir() / f"speech-espeak-stdlib-{python_tag()}-v{BUILTIN_SPEECH_VERSION}-n{utterances}"
 
 
 def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, workers: int | None = None,
@@ -212,10 +221,9 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
     with build_once(out, read_audio_meta) as ready:
         if ready:
             return out
-        engine_version = Espeak.get().version  # fails early, with one line, when espeak is missing
-        if progress:
-            print(f"building the built-in speech corpus ({utterances} standard-library docstring passages read "
-                  f"by eSpeak NG {engine_version}) into {out}", file=sys.stderr, flush=True)
+        engine_version = espeak_announced(progress, lambda v: (
+            f"building the built-in speech corpus ({utterances} standard-library docstring passages read "
+            f"by eSpeak NG {v}) into {out}"))
         texts = speech_texts(utterances, workers, progress=progress)
         source_id = (f"espeak-ng:{engine_version}:python-stdlib-docstrings:{sys.version.split()[0]}"
                      f":v{BUILTIN_SPEECH_VERSION}:n{utterances}")

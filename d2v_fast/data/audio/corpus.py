@@ -12,14 +12,13 @@ Kept free of torch so that corpus-preparation workers start fast.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..shards import META, open_offset_shards, read_corpus_meta  # noqa: F401 (META re-exported)
+from ..shards import META, OffsetShardWriter, open_offset_shards, read_corpus_meta  # noqa: F401 (META re-exported)
 
 FORMAT = "d2v_fast.audio_corpus"
 FORMAT_VERSION = 1
@@ -29,52 +28,25 @@ REPREPARE = "python -m d2v_fast.data.audio --input IN... --out DIR --force"  # w
 DTYPES = ("float16", "float32")
 
 
-class AudioShardWriter:
+class AudioShardWriter(OffsetShardWriter):
     """Appends utterances to numbered shards in a staging directory."""
 
     def __init__(self, directory: Path, dtype: str, shard_samples: int):
-        self.directory, self.dtype, self.shard_samples = Path(directory), np.dtype(dtype), shard_samples
-        self.shards: list[dict] = []
-        self._file = None
+        super().__init__(directory, dtype, shard_samples, files=("audio", "index"),
+                         keys=("samples", "index", "num_samples", "num_utterances"))
         self._listing = open(self.directory / "utterances.tsv", "w")
         self._listing.write("shard\toffset\tsamples\tsource\n")
 
-    def _open(self):
-        self._name = f"audio-{len(self.shards):05d}.bin"
-        self._file = open(self.directory / self._name, "wb")
-        self._hash = hashlib.sha256()
-        self._offsets = [0]
-
-    def _close(self):
-        if self._file is None:
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())  # samples on disk before meta.json says they are
-        self._file.close()
-        index = f"index-{len(self.shards):05d}.npy"
-        np.save(self.directory / index, np.asarray(self._offsets, dtype=np.int64))
-        self.shards.append({"samples": self._name, "index": index, "num_samples": int(self._offsets[-1]),
-                            "num_utterances": len(self._offsets) - 1, "sha256": self._hash.hexdigest()})
-        self._file = None
-
     def add(self, wav: np.ndarray, source: str) -> None:
-        n = len(wav)
-        if self._file is not None and self._offsets[-1] + n > self.shard_samples and len(self._offsets) > 1:
-            self._close()
-        if self._file is None:
-            self._open()
-        data = np.ascontiguousarray(wav, dtype=self.dtype.newbyteorder("<")).tobytes()
-        self._file.write(data)
-        self._hash.update(data)
-        self._listing.write(f"{len(self.shards)}\t{self._offsets[-1]}\t{n}\t{source}\n")
-        self._offsets.append(self._offsets[-1] + n)
+        self.append(np.ascontiguousarray(wav, dtype=self.dtype.newbyteorder("<")).tobytes(), len(wav))
+        self._listing.write(f"{len(self.shards)}\t{self._offsets[-2]}\t{len(wav)}\t{source}\n")
 
     def finish(self) -> list[dict]:
-        self._close()
+        shards = super().finish()
         self._listing.flush()
         os.fsync(self._listing.fileno())
         self._listing.close()
-        return self.shards
+        return shards
 
     def abort(self) -> None:
         for f in (self._file, self._listing):

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ...errors import UsageError
+from ..loader import batch_epoch
 from .corpus import AudioCorpus
 
 
@@ -120,10 +121,7 @@ class CropCollator:
         self.frames_for, self.make_masks = frames_for, make_masks
 
     def __call__(self, items: list[dict]) -> dict:
-        epochs = {it["epoch"] for it in items}
-        if len(epochs) != 1:
-            raise RuntimeError(f"a batch mixes epochs {sorted(epochs)}")
-        epoch = epochs.pop()
+        epoch = batch_epoch(items)
         size = min(it["length"] for it in items)
         if self.max_samples is not None:
             size = min(size, self.max_samples)
@@ -145,7 +143,7 @@ def build_audio_dataloader(corpus: AudioCorpus, *, micro_batch_size: int, global
                            max_samples: int | None = None, frames_for=None, make_masks=None,
                            num_workers: int = 2, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader of cropped micro-batches for this rank (see the module docstring)."""
-    from ..dataset import rank_loader
+    from ..loader import rank_loader
 
     sampler = AudioBatchSampler(corpus.lengths, global_batch_size=global_batch_size, rank=rank,
                                 world_size=world_size, seed=seed, epoch=epoch, start=start)

@@ -7,7 +7,7 @@ static spans, ``min_masks=1``, ``require_same_masks=True``, ``add_masks=False``)
 different numbers:
 
 - data2vec (v1): ``mask_prob=0.65, span=10`` -> ~49% of frames masked, ``masked_spec_embed``;
-- data2vec 2.0: ``mask_prob=0.5, span=5`` per clone, 8 clones -> ~40% masked (SPEC §1c says
+- data2vec 2.0: ``mask_prob=0.5, span=5`` per clone, 8 clones -> ~40% masked (the 2.0 paper says
   "exactly int(0.5 T)"; the published config's ``compute_mask_indices`` lets spans overlap
   and adds none back, so fewer are masked; we follow the published code).
 

@@ -21,7 +21,6 @@ inputs and options is a no-op.
 from __future__ import annotations
 
 import argparse
-import glob
 import multiprocessing as mp
 import os
 import shutil
@@ -35,8 +34,9 @@ import numpy as np
 
 from ... import __version__
 from ...errors import UsageError, cli_entry
-from ..prepare import (_check_out_dir, _clean_stale_staging, _describe_files, _fingerprint, _say,
-                       default_workers, finish_corpus)
+from ..inputs import expand_inputs
+from ..publish import (_describe_files, _say, already_prepared, corpus_parser, default_workers, finish_corpus,
+                       new_staging)
 from .corpus import DTYPES, FORMAT, FORMAT_VERSION, SAMPLE_RATE, AudioShardWriter, read_audio_meta
 from .resample import MAX_FILTER_TAPS, filter_taps, resample
 
@@ -50,45 +50,8 @@ DEFAULT_SHARD_SAMPLES = 1 << 28  # 512 MiB of float16, ~4.7 h
 # ----------------------------------------------------------------------------- inputs
 def expand_audio_inputs(paths: Sequence[str | os.PathLike], *, flag: str = "--input") -> list[Path]:
     """Files, directories (recursive) and globs -> sorted, de-duplicated audio files."""
-    if not paths:
-        raise UsageError(f"{flag}: no input given; pass audio files, directories or globs")
-    kinds = "/".join(SUFFIXES)
-    files: list[Path] = []
-    for raw in map(str, paths):
-        if glob.has_magic(raw):
-            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True))
-            found = [p for m in matches for p in (_walk(m) if m.is_dir() else [m]) if _is_audio(p)]
-            if not found:
-                raise UsageError(f"{flag} {raw}: matches no {kinds} file; check the pattern "
-                                 f"(and quote it so the shell does not expand it)")
-            files.extend(found)
-            continue
-        path = Path(raw)
-        if not path.exists():
-            raise UsageError(f"{flag} {raw}: no such file or directory; check the path")
-        if path.is_dir():
-            found = _walk(path)
-            if not found:
-                raise UsageError(f"{flag} {raw}: the directory holds no {kinds} file")
-            files.extend(found)
-        elif not _is_audio(path):
-            raise UsageError(f"{flag} {raw}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
-        else:
-            files.append(path)
-    seen, unique = set(), []
-    for f in files:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
-            unique.append(f)
-    return unique
-
-
-def _is_audio(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in SUFFIXES
-
-
-def _walk(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if _is_audio(p))
+    return expand_inputs(paths, accept=lambda p: p.suffix.lower() in SUFFIXES, suffixes=SUFFIXES, flag=flag,
+                         noun="audio files")
 
 
 # ----------------------------------------------------------------------------- one utterance
@@ -237,10 +200,7 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
     source = {"inputs": _describe_files(files) if inputs is not None else [source_id],
               "min_samples": min_samples, "max_samples": max_samples, "dtype": dtype,
               "shard_samples": shard_samples, "skip_bad": skip_bad}
-    fingerprint = _fingerprint(source)
-    source["fingerprint"] = fingerprint
-    if _check_out_dir(out, fingerprint, force, read=read_audio_meta):
-        _say(progress, f"{out}: already holds this corpus, nothing to do")
+    if already_prepared(out, source, force=force, read=read_audio_meta, progress=progress):
         return out
 
     if inputs is not None:
@@ -252,11 +212,7 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
         items = ((name, to_corpus_audio(np.asarray(wav, np.float32), rate, name), "silent")
                  for name, wav, rate in utterances)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = new_staging(out)
     writer = None
     try:
         t0 = time.perf_counter()
@@ -320,24 +276,21 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m d2v_fast.data.audio", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help=f"{'/'.join(SUFFIXES)} files, directories (searched recursively) or globs")
-    p.add_argument("--out", required=True, metavar="DIR", help="corpus directory to write")
-    p.add_argument("--min-seconds", type=float, default=2.0, help="drop shorter utterances")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="keep only the first this many seconds")
-    p.add_argument("--dtype", choices=DTYPES, default="float16", help="sample storage type")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="warn about and skip undecodable or truncated files instead of stopping")
-    p.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard file")
-    p.add_argument("--force", action="store_true", help="replace a different corpus already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    # accepted so that `python -m d2v_fast.data.prepare --modality audio ...` can hand its
-    # whole argument list over unchanged
-    p.add_argument("--modality", choices=("audio",), default="audio", help=argparse.SUPPRESS)
-    return p
+    def more(p):
+        p.add_argument("--min-seconds", type=float, default=2.0, help="drop shorter utterances")
+        p.add_argument("--max-seconds", type=float, default=20.0, help="keep only the first this many seconds")
+        p.add_argument("--dtype", choices=DTYPES, default="float16", help="sample storage type")
+        p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+        p.add_argument("--skip-bad", action="store_true",
+                       help="warn about and skip undecodable or truncated files instead of stopping")
+        p.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard file")
+        # accepted so that `python -m d2v_fast.data.prepare --modality audio ...` can hand its
+        # whole argument list over unchanged
+        p.add_argument("--modality", choices=("audio",), default="audio", help=argparse.SUPPRESS)
+
+    return corpus_parser(prog="python -m d2v_fast.data.audio", description=__doc__.split("\n\n")[0],
+                         inputs=f"{'/'.join(SUFFIXES)} files, directories (searched recursively) or globs",
+                         more=more)
 
 
 @cli_entry

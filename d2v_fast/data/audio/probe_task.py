@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UsageError
-from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
+from ..builtin import build_once, cache_dir, python_tag
 from ..probe_task import SPLIT_SEED, complete_splits, label_classes, labelled_lines, split_by_document
-from .builtin import VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, speakable_chunks, synthesized
+from ..text.builtin import stdlib_labelled_docstrings
+from .builtin import (VARIANTS, VOICES, PITCH, RATE_WPM, RESERVED_FROM, Espeak, espeak_announced, speakable_chunks,
+                      synthesized)
 from .corpus import SAMPLE_RATE, AudioCorpus, open_audio_corpus
 from .prepare import SILENCE_VAR
 
@@ -103,15 +105,14 @@ def _synth(job: tuple[int, str]) -> tuple[str, np.ndarray | None]:
 
 
 def builtin_speech_probe_path(utterances: int = PROBE_UTTERANCES) -> Path:
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_dir() / f"speech-probe-espeak-{tag}-v{PROBE_SPEECH_VERSION}-n{utterances}"
+    return cache_dir() / f"speech-probe-espeak-{python_tag()}-v{PROBE_SPEECH_VERSION}-n{utterances}"
 
 
 def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | None = None,
                          progress: bool = True) -> Path:
     """Path of the built-in speech probe task (a prepared speech corpus with labels),
     building it on first use; safe from several processes at once (a lock)."""
-    from ..prepare import default_workers
+    from ..publish import default_workers
     from .prepare import prepare_audio_corpus
 
     if utterances < 5 * len(VARIANTS):
@@ -122,10 +123,9 @@ def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | N
     with build_once(out, lambda p: read_speech_probe(p) is not None) as ready:
         if ready:
             return out
-        version = Espeak.get().version  # fails early, with one line, when espeak is missing
-        if progress:
-            print(f"building the built-in speech probe task ({utterances} utterances by eSpeak NG {version}, "
-                  f"{len(VARIANTS)} voice variants) into {out}", file=sys.stderr, flush=True)
+        version = espeak_announced(progress, lambda v: (
+            f"building the built-in speech probe task ({utterances} utterances by eSpeak NG {v}, "
+            f"{len(VARIANTS)} voice variants) into {out}"))
         texts, available = probe_texts(utterances, workers, progress=progress)
         record: dict = {}
 

@@ -3,7 +3,7 @@ workers, keyed by (seed, epoch, index) like the masks, so a resumed or re-sharde
 the same crops), pixels transformed for the whole batch on any device (the GPU in
 training) from the stored uint8 images.
 
-What it does (SPEC §1c): RandomResizedCrop (area ``scale``, aspect ``ratio`` log-uniform,
+What it does (docs/images.md): RandomResizedCrop (area ``scale``, aspect ``ratio`` log-uniform,
 torchvision's 10 tries then a centre-crop fallback), horizontal flip with p = 0.5, colour
 jitter (brightness, contrast, saturation factors uniform in [1 - j, 1 + j]; hue untouched,
 as BEiT's ColorJitter(0.4, 0.4, 0.4)), then mean/std normalisation. Greyscale images are

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ...errors import UsageError
-from ..dataset import BlockSampler, rank_loader
+from ..loader import BlockSampler, batch_epoch, rank_loader
 from .augment import AugmentConfig, augment_batch, draw_params
 from .corpus import ImageCorpus
 from .masking import block_mask, inverse_block_mask
@@ -82,10 +82,7 @@ class ImageCollator:
     def __call__(self, items: list[dict]) -> dict:
         pixels = torch.stack([it["pixels"] for it in items])
         indices = torch.tensor([it["index"] for it in items], dtype=torch.long)
-        epochs = {it["epoch"] for it in items}
-        if len(epochs) != 1:
-            raise RuntimeError(f"a batch mixes epochs {sorted(epochs)}")
-        epoch = epochs.pop()
+        epoch = batch_epoch(items)
         m = self.masking
         if m.kind == "block":
             mask = block_mask(self.grid, num_masked=m.num_masked, min_block=m.min_block, max_block=m.max_block,

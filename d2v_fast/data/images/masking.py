@@ -1,4 +1,4 @@
-"""Patch masks for images (SPEC §1c): BEiT block masking (data2vec v1) and inverse block
+"""Patch masks for images (docs/images.md): BEiT block masking (data2vec v1) and inverse block
 masking (data2vec 2.0).
 
 Both fill a whole batch in one call to the C++ extension ``d2v_fast._C``
@@ -45,7 +45,7 @@ __all__ = ["block_mask", "inverse_block_mask", "BEIT_BLOCK", "DATA2VEC2_INVERSE_
 _BLOCK_KIND = 0x42454954  # "BEIT"
 _INVERSE_KIND = 0x49424C4B  # "IBLK"
 
-# The published settings (SPEC §1c), at 224 / 16 = 14 x 14 patches.
+# The published settings (docs/images.md), at 224 / 16 = 14 x 14 patches.
 BEIT_BLOCK = dict(num_masked=120, min_block=16, max_block=None, min_aspect=0.3, max_aspect=None)
 DATA2VEC2_INVERSE_BLOCK = dict(mask_prob=0.8, block=3, mask_prob_adjust=0.07, clones=16)
 

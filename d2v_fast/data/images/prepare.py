@@ -33,7 +33,7 @@ import numpy as np
 
 from ... import __version__
 from ...errors import UsageError, cli_entry
-from ..prepare import _check_out_dir, _clean_stale_staging, _fingerprint, default_workers, finish_corpus
+from ..publish import _say, already_prepared, corpus_parser, default_workers, finish_corpus, new_staging
 from .corpus import FORMAT, FORMAT_VERSION, read_meta
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -190,19 +190,14 @@ def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequen
     None for one left out, whose name and label are dropped) as a corpus at ``out``,
     atomically. ``source`` identifies the inputs (its fingerprint makes a re-run a no-op)."""
     out = Path(out)
-    source = dict(source, fingerprint=_fingerprint(source))
-    if _check_out_dir(out, source["fingerprint"], force, read=read_meta):
-        _say(progress, f"{out}: already holds this corpus, nothing to do")
+    source = dict(source)
+    if already_prepared(out, source, force=force, read=read_meta, progress=progress):
         return out
     if not names:
         raise UsageError(f"no images to write to {out}; check the inputs")
     h, w = size
     image_bytes = h * w * channels
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = new_staging(out)
     try:
         t0 = time.perf_counter()
         writer = ImageShardWriter(staging, image_bytes, max(1, SHARD_BYTES // image_bytes))
@@ -272,24 +267,17 @@ def _bar(progress: bool, total: int):
     return tqdm(desc="images", unit=" images", total=total, file=sys.stderr, dynamic_ncols=True)
 
 
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m d2v_fast.data.images.prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="directories (searched recursively; DIR/<class>/<image> gives labels) or image files")
-    p.add_argument("--out", required=True, metavar="DIR", help="corpus directory to write")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="stored side in pixels (shorter side, centre crop)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="warn about and skip unreadable or truncated images instead of stopping")
-    p.add_argument("--force", action="store_true", help="replace a different corpus already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
+    def more(p):
+        p.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                       help="stored side in pixels (shorter side, centre crop)")
+        p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+        p.add_argument("--skip-bad", action="store_true",
+                       help="warn about and skip unreadable or truncated images instead of stopping")
+
+    return corpus_parser(prog="python -m d2v_fast.data.images.prepare", description=__doc__.split("\n\n")[0],
+                         inputs="directories (searched recursively; DIR/<class>/<image> gives labels) or image files",
+                         more=more)
 
 
 @cli_entry

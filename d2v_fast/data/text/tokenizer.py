@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import UsageError
+from ...errors import UsageError
 
-# SPEC §2: <s>=0 <pad>=1 </s>=2 <unk>=3, then <mask> (lstrip=True, like RoBERTa's).
-SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+# docs/design.md#hf-layout: <s>=0 <pad>=1 </s>=2 <unk>=3, then <mask> (lstrip=True, like RoBERTa's).
+ROBERTA_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 REQUIRED_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -32,7 +32,7 @@ def _special_added_tokens():
     from tokenizers import AddedToken
 
     return [AddedToken(t, lstrip=(t == "<mask>"), rstrip=False, normalized=False, special=True)
-            for t in SPECIAL_TOKENS]
+            for t in ROBERTA_TOKENS]
 
 
 def train_bpe(documents: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
@@ -40,9 +40,9 @@ def train_bpe(documents: Iterable[str], vocab_size: int, *, min_frequency: int =
     """Train a byte-level BPE with the RoBERTa special tokens at ids 0..4."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
+    if vocab_size < 256 + len(ROBERTA_TOKENS):
         raise UsageError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
-                         f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+                         f"{256 + len(ROBERTA_TOKENS)} (256 bytes + {len(ROBERTA_TOKENS)} special tokens)")
     tok = _roberta_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
@@ -101,7 +101,7 @@ def _check_special_ids(tok, where: str) -> None:
 
 def special_ids(tok) -> dict[str, int]:
     ids = {name: tok.token_to_id(t) for name, t in
-           zip(("bos", "pad", "eos", "unk", "mask"), SPECIAL_TOKENS)}
+           zip(("bos", "pad", "eos", "unk", "mask"), ROBERTA_TOKENS)}
     return ids
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
-from .shards import META, open_offset_shards, read_corpus_meta
+from ...errors import UsageError
+from ..shards import META, OffsetShardWriter, open_offset_shards, read_corpus_meta
 
 FORMAT = "d2v_fast.corpus"
 FORMAT_VERSION = 1
@@ -32,51 +32,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-class ShardWriter:
+class ShardWriter(OffsetShardWriter):
     """Appends tokenized documents to numbered shards in a staging directory."""
 
     def __init__(self, directory: Path, dtype: np.dtype, eos_id: int, shard_tokens: int):
-        self.directory, self.dtype, self.eos_id = Path(directory), np.dtype(dtype), eos_id
-        self.shard_tokens = shard_tokens
-        self.shards: list[dict] = []
-        self._file = None
-
-    def _open(self):
-        i = len(self.shards)
-        self._name = f"tokens-{i:05d}.bin"
-        self._file = open(self.directory / self._name, "wb")
-        self._hash = hashlib.sha256()
-        self._offsets = [0]
-
-    def _close(self):
-        if self._file is None:
-            return
-        self._file.close()
-        docs = f"docs-{len(self.shards):05d}.npy"
-        np.save(self.directory / docs, np.asarray(self._offsets, dtype=np.int64))
-        self.shards.append({"tokens": self._name, "docs": docs, "num_tokens": int(self._offsets[-1]),
-                            "num_documents": len(self._offsets) - 1, "sha256": self._hash.hexdigest()})
-        self._file = None
+        super().__init__(directory, dtype, shard_tokens, files=("tokens", "docs"),
+                         keys=("tokens", "docs", "num_tokens", "num_documents"))
+        self.eos_id = eos_id
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one concatenated array (each already ends in </s>)."""
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
         start = 0
         for n in lengths.tolist():
-            if self._file is not None and self._offsets[-1] + n > self.shard_tokens and len(self._offsets) > 1:
-                self._close()
-            if self._file is None:
-                self._open()
-            chunk = tokens[start:start + n]
-            data = chunk.tobytes()
-            self._file.write(data)
-            self._hash.update(data)
-            self._offsets.append(self._offsets[-1] + n)
+            self.append(tokens[start:start + n].tobytes(), n)
             start += n
-
-    def finish(self) -> list[dict]:
-        self._close()
-        return self.shards
 
 
 @dataclass

@@ -7,7 +7,6 @@ gzip-compressed (``.gz``); directories (searched recursively) and globs of those
 from __future__ import annotations
 
 import codecs
-import glob
 import gzip
 import json
 import os
@@ -16,7 +15,8 @@ import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import UsageError
+from ...errors import UsageError
+from ..inputs import expand_inputs as find_inputs
 
 KINDS = (".txt", ".jsonl")
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
@@ -36,45 +36,7 @@ def file_kind(path: Path) -> str | None:
 
 def expand_inputs(paths: Sequence[str | os.PathLike], *, flag: str = "--input") -> list[Path]:
     """Resolve files, directories and globs into a sorted, de-duplicated list of input files."""
-    if not paths:
-        raise UsageError(f"{flag}: no input given; pass one or more files, directories or globs")
-    files: list[Path] = []
-    for raw in paths:
-        raw = str(raw)
-        if glob.has_magic(raw):
-            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True))
-            if not matches:
-                raise UsageError(f"{flag} {raw}: the pattern matches nothing; check it "
-                                 f"(and quote it so the shell does not expand it)")
-            found = [p for m in matches for p in (_walk(m) if m.is_dir() else [m]) if file_kind(p)]
-            if not found:
-                raise UsageError(f"{flag} {raw}: matches no {'/'.join(SUFFIXES)} file")
-            files.extend(found)
-            continue
-        path = Path(raw)
-        if not path.exists():
-            raise UsageError(f"{flag} {raw}: no such file or directory; check the path")
-        if path.is_dir():
-            found = _walk(path)
-            if not found:
-                raise UsageError(f"{flag} {raw}: the directory holds no {'/'.join(SUFFIXES)} file")
-            files.extend(found)
-        elif file_kind(path) is None:
-            raise UsageError(f"{flag} {raw}: unsupported file type; expected one of "
-                             f"{', '.join(SUFFIXES)}")
-        else:
-            files.append(path)
-    seen, unique = set(), []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
-
-
-def _walk(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and file_kind(p))
+    return find_inputs(paths, accept=file_kind, suffixes=SUFFIXES, flag=flag)
 
 
 def _open_binary(path: Path):
