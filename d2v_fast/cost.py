@@ -547,7 +547,8 @@ def providers_for(modality: str, recipe: str) -> list[str]:
     return ["d2v_fast", "hf", "reference"] if (modality, recipe) == ("text", "data2vec") else ["d2v_fast", "reference"]
 
 
-def run_suite(configs, *, switches: bool = True, repeats: int = 5, log=print, done=lambda rows: None) -> list[dict]:
+def run_suite(configs, *, switches: bool = True, repeats: int = 5, log=print, done=lambda rows: None,
+              time_it: bool = True) -> list[dict]:
     """Every config's providers; the switch rows for text data2vec (the headline config) when
     ``switches``. ``done(rows)`` after each row (the CLI writes its results file there)."""
     rows = []
@@ -558,7 +559,7 @@ def run_suite(configs, *, switches: bool = True, repeats: int = 5, log=print, do
             labelled = switch_rows(cfg) if ablate else [(provider, cfg)]
             for label, c in labelled:
                 try:
-                    row = {**measure_cost(provider, c, repeats=repeats), "provider": label}
+                    row = {**measure_cost(provider, c, repeats=repeats, time_it=time_it), "provider": label}
                 except Exception as err:  # a switch that does not apply to this modality, say
                     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                     log(f"  {modality}/{recipe} {label}: not measured ({first})")
@@ -613,6 +614,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--host-only", action="store_true",
                    help="only the host ms, the providers (and switch rows) timed in interleaved rounds (--repeats)")
+    p.add_argument("--counts-only", action="store_true",
+                   help="the counts without the host ms (which a loaded machine cannot time; --host-only times them)")
     p.add_argument("--json", default="")
     p.add_argument("--append", action="store_true", help="add the rows to those already in --json (replacing rows of the same config and provider)")
     args = p.parse_args(argv)
@@ -662,7 +665,8 @@ def main(argv: list[str]) -> int:
             atomic_write_json(doc, Path(args.json))
         return 0
     if args.suite:
-        rows = run_suite(SUITE, switches=not args.no_switches, repeats=args.repeats, done=write)
+        rows = run_suite(SUITE, switches=not args.no_switches, repeats=args.repeats, done=write,
+                         time_it=not args.counts_only)
     else:
         cfg = cost_config(args.modality, args.recipe, args.config)
         providers = [x.strip() for x in args.providers.split(",") if x.strip()] or \
@@ -671,7 +675,8 @@ def main(argv: list[str]) -> int:
         for provider in providers:
             labelled = switch_rows(cfg) if provider == "d2v_fast" and not args.no_switches else [(provider, cfg)]
             for label, c in labelled:
-                row = {**measure_cost(provider, c, repeats=args.repeats), "provider": label}
+                row = {**measure_cost(provider, c, repeats=args.repeats, time_it=not args.counts_only),
+                       "provider": label}
                 rows.append(row)
                 print(format_row(row))
     rel = ratios(rows)
