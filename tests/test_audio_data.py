@@ -10,7 +10,7 @@ sf = pytest.importorskip("soundfile", reason="soundfile is a dependency (pip ins
 
 from d2v_fast.data.audio import prepare as ap  # noqa: E402
 from d2v_fast.data.audio.corpus import open_audio_corpus  # noqa: E402
-from d2v_fast.data.audio.dataset import (AudioBatchSampler, CropCollator, UtteranceDataset,  # noqa: E402
+from d2v_fast.data.audio.dataset import (AudioBatchSampler, CropCollator, UtteranceDataset, crop_offset,  # noqa: E402
                                          bucket_order, build_audio_dataloader)
 from d2v_fast.data.audio.resample import resample  # noqa: E402
 from d2v_fast.errors import UsageError  # noqa: E402
@@ -62,10 +62,12 @@ def test_prepare_decodes_resamples_normalises_drops_and_crops(audio_dir, tmp_pat
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_utterances"] == 3 and meta["sample_rate"] == 16000 and meta["dtype"] == "float16"
     assert meta["dropped"] == {"shorter than min": 1, "silent": 1, "unreadable": 0}
-    assert meta["cropped_to_max"] == 1
+    assert meta["cropped_to_max"] == 0  # 25 s is under the 60 s cap: kept whole, cropped in the loader
     corpus = open_audio_corpus(out)
     # sorted walk: a.wav, b.flac, sub/c.ogg
-    assert corpus.lengths.tolist() == [48000, 40000, 320000]
+    assert corpus.lengths.tolist() == [48000, 40000, 400000]
+    capped = open_audio_corpus(prep([audio_dir], tmp_path / "capped", max_seconds=20))
+    assert capped.lengths.tolist() == [48000, 40000, 320000] and capped.meta["cropped_to_max"] == 1
     for i in range(3):
         x = corpus[i]
         assert abs(x.mean()) < 0.02 and abs(x.std() - 1) < 0.02
@@ -228,6 +230,25 @@ def test_collator_crops_to_shortest_deterministically(audio_dir, tmp_path):
     starts = [o for o in range(0, len(full) - 40000 + 1) if full[o] == row2[0] and full[o + 1] == row2[1]]
     assert any(np.array_equal(full[o:o + 40000], row2) for o in starts)
     assert not torch.equal(collate([ds[(3, i)] for i in (0, 1, 2)])["waveform"][2], a["waveform"][2])
+
+
+def test_a_long_utterance_shows_a_different_published_window_each_epoch(audio_dir, tmp_path):
+    """Kept whole (25 s, under the cap) and cropped in the loader to --data.max_samples (the
+    published 20 s) at an offset keyed by (seed, epoch, index): the windows of the epochs
+    cover the whole utterance over time, the same window for the same key."""
+    corpus = open_audio_corpus(prep([audio_dir], tmp_path / "corpus"))
+    ds = UtteranceDataset(corpus)
+    collate = CropCollator(corpus, seed=5, max_samples=320_000)
+    full = corpus[2]
+    starts = set()
+    for epoch in range(12):
+        w = collate([ds[(epoch, 2)]])["waveform"][0].numpy()
+        assert len(w) == 320_000
+        off = crop_offset(5, epoch, 2, len(full) - 320_000)
+        np.testing.assert_array_equal(w, full[off:off + 320_000])
+        np.testing.assert_array_equal(collate([ds[(epoch, 2)]])["waveform"][0].numpy(), w)
+        starts.add(off)
+    assert len(starts) > 6 and max(starts) > 40_000  # later windows than the first 20 s
 
 
 def test_dataloader_yields_cropped_micro_batches(audio_dir, tmp_path):

@@ -32,7 +32,7 @@ from ...errors import UsageError, cli_entry
 from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
 from ..prepare import default_workers
 from .corpus import SAMPLE_RATE, read_audio_meta
-from .prepare import prepare_audio_corpus
+from .prepare import MAX_SECONDS, prepare_audio_corpus
 from .resample import resample
 
 BUILTIN_SPEECH_VERSION = 1  # bump when the text selection or the voice draw below changes
@@ -198,7 +198,8 @@ def synthesized(texts: list[str], workers: int, job=None) -> Iterator:
 # ----------------------------------------------------------------------------- the corpus
 def builtin_speech_path(utterances: int = BUILTIN_SPEECH_UTTERANCES) -> Path:
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_dir() / f"speech-espeak-stdlib-{tag}-v{BUILTIN_SPEECH_VERSION}-n{utterances}"
+    # "-max60s": utterances kept up to the preparation cap (corpora built before were cut at 20 s)
+    return cache_dir() / f"speech-espeak-stdlib-{tag}-v{BUILTIN_SPEECH_VERSION}-n{utterances}-max{MAX_SECONDS:g}s"
 
 
 def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, workers: int | None = None,
@@ -224,7 +225,7 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
                              "voices": list(VOICES), "variants": list(VARIANTS),
                              "rate_wpm": list(RATE_WPM), "pitch": list(PITCH)}}
         return prepare_audio_corpus(out, utterances=synthesized(texts, workers), source_id=source_id,
-                                    min_seconds=2.0, max_seconds=20.0, force=True, progress=progress,
+                                    min_seconds=2.0, max_seconds=MAX_SECONDS, force=True, progress=progress,
                                     extra_meta=extra, expected=len(texts))
 
 
