@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from d2v_fast.bench import environment  # noqa: E402
 
 
 def _timed(argv: list[str], env: dict) -> float:
@@ -51,9 +53,6 @@ def _probe_summary(probe: dict | None) -> dict | None:
 
 
 def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
-    from d2v_fast.bench import environment
-
     seeds = [0]
     if argv[:1] == ["--seeds"]:
         seeds, argv = [int(v) for v in argv[1].split(",")], argv[2:]
@@ -65,9 +64,15 @@ def main(argv: list[str]) -> int:
                                                 "builtin_speech_probe()"], env)
         cmd = ["python", "-m", "d2v_fast.pretrain", "--nproc-per-node", "1", "--modality", "audio",
                "--config", "tiny", *argv]
-        jobs = [(seed, _job([*cmd, "--seed", str(seed)], Path(tmp) / f"run{seed}", env)) for seed in seeds]
+        jobs = []
+        for seed in seeds:  # the file is rewritten after every seed, so a stopped recording keeps the ones done
+            jobs.append((seed, _job([*cmd, "--seed", str(seed)], Path(tmp) / f"run{seed}", env)))
+            _write(jobs, cmd, seeds, corpus_s, probe_s, environment(torch.device("cpu")))
+    return 0
+
+
+def _write(jobs, cmd, seeds, corpus_s, probe_s, info) -> None:
     wall, config, rows, probe = jobs[0][1]
-    info = environment(torch.device("cpu"))
     recipe = config["recipe"]["name"]
     first, last = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10):]
     loss_at = lambda rs, step: next((round(r["loss"], 4) for r in rs if r["step"] == step), None)
@@ -97,8 +102,7 @@ def main(argv: list[str]) -> int:
         p = r["probe"] or {}
         print(f"seed {r['seed']}: loss {r['loss_step_10']} (step 10) -> {r['loss_step_300']} (step {r['steps']}); "
               f"probe {p.get('accuracy')} vs {p.get('random_init_accuracy')} at random init")
-    print(f"wrote {path.relative_to(ROOT)}: corpus {corpus_s:.0f} s, job {wall:.0f} s")
-    return 0
+    print(f"wrote {path.relative_to(ROOT)}: corpus {corpus_s:.0f} s, job {wall:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
