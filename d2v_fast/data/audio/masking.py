@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from ..masking import _as_u64, extension_with, _partial_shuffle, _row_key, _RowRng
+from ..masking import _as_u64, extension_with, _partial_shuffle, _row_key, _RowRng, _set_count
 
 __all__ = ["span_masks", "block_masks", "V1_AUDIO", "V2_AUDIO"]
 
@@ -152,11 +152,6 @@ def _frame_block_mask_python(T, mask_prob, span, adjust, seed, epoch, indices, c
                 centre = rng.bounded(T)
                 for k in range(span):
                     row[min(max(centre + k - offset, 0), T - 1)] = True
-            n = sum(row)
-            if n != target:
-                flip_from = n > target
-                pos = [t for t in range(T) if row[t] == flip_from]
-                for i in _partial_shuffle(rng, len(pos), abs(n - target)):
-                    row[pos[i]] = not flip_from
+            _set_count(rng, row, target)
             rows.append(row)
     return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), T)
