@@ -27,4 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Speech span masks of a batch, clones adjacent, the same count per row: bool [B * clones, T].",
         py::arg("num_frames"), py::arg("mask_prob"), py::arg("span"), py::arg("min_masks"), py::arg("seed"),
         py::arg("epoch"), py::arg("indices"), py::arg("clones"));
+  m.def("frame_block_mask", &d2v::frame_block_mask, py::call_guard<py::gil_scoped_release>(),
+        "data2vec 2.0 speech block masks, clones adjacent, int(mask_prob * T) per row: bool [B * clones, T].",
+        py::arg("num_frames"), py::arg("mask_prob"), py::arg("span"), py::arg("mask_prob_adjust"), py::arg("seed"),
+        py::arg("epoch"), py::arg("indices"), py::arg("clones"));
 }

@@ -43,11 +43,19 @@ def lr_schedule(optim_cfg, total: int):
     return lambda s: lr_factor(s, warmup, total)
 
 
+def exempt_from_decay(model: torch.nn.Module, name: str, p: torch.Tensor, cfg) -> bool:
+    """Whether parameter ``name`` of ``model`` gets no weight decay: biases and LayerNorm weights
+    (1-D) unless the recipe decays them (``optim.decay_biases_and_norms``), and the parameters
+    the model names in ``no_weight_decay`` (BEiT's CLS token)."""
+    named = getattr(model, "no_weight_decay", ())
+    return (not cfg.decay_biases_and_norms and p.ndim < 2) or any(name == n or name.endswith("." + n) for n in named)
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:  # biases and LayerNorm weights: decayed only if the recipe says so
-            (decay if cfg.decay_biases_and_norms or p.ndim >= 2 else no_decay).append(p)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if exempt_from_decay(model, name, p, cfg) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.fused:

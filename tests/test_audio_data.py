@@ -10,7 +10,7 @@ sf = pytest.importorskip("soundfile", reason="soundfile is a dependency (pip ins
 
 from d2v_fast.data.audio import prepare as ap  # noqa: E402
 from d2v_fast.data.audio.corpus import open_audio_corpus  # noqa: E402
-from d2v_fast.data.audio.dataset import (AudioBatchSampler, CropCollator, UtteranceDataset,  # noqa: E402
+from d2v_fast.data.audio.dataset import (AudioBatchSampler, CropCollator, UtteranceDataset, crop_offset,  # noqa: E402
                                          bucket_order, build_audio_dataloader)
 from d2v_fast.data.audio.resample import resample  # noqa: E402
 from d2v_fast.errors import UsageError  # noqa: E402
@@ -62,10 +62,12 @@ def test_prepare_decodes_resamples_normalises_drops_and_crops(audio_dir, tmp_pat
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_utterances"] == 3 and meta["sample_rate"] == 16000 and meta["dtype"] == "float16"
     assert meta["dropped"] == {"shorter than min": 1, "silent": 1, "unreadable": 0}
-    assert meta["cropped_to_max"] == 1
+    assert meta["cropped_to_max"] == 0  # 25 s is under the 60 s cap: kept whole, cropped in the loader
     corpus = open_audio_corpus(out)
     # sorted walk: a.wav, b.flac, sub/c.ogg
-    assert corpus.lengths.tolist() == [48000, 40000, 320000]
+    assert corpus.lengths.tolist() == [48000, 40000, 400000]
+    capped = open_audio_corpus(prep([audio_dir], tmp_path / "capped", max_seconds=20))
+    assert capped.lengths.tolist() == [48000, 40000, 320000] and capped.meta["cropped_to_max"] == 1
     for i in range(3):
         x = corpus[i]
         assert abs(x.mean()) < 0.02 and abs(x.std() - 1) < 0.02
@@ -230,6 +232,25 @@ def test_collator_crops_to_shortest_deterministically(audio_dir, tmp_path):
     assert not torch.equal(collate([ds[(3, i)] for i in (0, 1, 2)])["waveform"][2], a["waveform"][2])
 
 
+def test_a_long_utterance_shows_a_different_published_window_each_epoch(audio_dir, tmp_path):
+    """Kept whole (25 s, under the cap) and cropped in the loader to --data.max_samples (the
+    published 20 s) at an offset keyed by (seed, epoch, index): the windows of the epochs
+    cover the whole utterance over time, the same window for the same key."""
+    corpus = open_audio_corpus(prep([audio_dir], tmp_path / "corpus"))
+    ds = UtteranceDataset(corpus)
+    collate = CropCollator(corpus, seed=5, max_samples=320_000)
+    full = corpus[2]
+    starts = set()
+    for epoch in range(12):
+        w = collate([ds[(epoch, 2)]])["waveform"][0].numpy()
+        assert len(w) == 320_000
+        off = crop_offset(5, epoch, 2, len(full) - 320_000)
+        np.testing.assert_array_equal(w, full[off:off + 320_000])
+        np.testing.assert_array_equal(collate([ds[(epoch, 2)]])["waveform"][0].numpy(), w)
+        starts.add(off)
+    assert len(starts) > 6 and max(starts) > 40_000  # later windows than the first 20 s
+
+
 def test_dataloader_yields_cropped_micro_batches(audio_dir, tmp_path):
     corpus = open_audio_corpus(prep([audio_dir], tmp_path / "corpus"))
     loader = build_audio_dataloader(corpus, micro_batch_size=1, global_batch_size=2, num_workers=0, seed=0,
@@ -294,18 +315,14 @@ def test_encoder_matches_hugging_face_on_builtin_speech(builtin_speech):
 
 
 # ----------------------------------------------------------------------------- masks
-def test_speech_masks_have_equal_counts_and_the_published_coverage():
-    from d2v_fast.data.audio.masking import V1_AUDIO, V2_AUDIO, span_masks
+def test_speech_v1_masks_have_equal_counts_and_the_published_coverage():
+    from d2v_fast.data.audio.masking import V1_AUDIO, span_masks
 
     idx = torch.arange(16)
     v1 = span_masks(500, idx, seed=0, epoch=0, **V1_AUDIO)
     counts = v1.sum(1)
     assert v1.shape == (16, 500) and bool((counts == counts[0]).all())
-    assert 0.40 < counts[0] / 500 < 0.50  # ~49% expected per row, thinned to the batch minimum
-    v2 = span_masks(500, idx[:4], seed=0, epoch=0, clones=8, **V2_AUDIO)
-    assert v2.shape == (32, 500) and bool((v2.sum(1) == v2.sum(1)[0]).all())
-    assert 0.30 < v2.sum(1)[0] / 500 < 0.42
-    assert not torch.equal(v2[0], v2[1])  # clones differ
+    assert 0.40 < counts[0] / 500 < 0.47  # 40-46% measured (README), thinned to the batch minimum
     # a row's spans come from (seed, epoch, index, clone) alone: same row alone or in a batch
     # (thinning aside, every masked frame of the batched row is masked in the lone row)
     alone = span_masks(500, idx[3:4], seed=0, epoch=0, **V1_AUDIO)
@@ -318,23 +335,93 @@ def test_speech_masks_have_equal_counts_and_the_published_coverage():
         span_masks(4, idx[:1], seed=0, epoch=0, **V1_AUDIO)  # one span covers all 4 frames
 
 
+def _blocks_before_adjustment(T, index, seed, epoch, clone, mask_prob=0.5, span=5, adjust=0.05):
+    """The published algorithm's first stage, written out from the row stream: the frames the
+    ``int(T * (mask_prob + adjust) / span)`` centres (drawn with replacement) cover."""
+    from d2v_fast.data.audio.masking import _FRAME_BLOCK_KIND
+    from d2v_fast.data.masking import _row_key, _RowRng
+
+    rng = _RowRng(_row_key(_FRAME_BLOCK_KIND, seed, epoch, index, clone))
+    covered = np.zeros(T, dtype=bool)
+    for _ in range(int(T * ((mask_prob + adjust) / span))):
+        c = rng.bounded(T)
+        covered[np.clip(np.arange(c - span // 2, c - span // 2 + span), 0, T - 1)] = True
+    return covered
+
+
+@pytest.mark.parametrize("T", [499, 999, 250, 99, 13])
+def test_speech_v2_block_masks_mask_exactly_half_of_every_clone_row(T):
+    """fairseq compute_block_mask_1d (base_audio_only_task.yaml: mask_prob 0.5, mask_length 5,
+    mask_prob_adjust 0.05): every clone row of a crop of T frames masks exactly int(0.5 T)
+    frames, each row being its blocks of 5 (centres with replacement, clamped at the ends)
+    with a uniformly random few frames unmasked or added to reach that count."""
+    from d2v_fast.data.audio.masking import V2_AUDIO, block_masks
+
+    idx = torch.tensor([3, 17, 2**33 + 5])
+    m = block_masks(T, idx, seed=7, epoch=2, clones=8, **V2_AUDIO)
+    assert m.shape == (24, T) and m.dtype == torch.bool
+    assert m.sum(1).tolist() == [int(0.5 * T)] * 24
+    if T >= 99:  # clones and samples differ (13 frames have one block: rows may repeat)
+        assert len({tuple(r.tolist()) for r in m}) == 24
+    for r in (0, 9, 23):
+        b, c = divmod(r, 8)
+        covered = _blocks_before_adjustment(T, int(idx[b]), 7, 2, c)
+        row = m[r].numpy()
+        n = int(covered.sum())
+        if n >= int(0.5 * T):  # trimmed: a subset of the blocks
+            assert not (row & ~covered).any()
+        else:  # topped up: every block frame kept
+            assert not (covered & ~row).any()
+        # all but the adjusted frames come from the blocks
+        assert int((row != covered).sum()) == abs(n - int(0.5 * T))
+    # a row depends on (seed, epoch, index, clone) only: same row alone or in another batch
+    alone = block_masks(T, idx[1:2], seed=7, epoch=2, clones=8, **V2_AUDIO)
+    assert torch.equal(alone, m[8:16])
+    assert not torch.equal(block_masks(T, idx, seed=7, epoch=3, clones=8, **V2_AUDIO), m)
+
+
+def test_speech_v2_block_masks_are_blocks_of_five_before_adjustment():
+    from d2v_fast.data.audio.masking import V2_AUDIO, block_masks
+
+    T = 999
+    m = block_masks(T, torch.arange(4), seed=0, epoch=0, clones=8, **V2_AUDIO)
+    covered = np.stack([_blocks_before_adjustment(T, b, 0, 0, c) for b in range(4) for c in range(8)])
+    # interior runs of the blocks are at least 5 long (joined blocks are longer)
+    for row in covered:
+        edges = np.flatnonzero(np.diff(np.r_[0, row.astype(int), 0]))
+        starts, ends = edges[::2], edges[1::2]
+        inner = (starts > 0) & (ends < T)
+        assert (ends - starts)[inner].min() >= 5
+    # the blocks cover about 1 - exp(-0.55) of the frames before the count is fixed; the
+    # adjustment moves few frames
+    assert 0.38 < covered.mean() < 0.46
+    assert (m.numpy() != covered).mean() < 0.12
+
+
 @pytest.mark.parametrize("T,recipe,clones,B", [(500, "v1", 1, 16), (499, "v2", 8, 4), (23, "v1", 1, 3), (11, "v1", 1, 4),
-                                           (61, "v2", 8, 5), (2051, "v1", 1, 7), (6, "v2", 3, 2)])
+                                           (61, "v2", 8, 5), (2051, "v1", 1, 7), (6, "v2", 3, 2), (7, "v2", 1, 3),
+                                           (1001, "v2", 8, 2), (250, "v2", 2, 3)])
 def test_speech_masks_from_the_extension_match_the_python_twin(T, recipe, clones, B):
-    """csrc/frame_masking.cpp and its pure-Python twin give the same masks bit for bit, over
+    """csrc/frame_masking.cpp and its pure-Python twins give the same masks bit for bit, over
     awkward lengths and fresh random sample indices and seeds."""
     from d2v_fast.data.audio import masking
     from d2v_fast.data.masking import _C
 
     if _C is None:
         pytest.skip("the extension is not importable (D2V_FAST_NO_EXT=1 or no build): nothing to compare")
-    assert masking._C is not None, "the built extension lacks frame_span_mask: rebuild it"
-    kw = masking.V1_AUDIO if recipe == "v1" else masking.V2_AUDIO
+    assert masking._C is not None, "the built extension lacks the speech masks: rebuild it"
     gen = torch.Generator().manual_seed(T * 1000 + B)
     idx = torch.randint(0, 2**40, (B,), generator=gen)
     seed, epoch = (int(v) for v in torch.randint(0, 2**31, (2,), generator=gen))
-    ext = masking.span_masks(T, idx, seed=seed, epoch=epoch, clones=clones, **kw)
-    twin = masking._frame_span_mask_python(T, kw["mask_prob"], kw["span"], 1, seed, epoch, idx, clones)
+    if recipe == "v1":
+        kw = masking.V1_AUDIO
+        ext = masking.span_masks(T, idx, seed=seed, epoch=epoch, clones=clones, **kw)
+        twin = masking._frame_span_mask_python(T, kw["mask_prob"], kw["span"], 1, seed, epoch, idx, clones)
+    else:
+        kw = masking.V2_AUDIO
+        ext = masking.block_masks(T, idx, seed=seed, epoch=epoch, clones=clones, **kw)
+        twin = masking._frame_block_mask_python(T, kw["mask_prob"], kw["span"], kw["mask_prob_adjust"], seed, epoch,
+                                                idx, clones)
     assert ext.shape == (B * clones, T) and ext.dtype == torch.bool
     assert torch.equal(ext, twin)
     counts = ext.sum(1)
@@ -346,8 +433,10 @@ def test_speech_masks_fall_back_to_python_without_the_extension(monkeypatch):
 
     idx = torch.arange(5) * 7919
     with_ext = masking.span_masks(300, idx, seed=1, epoch=4, **masking.V1_AUDIO)
+    blocks = masking.block_masks(301, idx, seed=1, epoch=4, clones=3, **masking.V2_AUDIO)
     monkeypatch.setattr(masking, "_C", None)
     assert torch.equal(masking.span_masks(300, idx, seed=1, epoch=4, **masking.V1_AUDIO), with_ext)
+    assert torch.equal(masking.block_masks(301, idx, seed=1, epoch=4, clones=3, **masking.V2_AUDIO), blocks)
 
 
 def test_command_line_entry_runs_as_a_module(tmp_path):

@@ -14,11 +14,17 @@ new config field fails too: every field must be listed for every preset. Sources
   builds (beit/modeling_cyclical.py)
 - I2: fairseq examples/data2vec/config/v2/base_images_only_task.yaml (data2vec 2.0, images base)
 - IM2: fairseq examples/data2vec/models/modalities/images.py, models/data2vec2.py, data/mae_image_dataset.py
+- S1: fairseq examples/data2vec/config/audio/pretraining/base_librispeech.yaml (data2vec, speech base)
+- SM1: fairseq examples/data2vec/models/data2vec_audio.py (its config defaults and code)
+- S2: fairseq examples/data2vec/config/v2/base_audio_only_task.yaml (data2vec 2.0, speech base)
+- FD: fairseq fairseq/data/data_utils.py compute_block_mask_1d (called by data/audio/raw_audio_dataset.py)
+- BM: data2vec_vision beit/modeling_cyclical.py; BD: beit/datasets.py; BO: beit/optim_factory.py
 - ours: an engineering choice of this project (no recipe value), or the CPU-sized tiny preset
 """
 import dataclasses
 
 import pytest
+import torch
 
 from d2v_fast.config import SECTIONS, preset
 
@@ -282,6 +288,8 @@ IMAGES_BASE_V1 = {
     "data.crop_scale": ((0.08, 1.0), "B2 BEiT RandomResizedCrop(224, scale 0.08-1)"),
     "data.color_jitter": (0.4, "B2 --color_jitter 0.4"),
     "train.batch_size": (2048, "B1 --batch_size 128 x --world_size 16"),
+    "train.min_target_var": (0.0, "BM / B2 engine_for_cyclical.py: no collapse guard (0 = never stops)"),
+    "train.min_pred_var": (0.0, "BM / B2 engine_for_cyclical.py: no collapse guard (0 = never stops)"),
     "train.max_steps": (500_000, "B1 --epochs 800 x 625 updates"),
 }
 TINY_IMAGES = "ours: tiny CPU preset (32x32 Fashion-MNIST photos in 4x4 patches)"
@@ -360,6 +368,8 @@ IMAGES_BASE_V2 = {
     "data.color_jitter": (0.0, "IM2 mae_image_dataset: no colour jitter"),
     "train.batch_size": (256, "I2 dataset.batch_size 16 x distributed_world_size 16"),
     "train.max_steps": (375_300, "I2 optimization.max_update"),
+    "train.min_target_var": (0.0, "I2 model.min_target_var: 0"),
+    "train.min_pred_var": (0.0, "I2 model.min_pred_var: 0"),
 }
 IMAGES_TINY_V2 = {
     **IMAGES_BASE_V2, **TINY_IMAGES_COMMON,
@@ -395,7 +405,124 @@ def test_every_field_of_the_preset_is_pinned_to_its_source(key):
 def test_tables_name_a_source_that_exists():
     """Every source names one of the documents above, a paper, or says it is ours."""
     prefixes = ("T1 ", "T2 ", "T2L ", "M1", "M2", "P1", "P2", "ours", "not ", "fairseq", "B1", "B2", "I2 ",
-                "IM2")
-    for key, table in TABLES.items():
+                "IM2", "S1 ", "SM1", "S2 ", "FD", "BM", "BD", "BO")
+    for key, table in {**TABLES, **SPEECH}.items():
         for field, (_, src) in table.items():
             assert src.startswith(prefixes), f"{key} {field}: source {src!r} names no document"
+
+
+# Speech: the values the published configs and code fix, per preset (the speech model section
+# and the rest are pinned in tests/test_audio_recipes.py).
+_SPEECH_GUARD = {
+    "train.collapse_warmup": (5000, "SM1 / M2: the guard acts once num_updates > 5000"),
+    "train.min_target_var": (0.1, "SM1 Data2VecAudioConfig.min_target_var / M2 Data2VecMultiConfig.min_target_var"),
+    "train.min_pred_var": (0.01, "SM1 Data2VecAudioConfig.min_pred_var / M2 Data2VecMultiConfig.min_pred_var"),
+}
+SPEECH_BASE_V1 = {
+    "recipe.mask_prob": (0.65, "S1 model.mask_prob"),
+    "recipe.mask_span": (10, "S1 model.mask_length"),
+    "recipe.clones": (1, "S1 model: one mask per utterance (no clone_batch)"),
+    "optim.weight_decay": (0.01, "S1 optimizer.weight_decay"),
+    "optim.decay_biases_and_norms": (True, "S1 optimizer._name adam (fp16: one flat parameter): no exemption"),
+    **_SPEECH_GUARD,
+}
+SPEECH_BASE_V2 = {
+    "recipe.mask_prob": (0.5, "S2 model.modalities.audio.mask_prob (FD: exactly int(0.5 T) per clone)"),
+    "recipe.mask_span": (5, "S2 model.modalities.audio.mask_length"),
+    "recipe.mask_prob_adjust": (0.05, "S2 model.modalities.audio.mask_prob_adjust"),
+    "recipe.clones": (8, "S2 model.clone_batch"),
+    "optim.weight_decay": (0.01, "S2 optimizer.weight_decay"),
+    # plain adam with common.fp16: FP16Optimizer flattens every parameter into one tensor, so the
+    # per-parameter optim_overrides (weight_decay_scale 0) are never read (only composite reads them)
+    "optim.decay_biases_and_norms": (True, "S2 optimizer._name adam, common.fp16 true: every parameter decays"),
+    **_SPEECH_GUARD,
+}
+SPEECH_TINY = {"train.collapse_warmup": (100, TINY)}
+SPEECH_TINY_V1 = {
+    **SPEECH_BASE_V1, **SPEECH_TINY,
+    "optim.lr": (3e-4, TINY + ": the loss ends below where it starts (audio-job-data2vec-*.json)"),
+    "optim.schedule": ("cosine", TINY + ": to 0 over the run; at the published tri-stage shape the loss rose after step 100"),
+    "optim.warmup_steps": (30, TINY),
+}
+SPEECH = {("base", "data2vec", "audio"): SPEECH_BASE_V1, ("tiny", "data2vec", "audio"): SPEECH_TINY_V1,
+          ("base", "data2vec2", "audio"): SPEECH_BASE_V2,
+          ("tiny", "data2vec2", "audio"): {**SPEECH_BASE_V2, "recipe.clones": (4, TINY), **SPEECH_TINY}}
+
+
+@pytest.mark.parametrize("key", list(SPEECH), ids=lambda v: "/".join(v))
+def test_speech_presets_take_the_published_values(key):
+    got = flat(preset(*key))
+    wrong = {k: (got[k], want) for k, (want, _) in SPEECH[key].items()
+             if got[k] != want or type(got[k]) is not type(want)}
+    assert not wrong, f"{key} preset differs from its published values (got, want): {wrong}"
+
+
+def _groups(modality, recipe):
+    from d2v_fast.recipes import build_model
+    from d2v_fast.schedule import build_optimizer
+
+    cfg = preset("tiny", recipe, modality)
+    student = build_model(cfg.model, cfg.recipe, modality).student
+    opt = build_optimizer(student, cfg.optim)
+    names = {id(p): n for n, p in student.named_parameters()}
+    return cfg, {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+
+
+def test_speech_2_decays_every_parameter():
+    """S2: plain adam, fp16 -> every trainable parameter at weight_decay 0.01 (biases, norms too)."""
+    cfg, groups = _groups("audio", "data2vec2")
+    assert groups[0.01] and not groups.get(0.0)
+    assert {"encoder.encoder.layers.0.attention.q_proj.bias", "encoder.encoder.layer_norm.weight",
+            "decoder.proj.bias"} <= groups[0.01]
+
+
+def test_images_v1_exempts_the_cls_token_and_1d_parameters_from_decay():
+    """BM no_weight_decay {pos_embed, cls_token} (our v1 encoder has relative positions, no
+    pos_embed) and BO get_parameter_groups: 1-D parameters and biases skip weight decay; the
+    mask token and the relative position bias table decay."""
+    _, groups = _groups("images", "data2vec")
+    assert "encoder.embeddings.cls_token" in groups[0.0]
+    assert {"encoder.embeddings.mask_token", "encoder.encoder.relative_position_bias.relative_position_bias_table",
+            "head.weight"} <= groups[0.05]
+    assert all(not n.endswith(".weight") or "norm" in n or "lambda" in n for n in groups[0.0] - {
+        "encoder.embeddings.cls_token"})
+
+
+def test_images_init_follows_each_published_model():
+    """v1, BM: trunc_normal_(std=.02) cut at a=-std, b=std for linear and conv weights, the CLS
+    and mask tokens and the head; each block's output projections divided by sqrt(2 * depth).
+    2.0, M2 init_bert_params: linear weights N(0, 0.02) untruncated, no depth rescale; IM2: the
+    patch embedding xavier_uniform over [out, in * k * k], the CLS token N(0, 1)
+    (I2 init_extra_token_zero: false), the decoder PyTorch's default init."""
+    import math
+
+    from d2v_fast.recipes import build_model
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", "data2vec", "images")
+    std = cfg.model.init_std
+    v1 = build_model(cfg.model, cfg.recipe, "images").student
+    enc = v1.encoder
+    q = enc.encoder.layer[0].attention.attention.query.weight
+    assert q.abs().max() <= std and 0.45 * std < q.std() < 0.62 * std  # ±1 std cut: std 0.54 sigma
+    for t in (enc.embeddings.cls_token, enc.embeddings.mask_token, v1.head.weight,
+              enc.embeddings.patch_embeddings.projection.weight):
+        assert t.abs().max() <= std
+    out = enc.encoder.layer[3].output.dense.weight
+    assert out.abs().max() <= std / math.sqrt(8) + 1e-9  # depth 4: divided by sqrt(2 * 4)
+
+    cfg = preset("tiny", "data2vec2", "images")
+    v2 = build_model(cfg.model, cfg.recipe, "images").student
+    enc = v2.encoder
+    for w in (enc.encoder.layer[0].attention.attention.query.weight, enc.encoder.layer[3].output.dense.weight):
+        assert 0.9 * std < w.std() < 1.1 * w.new_tensor(std) and w.abs().max() > 3 * std  # untruncated, no rescale
+    patch = enc.embeddings.patch_embeddings.projection.weight
+    fan_in, fan_out = patch[0].numel(), patch.shape[0]
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert patch.abs().max() <= bound and patch.abs().max() > 0.95 * bound
+    assert 0.75 < enc.embeddings.cls_token.std() < 1.25
+    conv = v2.decoder.convs[1]
+    default = 1 / math.sqrt(conv.weight[0].numel())  # kaiming_uniform(a=sqrt(5)) bound
+    assert conv.weight.abs().max() <= default and conv.weight.abs().max() > 0.9 * default
+    assert v2.decoder.proj.weight.abs().max() <= 1 / math.sqrt(v2.decoder.proj.in_features)
+

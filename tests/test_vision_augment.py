@@ -6,9 +6,13 @@ import torch
 
 from d2v_fast.data.images.augment import (
     BRIGHTNESS,
+    CONTRAST,
     FLIP,
     HEIGHT,
+    JITTER_ORDERS,
     LEFT,
+    ORDER,
+    SATURATION,
     TOP,
     WIDTH,
     AugmentConfig,
@@ -27,7 +31,7 @@ def image_batch(b=2, c=3, h=16, w=16, seed=0):
 
 
 def params(rows):
-    return torch.tensor([r + [1.0, 1.0, 1.0] for r in rows], dtype=torch.float64)
+    return torch.tensor([r + [1.0, 1.0, 1.0, 0.0] for r in rows], dtype=torch.float64)
 
 
 def test_full_crop_is_the_identity_and_flip_mirrors():
@@ -73,7 +77,40 @@ def test_params_are_keyed_by_seed_epoch_index_and_follow_the_ranges():
     assert area.min() > 0.07 and area.max() <= 1.0 and 0.3 < area.mean() < 0.7
     assert ((w / h).log().abs() <= math.log(4 / 3) + 0.02).all()
     assert 0.45 < p[:, FLIP].mean() < 0.55
-    assert p[:, BRIGHTNESS:].min() >= 0.6 and p[:, BRIGHTNESS:].max() <= 1.4
+    assert p[:, BRIGHTNESS:ORDER].min() >= 0.6 and p[:, BRIGHTNESS:ORDER].max() <= 1.4
+    counts = torch.bincount(p[:, ORDER].long(), minlength=len(JITTER_ORDERS))
+    assert len(counts) == 6 and counts.min() > 250  # every order of the three operations, about equally
+
+
+def _jitter_by_hand(img: torch.Tensor, b: float, c: float, s: float, order) -> torch.Tensor:
+    """torchvision's adjust_brightness / adjust_contrast / adjust_saturation on float [3, H, W]."""
+    grey = lambda y: 0.299 * y[0:1] + 0.587 * y[1:2] + 0.114 * y[2:3]
+    ops = [lambda y: (y * b).clamp(0, 1), lambda y: ((y - grey(y).mean()) * c + grey(y).mean()).clamp(0, 1),
+           lambda y: ((y - grey(y)) * s + grey(y)).clamp(0, 1)]
+    for i in order:
+        img = ops[i](img)
+    return img
+
+
+def test_colour_jitter_runs_on_the_whole_image_before_the_crop_in_each_images_order():
+    """beit/datasets.py: ColorJitter(0.4, 0.4, 0.4) (its operations in a random order) on the
+    whole image, then the flip and RandomResizedCrop: the contrast pivots on the whole image's
+    mean, not the crop's."""
+    x = image_batch(b=6, h=32, w=24, seed=3)
+    x[:, :, :16] //= 4  # a dark top half: the crop's mean differs from the image's
+    cfg = AugmentConfig(size=16, color_jitter=0.4, mean=(0, 0, 0), std=(1, 1, 1))
+    p = params([[16, 4, 16, 16, 0]] * 6)
+    p[:, BRIGHTNESS], p[:, CONTRAST], p[:, SATURATION] = 1.3, 0.6, 1.4
+    p[:, ORDER] = torch.arange(6, dtype=torch.float64)
+    out = augment_batch(x, p, cfg)
+    results = []
+    for i in range(6):
+        whole = _jitter_by_hand(x[i].float() / 255, 1.3, 0.6, 1.4, JITTER_ORDERS[i])
+        torch.testing.assert_close(out[i], whole[:, 16:32, 4:20], rtol=0, atol=1e-5)
+        results.append(out[i])
+    assert len({tuple(r.flatten()[:50].tolist()) for r in results}) == 6  # the order matters
+    cropped_first = _jitter_by_hand(x[0, :, 16:32, 4:20].float() / 255, 1.3, 0.6, 1.4, JITTER_ORDERS[0])
+    assert not torch.allclose(out[0], cropped_first, atol=1e-3)
 
 
 def test_image_loader_batches(tmp_path):
@@ -87,7 +124,7 @@ def test_image_loader_batches(tmp_path):
               augment=AugmentConfig(size=32))
     v1 = next(iter(build_image_dataloader(corpus, masking=ImageMaskingConfig(num_masked=38, min_block=4), **kw)))
     assert v1["pixels"].shape == (8, 1, 32, 32) and v1["pixels"].dtype == torch.uint8
-    assert v1["mask"].shape == (8, 64) and v1["augment"].shape == (8, 8)
+    assert v1["mask"].shape == (8, 64) and v1["augment"].shape == (8, 9)
     assert torch.equal(v1["pixels"][:, 0], torch.from_numpy(images[v1["indices"].numpy(), :, :, 0]))
     assert torch.equal(v1["labels"], v1["indices"] % 4)
     v2 = next(iter(build_image_dataloader(corpus, masking=ImageMaskingConfig(kind="inverse_block", clones=4), **kw)))

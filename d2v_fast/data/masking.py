@@ -112,3 +112,12 @@ def _partial_shuffle(rng: _RowRng, L: int, n: int) -> list[int]:
     return perm[:n]
 
 
+def _set_count(rng: _RowRng, cells: list[bool], target: int) -> None:
+    """Flips uniformly random cells until exactly ``target`` are True: a partial Fisher-Yates
+    shuffle over the cells to flip, in index order (``flip_random`` in ``csrc/row_rng.h``)."""
+    n = sum(cells)
+    if n != target:
+        flip_from = n > target
+        pos = [t for t, v in enumerate(cells) if v == flip_from]
+        for i in _partial_shuffle(rng, len(pos), abs(n - target)):
+            cells[pos[i]] = not flip_from

@@ -70,7 +70,9 @@ RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
                       "total_steps": 800 * (_IMAGENET // 2048), "clip_norm": 3.0},
             # RandomResizedCrop(224, 0.08-1, bicubic) + flip + ColorJitter(0.4, 0.4, 0.4)
             "data": {"crop_scale": (0.08, 1.0), "color_jitter": 0.4},
-            "train": {"batch_size": 2048, "max_steps": 800 * (_IMAGENET // 2048)},
+            # data2vec_vision's engine_for_cyclical.py has no collapse guard
+            "train": {"batch_size": 2048, "max_steps": 800 * (_IMAGENET // 2048), "min_target_var": 0.0,
+                      "min_pred_var": 0.0},
         },
         "tiny": {
             # 32 x 32 photos in 4 x 4 patches (8 x 8 = 64): BEiT's ~61% masked and minimum
@@ -111,7 +113,8 @@ RECIPE_PRESETS: dict[str, dict[str, dict[str, dict]]] = {
                       "clip_norm": 4.0},
             # mae_image_pretraining: RandomResizedCrop(224, 0.2-1, bicubic) + flip, no colour jitter
             "data": {"crop_scale": (0.2, 1.0), "color_jitter": 0.0},
-            "train": {"batch_size": 256, "max_steps": 375_300},
+            # min_target_var 0, min_pred_var 0: the collapse guard never fires
+            "train": {"batch_size": 256, "max_steps": 375_300, "min_target_var": 0.0, "min_pred_var": 0.0},
         },
         "tiny": {
             "recipe": {"top_k": 3, "clones": 4, "decoder_layers": 3, "cls_loss_weight": 0.01 * 16,
@@ -165,9 +168,16 @@ class ImageStudent(_ImageStudentMixin, Student):
     patches to the targets. The teacher's targets are its top-K block outputs (after the
     residual), CLS dropped."""
 
+    no_weight_decay = ("encoder.embeddings.cls_token",)  # beit/modeling_cyclical.py no_weight_decay (no pos_embed here)
+
     def __init__(self, enc: VisionConfig, cfg):
         super().__init__(VisionEncoder(enc), cfg, enc.hidden_size, enc.init_std)
         self.cfg = cfg
+        with torch.no_grad():  # BEiT's lm_head: trunc normal at ±1 std, zero bias
+            for m in self.head.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=enc.init_std, a=-enc.init_std, b=enc.init_std)
+                    nn.init.zeros_(m.bias)
 
     def masked_hidden(self, batch: dict) -> torch.Tensor:
         """The final-layernorm output at the patches [B, N, C] (CLS left out)."""
@@ -198,8 +208,9 @@ class ImageStudent2(_ImageStudentMixin, Student2):
 
     def __init__(self, enc: VisionConfig, cfg):
         super().__init__(VisionEncoder(enc), cfg)
+        self.encoder.reset_parameters("bert")
         self.decoder = GridDecoder(enc.hidden_size, enc.grid, layers=cfg.decoder_layers, kernel=cfg.decoder_kernel,
-                                   groups=cfg.decoder_groups, decoder_dim=cfg.decoder_dim, init_std=enc.init_std)
+                                   groups=cfg.decoder_groups, decoder_dim=cfg.decoder_dim)
         # the last forward's CLS outputs and the last teacher pass's CLS targets, for extra_loss
         self._cls_pred: torch.Tensor | None = None
         self._cls_target: torch.Tensor | None = None
@@ -318,7 +329,7 @@ def whole_photos(corpus: ImageCorpus, images: list[int], image_size: int, device
     stored photo resized to ``image_size`` (bicubic) and normalised as in training."""
     aug = AugmentConfig(size=image_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
     pixels = torch.from_numpy(corpus.batch(images)).permute(0, 3, 1, 2)
-    full = torch.tensor([[0, 0, pixels.shape[2], pixels.shape[3], 0, 1, 1, 1]] * len(images), dtype=torch.float64)
+    full = torch.tensor([[0, 0, pixels.shape[2], pixels.shape[3], 0, 1, 1, 1, 0]] * len(images), dtype=torch.float64)
     return augment_batch(pixels.to(device), full, aug)
 
 

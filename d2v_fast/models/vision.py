@@ -347,7 +347,7 @@ class GridDecoder(nn.Module):
     outputs at visible patches and mask noise elsewhere."""
 
     def __init__(self, dim: int, grid: tuple[int, int], layers: int = 6, kernel: int = 3, groups: int = 16,
-                 decoder_dim: int = 0, eps: float = 1e-5, init_std: float = 0.02):
+                 decoder_dim: int = 0, eps: float = 1e-5):
         super().__init__()
         d = decoder_dim or dim
         if dim % groups or d % groups:
@@ -355,10 +355,7 @@ class GridDecoder(nn.Module):
         self.grid, self.eps = grid, eps
         self.convs = nn.ModuleList(nn.Conv2d(dim if i == 0 else d, d, kernel, padding=kernel // 2, groups=groups)
                                    for i in range(layers))
-        self.proj = nn.Linear(d, dim)
-        for m in [*self.convs, self.proj]:
-            nn.init.normal_(m.weight, std=init_std)
-            nn.init.zeros_(m.bias)
+        self.proj = nn.Linear(d, dim)  # PyTorch's default init, convs and projection (fairseq resets the decoder)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """Predictions [M, dim] for the M (``count``, when known on the host) true entries of
@@ -387,25 +384,45 @@ class VisionEncoder(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """BEiT's initialisation: truncated normal (std init_std, cut at ±2 std) for
-        linear and conv weights, zero biases, tokens as weights; each block's two output
-        projections divided by sqrt(2 * depth), so residual growth does not depend on depth."""
+    def reset_parameters(self, style: str = "beit") -> None:
+        """``beit`` (data2vec v1, data2vec_vision ``beit/modeling_cyclical.py``): truncated normal
+        (std init_std, cut at ±1 std: its ``trunc_normal_`` passes ``a=-std, b=std``) for linear
+        and conv weights, the CLS and mask tokens; zero biases; each block's two output
+        projections divided by sqrt(2 * depth) (``fix_init_weight``).
+
+        ``bert`` (data2vec 2.0, fairseq ``models/data2vec2.py`` ``init_bert_params`` and
+        ``models/modalities/images.py``): linear weights N(0, init_std) untruncated, zero
+        biases, no depth rescale; the patch embedding's weight ``xavier_uniform_`` over
+        [out, in * k * k] (its bias PyTorch's default); the CLS token N(0, 1)
+        (``init_extra_token_zero: false``)."""
+        if style not in ("beit", "bert"):
+            raise ValueError(f"init style {style!r}: expected beit or bert")
         std = self.config.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if style == "beit":
+                    nn.init.trunc_normal_(m.weight, std=std, a=-std, b=std)
+                else:
+                    nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         emb = self.embeddings
-        for token in (emb.cls_token, emb.mask_token):
-            if token is not None:
-                nn.init.trunc_normal_(token, std=std, a=-2 * std, b=2 * std)
         if self.encoder.relative_position_bias is not None:
             nn.init.zeros_(self.encoder.relative_position_bias.relative_position_bias_table)
+        if style == "bert":
+            proj = emb.patch_embeddings.projection
+            proj.reset_parameters()  # PyTorch's default bias
+            nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+            nn.init.normal_(emb.cls_token)
+            if emb.mask_token is not None:
+                nn.init.normal_(emb.mask_token, std=std)
+            return
+        for token in (emb.cls_token, emb.mask_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=std, a=-std, b=std)
         for depth, layer in enumerate(self.encoder.layer, start=1):
             layer.attention.output.dense.weight.div_(math.sqrt(2.0 * depth))
             layer.output.dense.weight.div_(math.sqrt(2.0 * depth))

@@ -63,7 +63,8 @@ class ReferenceBase(nn.Module):
 
 class ReferenceUpdate:
     """The reference recipes' optimizer update, shared by their steps: AdamW with the recipe's
-    weight-decay groups (``optim.decay_biases_and_norms``), the run's learning-rate schedule
+    weight-decay groups (``optim.decay_biases_and_norms``, and the model's ``no_weight_decay``
+    names), the run's learning-rate schedule
     (the engine's own function: shared, not under test), clipping, then one EMA step of the
     model's per-parameter loop."""
 
@@ -72,9 +73,12 @@ class ReferenceUpdate:
 
         t, o = cfg.train, cfg.optim
         self.model, self.recipe, self.clip = model, cfg.recipe, o.clip_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]  # the EMA teacher has none
-        decay = [p for p in self.params if o.decay_biases_and_norms or p.ndim >= 2]
-        no_decay = [p for p in self.params if not (o.decay_biases_and_norms or p.ndim >= 2)]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the EMA teacher has none
+        self.params = [p for _, p in named]
+        exempt = set(getattr(model, "no_weight_decay", ()))  # names the recipe never decays
+        keep = [n in exempt or not (o.decay_biases_and_norms or p.ndim >= 2) for n, p in named]
+        decay = [p for (_, p), k in zip(named, keep) if not k]
+        no_decay = [p for (_, p), k in zip(named, keep) if k]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=o.lr, betas=tuple(o.betas), eps=o.eps)

@@ -116,6 +116,7 @@ class ReferenceImages(_ReferenceBase):
     """data2vec v1 images (data2vec_vision ``beit/`` ``engine_for_cyclical.py``)."""
 
     ENGINE_NAMES = {"student.encoder.": "encoder.", "student.head.": "head.", "teacher.": "ema."}
+    no_weight_decay = ("encoder.embeddings.cls_token",)  # beit/modeling_cyclical.py no_weight_decay
 
     def __init__(self, enc: VisionConfig, cfg):
         super().__init__()

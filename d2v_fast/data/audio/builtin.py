@@ -33,7 +33,7 @@ from ..builtin import build_once, cache_dir, python_tag
 from ..publish import default_workers
 from ..text.builtin import stdlib_labelled_docstrings
 from .corpus import SAMPLE_RATE, read_audio_meta
-from .prepare import prepare_audio_corpus
+from .prepare import MAX_SECONDS, prepare_audio_corpus
 from .resample import resample
 
 BUILTIN_SPEECH_VERSION = 1  # bump when the text selection or the voice draw below changes
@@ -207,7 +207,8 @@ def espeak_announced(progress: bool, what) -> str:
 
 
 def builtin_speech_path(utterances: int = BUILTIN_SPEECH_UTTERANCES) -> Path:
-    return cache_dir() / f"speech-espeak-stdlib-{python_tag()}-v{BUILTIN_SPEECH_VERSION}-n{utterances}"
+    # "-max60s": utterances kept up to the preparation cap (corpora built before were cut at 20 s)
+    return cache_dir() / f"speech-espeak-stdlib-{python_tag()}-v{BUILTIN_SPEECH_VERSION}-n{utterances}-max{MAX_SECONDS:g}s"
 
 
 def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, workers: int | None = None,
@@ -232,7 +233,7 @@ def builtin_speech_corpus(utterances: int = BUILTIN_SPEECH_UTTERANCES, *, worker
                              "voices": list(VOICES), "variants": list(VARIANTS),
                              "rate_wpm": list(RATE_WPM), "pitch": list(PITCH)}}
         return prepare_audio_corpus(out, utterances=synthesized(texts, workers), source_id=source_id,
-                                    min_seconds=2.0, max_seconds=20.0, force=True, progress=progress,
+                                    min_seconds=2.0, max_seconds=MAX_SECONDS, force=True, progress=progress,
                                     extra_meta=extra, expected=len(texts))
 
 

@@ -1,15 +1,18 @@
 """Speech corpus preparation: wav/flac/ogg files -> 16 kHz mono normalised sample shards.
 
-    python -m d2v_fast.data.audio --input PATH... --out DIR [--min-seconds 2] [--max-seconds 20]
+    python -m d2v_fast.data.audio --input PATH... --out DIR [--min-seconds 2] [--max-seconds 60]
                                   [--dtype float16|float32] [--workers N] [--skip-bad] [--force]
 
 Per file: decoded with ``soundfile`` (libsndfile: wav, flac, ogg/vorbis, ...), channels
 averaged to mono, resampled to 16 kHz (``resample.py``), normalised to zero mean and unit
 variance over the whole utterance (at preparation time, as Hugging Face's
 ``Wav2Vec2FeatureExtractor`` does: ``(x - mean) / sqrt(var + 1e-7)``), then dropped when
-shorter than ``--min-seconds`` or silent, and cut to its first ``--max-seconds`` (the
-published recipe: drop < 2 s, crop to 20 s). Batching later crops every batch to its
-shortest utterance, so nothing is ever padded.
+shorter than ``--min-seconds`` or silent (the published recipe drops < 2 s), and kept whole up
+to a cap of ``--max-seconds`` (60 by default; longer ones keep their first 60 s). The loader
+then crops: every batch to its shortest utterance, at most ``--data.max_samples`` (the
+published 20 s), each utterance's window at a random offset keyed by (seed, epoch, index), so
+a long utterance shows a different 20 s each epoch, as the published loader's random crop
+does. Nothing is ever padded.
 
 A file that cannot be decoded, is truncated (fewer frames than its header declares, or an
 Ogg stream without its end page), holds NaN/inf, or has a rate that cannot be resampled stops
@@ -39,6 +42,8 @@ from ..publish import (_describe_files, _say, already_prepared, corpus_parser, d
                        new_staging)
 from .corpus import DTYPES, FORMAT, FORMAT_VERSION, SAMPLE_RATE, AudioShardWriter, read_audio_meta
 from .resample import MAX_FILTER_TAPS, filter_taps, resample
+
+MAX_SECONDS = 60.0  # the cap on a stored utterance; the loader crops training windows from it
 
 SUFFIXES = (".wav", ".flac", ".ogg", ".oga")
 MIN_INPUT_RATE = 8000  # below telephone band the speech content is gone; upsampling cannot restore it
@@ -170,7 +175,7 @@ def _init_worker() -> None:
 # ----------------------------------------------------------------------------- main entry
 def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None = None,
                          utterances: Iterable[tuple[str, np.ndarray, int]] | None = None,
-                         source_id: str | None = None, min_seconds: float = 2.0, max_seconds: float = 20.0,
+                         source_id: str | None = None, min_seconds: float = 2.0, max_seconds: float = MAX_SECONDS,
                          dtype: str = "float16", workers: int | None = None, skip_bad: bool = False,
                          shard_samples: int = DEFAULT_SHARD_SAMPLES, force: bool = False,
                          progress: bool = True, extra_meta: dict | None = None, expected: int | None = None) -> Path:
@@ -278,7 +283,9 @@ def prepare_audio_corpus(out: str | os.PathLike, *, inputs: Sequence[str] | None
 def build_parser() -> argparse.ArgumentParser:
     def more(p):
         p.add_argument("--min-seconds", type=float, default=2.0, help="drop shorter utterances")
-        p.add_argument("--max-seconds", type=float, default=20.0, help="keep only the first this many seconds")
+        p.add_argument("--max-seconds", type=float, default=MAX_SECONDS,
+                       help="cap: keep at most the first this many seconds of an utterance (training crops "
+                            "windows of --data.max_samples from what is kept)")
         p.add_argument("--dtype", choices=DTYPES, default="float16", help="sample storage type")
         p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
         p.add_argument("--skip-bad", action="store_true",

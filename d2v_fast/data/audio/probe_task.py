@@ -21,8 +21,8 @@ classes, each utterance's label and its split (by utterance, stratified by label
 
 A user task: one JSON object per line, ``{"audio": PATH, "label": ..., "split": ...}``
 (``split`` optional, as for text tasks; PATH relative to the file's directory). Each file
-is decoded, resampled to 16 kHz, normalised and cut to ``USER_MAX_SECONDS`` as corpus
-preparation does, and held in memory (a probe task is small).
+is decoded, resampled to 16 kHz and normalised as corpus preparation does, cut to
+``USER_MAX_SECONDS`` (the published training crop), and held in memory (a probe task is small).
 """
 from __future__ import annotations
 

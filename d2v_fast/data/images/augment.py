@@ -3,16 +3,18 @@ workers, keyed by (seed, epoch, index) like the masks, so a resumed or re-sharde
 the same crops), pixels transformed for the whole batch on any device (the GPU in
 training) from the stored uint8 images.
 
-What it does (docs/images.md): RandomResizedCrop (area ``scale``, aspect ``ratio`` log-uniform,
-torchvision's 10 tries then a centre-crop fallback), horizontal flip with p = 0.5, colour
-jitter (brightness, contrast, saturation factors uniform in [1 - j, 1 + j]; hue untouched,
-as BEiT's ColorJitter(0.4, 0.4, 0.4)), then mean/std normalisation. Greyscale images are
-repeated to RGB.
+What it does: colour jitter on the whole stored image first (brightness, contrast,
+saturation factors uniform in [1 - j, 1 + j], applied in a random order per image; hue
+untouched, as BEiT's ``ColorJitter(0.4, 0.4, 0.4)``, which data2vec_vision ``beit/datasets.py``
+runs before the flip and the crop, so the contrast pivots on the whole image's mean), then
+RandomResizedCrop (area ``scale``, aspect ``ratio`` log-uniform, torchvision's 10 tries then a
+centre-crop fallback), horizontal flip with p = 0.5, then mean/std normalisation. Greyscale
+images are repeated to RGB.
 
 Differences from torchvision, on purpose: the crop is resampled by one bicubic
 ``grid_sample`` (no antialiasing when shrinking: at 256 -> 224 the scale is >= 0.875 for
-the largest crops; small crops are enlarged, where antialiasing does nothing), and the
-jitter runs in the fixed order brightness, contrast, saturation instead of a random order.
+the largest crops; small crops are enlarged, where antialiasing does nothing), and the jitter
+works on float pixels (PIL rounds to uint8 after each of its operations).
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _AUGMENT_KIND = 0x4155474D  # "AUGM": independent of the mask streams of the same image
 # columns of the parameter tensor
-TOP, LEFT, HEIGHT, WIDTH, FLIP, BRIGHTNESS, CONTRAST, SATURATION = range(8)
+TOP, LEFT, HEIGHT, WIDTH, FLIP, BRIGHTNESS, CONTRAST, SATURATION, ORDER = range(9)
+# the orders the jitter's operations (0 brightness, 1 contrast, 2 saturation) can run in
+JITTER_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
 @dataclass
@@ -44,8 +48,9 @@ class AugmentConfig:
 
 def draw_params(height: int, width: int, cfg: AugmentConfig, *, seed: int, epoch: int,
                 indices: torch.Tensor) -> torch.Tensor:
-    """float64 [B, 8]: crop (top, left, height, width) in source pixels, flip (0/1), then
-    the brightness, contrast and saturation factors of each image."""
+    """float64 [B, 9]: crop (top, left, height, width) in source pixels, flip (0/1), the
+    brightness, contrast and saturation factors, then the jitter's order (an index into
+    ``JITTER_ORDERS``) of each image."""
     seed, epoch = _as_u64("seed", seed), _as_u64("epoch", epoch)
     area = height * width
     log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
@@ -73,13 +78,36 @@ def draw_params(height: int, width: int, cfg: AugmentConfig, *, seed: int, epoch
         flip = float(cfg.flip and rng.uniform() < 0.5)
         j = cfg.color_jitter
         factors = [1.0 - j + 2.0 * j * rng.uniform() for _ in range(3)]
-        rows.append([*crop, flip, *factors])
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 8)
+        order = float(rng.bounded(len(JITTER_ORDERS)))
+        rows.append([*crop, flip, *factors, order])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 9)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
     # ITU-R 601 luma, as torchvision's rgb_to_grayscale
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation of [B, 3, H, W] in [0, 1], each image in its own
+    order (column ``ORDER``); the contrast pivots on the mean grey of the image given."""
+    B = x.shape[0]
+    f = p[:, BRIGHTNESS:SATURATION + 1].view(B, 3, 1, 1, 1)
+
+    def blend(y: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        return ((y - other) * factor + other).clamp(0, 1)
+
+    ops = (lambda y: (y * f[:, 0]).clamp(0, 1),
+           lambda y: blend(y, _grey(y).mean(dim=(1, 2, 3), keepdim=True), f[:, 1]),
+           lambda y: blend(y, _grey(y), f[:, 2]))
+    orders = torch.tensor(JITTER_ORDERS, device=x.device)[p[:, ORDER].long()]  # [B, 3]
+    for slot in range(3):
+        which = orders[:, slot].view(B, 1, 1, 1)
+        if bool((which == which[0]).all()):  # one operation for the whole batch
+            x = ops[int(which[0])](x)
+        else:
+            x = torch.where(which == 0, ops[0](x), torch.where(which == 1, ops[1](x), ops[2](x)))
+    return x
 
 
 def augment_batch(pixels: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -89,6 +117,9 @@ def augment_batch(pixels: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig
     B, C, H, W = pixels.shape
     p = params.to(device=pixels.device, dtype=torch.float32)
     x = pixels.float().div_(255.0)
+    if cfg.color_jitter > 0:  # on the whole image, before the crop
+        x = _jitter(x.expand(B, 3, H, W), p)
+        C = 3
     # Affine grid in normalised coordinates (align_corners=False: -1 and 1 are the outer
     # pixel edges), mapping each output pixel centre into its crop box.
     theta = torch.zeros(B, 2, 3, device=pixels.device)
@@ -101,13 +132,6 @@ def augment_batch(pixels: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig
     x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
     if C == 1:
         x = x.expand(B, 3, cfg.size, cfg.size)
-    if cfg.color_jitter > 0:
-        f = p[:, BRIGHTNESS:].view(B, 3, 1, 1, 1)
-        x = (x * f[:, 0]).clamp(0, 1)
-        m = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = ((x - m) * f[:, 1] + m).clamp(0, 1)
-        g = _grey(x)
-        x = ((x - g) * f[:, 2] + g).clamp(0, 1)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

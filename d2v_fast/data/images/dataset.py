@@ -64,7 +64,7 @@ class ImageMaskingConfig:
 
 
 class ImageCollator:
-    """Returns ``pixels`` uint8 [B, C, H, W], ``augment`` float64 [B, 8] (see
+    """Returns ``pixels`` uint8 [B, C, H, W], ``augment`` float64 [B, 9] (see
     ``augment.draw_params``), ``mask`` bool [B * clones, patches], ``labels``, ``indices``
     and ``epoch``; ``padding_mask`` None (images are never padded) and ``augment_cfg`` (the
     settings the training device needs to finish the augmentation).

@@ -38,7 +38,7 @@ import operator
 
 import torch
 
-from ..masking import _as_u64, extension_with, _partial_shuffle, _row_key, _RowRng
+from ..masking import _as_u64, extension_with, _row_key, _RowRng, _set_count
 
 __all__ = ["block_mask", "inverse_block_mask", "BEIT_BLOCK", "DATA2VEC2_INVERSE_BLOCK"]
 
@@ -189,12 +189,6 @@ def _inverse_block_mask_python(height, width, mask_prob, block, adjust, seed, ep
                     y = min(max(cy + dy - offset, 0), height - 1)
                     for dx in range(block):
                         visible[y * width + min(max(cx + dx - offset, 0), width - 1)] = True
-            n = sum(visible)
-            if n != target:
-                flip_from = n > target
-                pos = [t for t in range(L) if visible[t] == flip_from]
-                perm = _partial_shuffle(rng, len(pos), abs(n - target))
-                for i in perm:
-                    visible[pos[i]] = not flip_from
+            _set_count(rng, visible, target)
             rows.append([not v for v in visible])
     return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), L)
