@@ -42,7 +42,7 @@ from ..errors import UsageError, cli_entry
 RESULT_FILE = "finetune.json"
 # per-modality defaults: each modality's tiny default run fine-tunes (and its control
 # trains) within the 5-minute budget on a 2-core CPU (docs/finetune.md)
-DEFAULTS = {"text": {"max_steps": 300, "lr": 5e-5, "batch_size": 16},
+DEFAULTS = {"text": {"max_steps": 300, "lr": 1e-3, "batch_size": 16},
             "audio": {"max_steps": 300, "lr": 1e-3, "batch_size": 8},
             "images": {"max_steps": 300, "lr": 5e-4, "batch_size": 32}}
 WARMUP = 0.1  # fraction of the steps with a linear warmup (then linear decay to 0)
@@ -216,6 +216,18 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def host_record(load_start) -> dict:
+    """What the timings ran on: CPUs, torch threads, the device, the load average (1 min)
+    at the start and the end (a shared machine's timings say little without it)."""
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return {"device": device, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "loadavg_1min": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}}
+
+
 def default_out(path: Path, kind: str) -> Path:
     return path / "finetuned" if kind == "run" else path.with_name(path.name + "-finetuned")
 
@@ -235,7 +247,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
     max_steps = d["max_steps"] if max_steps is None else max_steps
     lr = d["lr"] if lr is None else lr
     batch_size = d["batch_size"] if batch_size is None else batch_size
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out.parent if out.parent.is_dir() else None))
     try:
         run_config = None
@@ -278,6 +290,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
             model.save_pretrained(staging)
             job.save(staging)
             result["seconds"] = round(time.perf_counter() - t_start, 1)
+            result["host"] = host_record(load_start)
             write_json(staging / RESULT_FILE, result)
         return result
     finally:

@@ -39,7 +39,7 @@ def open_task_corpus(task: str | None, image_size: int, work: Path, progress: bo
 
         if progress:
             print(f"finetune: preparing the images under {path} at {image_size}x{image_size}", file=sys.stderr, flush=True)
-        corpus = prepare_images(work / "images", [str(path)], size=image_size, progress=progress)
+        corpus = prepare_images(work / "images", [str(path)], size=image_size, progress=False)
         return open_images(corpus, flag="--task"), False
     return open_images(path, flag="--task"), False
 
