@@ -340,7 +340,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr {args.lr}: must be a positive number (e.g. 5e-5)")
-    command = "python -m d2v_fast.finetune " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python", "-m", "d2v_fast.finetune", *(sys.argv[1:] if argv is None else argv)])
     result = finetune_path(args.path, task=args.task, out=args.out, max_steps=args.max_steps, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, scratch=not args.no_scratch, progress=True,
                            command=command)
