@@ -257,7 +257,7 @@ def _photo_dirs(root, classes, bad=False):
     return root
 
 
-@pytest.mark.parametrize("case", ["not-a-model", "text-missing-field", "text-csv-missing-column", "text-one-class",
+@pytest.mark.parametrize("case", ["not-a-model", "export-without-tokenizer", "text-missing-field", "text-csv-missing-column", "text-one-class",
                                   "speech-unreadable-audio", "speech-empty-transcript", "images-unreadable",
                                   "images-one-class"])
 def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, speech_model, image_model, tmp_path, capsys):
@@ -268,6 +268,9 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, speech_model, im
     (text_hf / "config.json").write_text(json.dumps({"model_type": "data2vec-text"}))
     if case == "not-a-model":
         model, task, want = tmp_path, None, f"RUN_OR_EXPORT {tmp_path}: neither a run directory"
+    elif case == "export-without-tokenizer":
+        model, task = text_hf, write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": str(i % 2)} for i in range(10)])
+        want = f"{text_hf}: no usable tokenizer"
     elif case == "text-missing-field":
         model, task, want = text_hf, write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}]), "t.jsonl:1: no 'label'"
     elif case == "text-csv-missing-column":

@@ -139,6 +139,10 @@ def pretrained_model(job: Job, seed: int):
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     try:
         model = job.model_class.from_pretrained(job.base, config=job.config)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UsageError(f"{job.base}: its weights do not load into {job.model_class.__name__} ("
+                         f"{' '.join(str(err).split())[:200]}); export the run again "
+                         f"(python -m d2v_fast.export RUN_DIR OUT_DIR)") from None
     finally:
         hf_logging.set_verbosity(level)
     job.prepare_model(model)

@@ -73,7 +73,13 @@ def text_job(base: Path, task: str | None, *, run_config: dict | None, progress:
                               DataCollatorWithPadding)
 
     texts, labels, splits, classes, source = read_text_task(task, progress=progress)
-    tok = AutoTokenizer.from_pretrained(base)
+    try:
+        if not any((base / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+            raise OSError("no tokenizer files")
+        tok = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, TypeError) as err:
+        raise UsageError(f"{base}: no usable tokenizer ({type(err).__name__}); export the run again "
+                         f"(python -m d2v_fast.export RUN_DIR OUT_DIR), which copies it") from None
     max_len = min(MAX_LEN, tok.model_max_length)
     enc = tok(texts, truncation=True, max_length=max_len)
     train_ix = [i for i, s in enumerate(splits) if s in ("train", "val")]
