@@ -209,17 +209,6 @@ def train_and_evaluate(job: Job, model, *, max_steps: int, lr: float, batch_size
             "architecture": type(model).__name__}
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def host_record(load_start) -> dict:
     """What the timings ran on: CPUs, torch threads, the device, the load average (1 min)
     at the start and the end (a shared machine's timings say little without it)."""
@@ -241,6 +230,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
                   command: str | None = None) -> dict:
     """Fine-tune a run or export (see the module docstring); returns finetune.json's content."""
     from ..files import staged_directory
+    from ..probe import write_result
 
     path = Path(path)
     modality, kind = model_kind(path)
@@ -295,7 +285,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
             job.save(staging)
             result["seconds"] = round(time.perf_counter() - t_start, 1)
             result["host"] = host_record(load_start)
-            write_json(staging / RESULT_FILE, result)
+            write_result(result, staging / RESULT_FILE)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UsageError
-from ..builtin import build_once, cache_dir, stdlib_labelled_docstrings
-from .builtin import PITCH, RATE_WPM, RESERVED_FROM, VARIANTS, VOICES, Espeak, speakable_chunks, synthesized
-from .corpus import SAMPLE_RATE, AudioCorpus, open_audio_corpus
+from ..builtin import cache_dir, stdlib_labelled_docstrings
+from .builtin import PITCH, RATE_WPM, RESERVED_FROM, VARIANTS, VOICES, Espeak, speakable_chunks
+from .corpus import SAMPLE_RATE, AudioCorpus
+from .probe_task import SplitIndices, build_synthesized_task, task_audio, task_corpus
 from .prepare import SILENCE_VAR
 
 ASR_VERSION = 1           # bump when the texts, the draws or the splits below change
@@ -109,45 +110,24 @@ def builtin_asr_path(utterances: int = ASR_UTTERANCES) -> Path:
 def builtin_asr_task(utterances: int = ASR_UTTERANCES, *, workers: int | None = None, progress: bool = True) -> Path:
     """Path of the built-in speech recognition task, building it on first use (a lock makes
     that safe from several processes)."""
-    from ..prepare import default_workers
-    from .prepare import prepare_audio_corpus
-
     if utterances < 2 * TEST_EVERY:
         raise UsageError(f"speech recognition task: {utterances} utterances; need at least {2 * TEST_EVERY}")
-    out = builtin_asr_path(utterances)
-    workers = default_workers() if workers is None else workers
-    with build_once(out, lambda p: read_asr_corpus(p) is not None) as ready:
-        if ready:
-            return out
-        version = Espeak.get().version  # fails early, with one line, when espeak is missing
-        if progress:
-            print(f"building the built-in speech recognition task ({utterances} utterances by eSpeak NG {version}) "
-                  f"into {out}", file=sys.stderr, flush=True)
-        texts, available = asr_texts(utterances, workers, progress=progress)
-        record: dict = {}
 
-        def kept():
-            transcripts, splits = [], []
-            for (name, wav), (i, text) in zip(synthesized(texts, workers, _synth), enumerate(texts)):
-                if wav is not None:
-                    transcripts.append(normalize_transcript(text))
-                    splits.append("test" if i % TEST_EVERY == 0 else "train")
-                    yield name, wav, SAMPLE_RATE
-            # prepare_audio_corpus reads extra_meta after the last utterance
-            record["asr"] = {"transcripts": transcripts, "splits": splits, "texts_from_modules": f">= {RESERVED_FROM!r}",
-                             "pretraining_texts_available": available, "engine": f"eSpeak NG {version}", "test_every": TEST_EVERY}
+    def record(names, kept, texts, available, engine):
+        return {"asr": {"transcripts": [normalize_transcript(texts[i]) for i in kept],
+                        "splits": ["test" if i % TEST_EVERY == 0 else "train" for i in kept],
+                        "texts_from_modules": f">= {RESERVED_FROM!r}", "pretraining_texts_available": available,
+                        "engine": engine, "test_every": TEST_EVERY}}
 
-        source_id = (f"espeak-ng:{version}:python-stdlib-docstrings:{sys.version.split()[0]}:speech-asr"
-                     f":v{ASR_VERSION}:n{utterances}")
-        prepare_audio_corpus(out, utterances=kept(), source_id=source_id, min_seconds=SECONDS[0],
-                             max_seconds=SECONDS[1], force=True, progress=progress, extra_meta=record,
-                             expected=len(texts))
-        read_asr_corpus(out)
-        return out
+    return build_synthesized_task(
+        builtin_asr_path(utterances), kind=f"speech-asr:v{ASR_VERSION}",
+        describe=f"speech recognition task ({utterances} utterances)",
+        texts=lambda w: asr_texts(utterances, w, progress=progress), job=_synth, record=record,
+        reader=read_asr_corpus, seconds=SECONDS, workers=workers, progress=progress)
 
 
 @dataclass
-class AsrTask:
+class AsrTask(SplitIndices):
     """Utterances (``audio[i]``: float32 samples at 16 kHz), transcripts and splits."""
 
     audio: AudioCorpus | list
@@ -156,68 +136,34 @@ class AsrTask:
     source: str
     record: dict
 
-    def indices(self, split: str) -> list[int]:
-        return [i for i, s in enumerate(self.splits) if s == split]
-
 
 def read_asr_corpus(path: str | Path, *, flag: str = "speech recognition task") -> AsrTask:
-    corpus = open_audio_corpus(path, flag=flag)
-    rec = corpus.meta.get("asr")
-    if not isinstance(rec, dict) or len(rec.get("transcripts", ())) != len(corpus) \
-            or len(rec.get("splits", ())) != len(corpus):
-        raise UsageError(f"{flag} {path}: holds no transcripts for its {len(corpus)} utterances (meta.json 'asr'); "
-                         f"delete it so that it is rebuilt")
+    corpus, rec = task_corpus(path, "asr", ("transcripts", "splits"), flag=flag, what="transcripts")
     return AsrTask(audio=corpus, transcripts=list(rec["transcripts"]), splits=list(rec["splits"]), source=str(path),
                    record=rec)
 
 
 # ----------------------------------------------------------------------------- a user's task
-USER_MAX_SECONDS = 20.0  # the published recipes' longest training utterance
-
-
 def read_user_asr_task(path: str | Path, *, flag: str = "--task") -> AsrTask:
     """A JSON-lines file of ``{"audio": PATH, "text": TRANSCRIPT[, "split": "train"|"test"]}``
     (PATH relative to the file's directory; without splits every fifth line is test).
     UsageError naming the file (and line) for anything unusable."""
-    import json
-
-    from .prepare import decode, to_corpus_audio
+    from ..probe_task import json_objects
 
     path = Path(path)
     needs = "'audio' (a file path) and 'text' (its transcript)"
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with {needs} on every line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8 JSON lines") from None
     waves, transcripts, given = [], [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line with {needs}") from None
-        if not isinstance(obj, dict) or "audio" not in obj or "text" not in obj:
-            found = ", ".join(repr(k) for k in list(obj)[:5]) if isinstance(obj, dict) else "not an object"
-            raise UsageError(f"{path}:{n}: needs {needs} (found {found or 'none'}); add the missing field")
-        name, text, split = obj["audio"], obj["text"], obj.get("split")
-        if not isinstance(name, str) or not name:
-            raise UsageError(f"{path}:{n}: 'audio' must be a file path (a non-empty string)")
+    for n, obj in json_objects(path, flag=flag, needs=needs):
+        if "audio" not in obj or "text" not in obj:
+            found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+            raise UsageError(f"{path}:{n}: needs {needs} (found {found}); add the missing field")
+        text, split = obj["text"], obj.get("split")
         if not isinstance(text, str) or not normalize_transcript(text):
             raise UsageError(f"{path}:{n}: 'text' {text!r} is empty (no letters or digits); give the utterance's "
                              f"transcript or remove the line")
         if split not in (None, "train", "test"):
             raise UsageError(f"{path}:{n}: 'split' {split!r}: expected train, test or no split field")
-        audio = path.parent / name
-        if not audio.is_file():
-            raise UsageError(f"{path}:{n}: audio file {audio} does not exist; paths are relative to the task file")
-        wav, rate = decode(audio)
-        wav = to_corpus_audio(wav, rate, str(audio))
-        if wav is None:
-            raise UsageError(f"{audio}: silent; remove it from {path}")
-        waves.append(wav[:int(USER_MAX_SECONDS * SAMPLE_RATE)])
+        waves.append(task_audio(path, n, obj["audio"]))
         transcripts.append(normalize_transcript(text))
         given.append(split)
     if any(s is None for s in given) and any(s is not None for s in given):
