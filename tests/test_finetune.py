@@ -173,10 +173,14 @@ def test_builtin_speech_task_is_held_out_of_every_builtin_pretraining_corpus(tmp
     monkeypatch.setattr(speech_builtin, "stdlib_labelled_docstrings", lambda *a, **k: iter(docs))
     monkeypatch.setenv("D2V_FAST_CACHE", str(tmp_path))
     texts, available = asr_task.asr_texts(400)
-    pretraining = " ".join(asr_task.normalize_transcript(t) for t in speech_builtin.speech_texts(available))
-    assert len(set(texts)) == 400 and available > 5000
-    leaked = [t for t in texts if asr_task.normalize_transcript(t) in pretraining]
-    assert len(leaked) <= 4, leaked  # a common phrase may occur anywhere; a shared passage would leak dozens
+    pretraining = set(speech_builtin.speech_texts(available))  # the largest built-in corpus's passages
+    reserved = {c for module, doc in docs if module >= speech_builtin.RESERVED_FROM
+                for c in speech_builtin.speakable_chunks(doc)}
+    assert reserved & pretraining, "some passages recur in several modules: the check below can fail"
+    # a few passages (licence notices) recur within the reserved modules: at most 5% repeats
+    assert len(set(texts)) >= 380 and available > 5000
+    unseen = reserved - pretraining
+    assert all(any(t in passage for passage in unseen) for t in texts)  # cut from passages pretraining never reads
     with pytest.raises(Exception, match="only"):
         speech_builtin.speech_texts(available + 1)  # no corpus reaches past the reserved modules
     path = asr_task.builtin_asr_task(10, workers=1, progress=False)
