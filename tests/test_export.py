@@ -170,7 +170,7 @@ def test_finetune_example_end_to_end(run_dir, tmp_path, capsys):
         f.write("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in (row() for _ in range(16))))
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--model", str(model),
                         "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "dev.csv"),
-                        "--out", str(tmp_path / "cls"), "--epochs", "1", "--batch-size", "8"],
+                        "--out", str(tmp_path / "cls"), "--epochs", "1", "--batch-size", "8", "--no-scratch"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     acc = json.loads((tmp_path / "cls" / "eval_results.json").read_text())["eval_accuracy"]

@@ -70,14 +70,10 @@ def complete_splits(raw_labels: Sequence[str], given: Sequence[str | None], path
     return splits
 
 
-def labelled_lines(path: str | Path, field: str, *, flag: str = "--task", needs: str = ""):
-    """The lines of a JSON-lines task file, checked: yields ``(line number, obj[field], label
-    as a string, split or None)`` per non-empty line; a missing file, non-UTF-8 text, a line
-    that is not an object, a missing field, a label that is neither a string nor an integer or
-    an unknown split is a UsageError naming the file (and line). ``needs`` says what every
-    line must hold (for the message)."""
-    path = Path(path)
-    needs = needs or f"{field!r} and 'label'"
+def json_objects(path: Path, *, flag: str, needs: str):
+    """``(line number, object)`` of every non-empty line of a JSON-lines file; a missing
+    file, non-UTF-8 text or a line that is not a JSON object is a UsageError naming the file
+    (and line); ``needs`` says what every line must hold (for the message)."""
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file; give a .jsonl file with {needs} on every line")
     try:
@@ -93,6 +89,18 @@ def labelled_lines(path: str | Path, field: str, *, flag: str = "--task", needs:
             raise UsageError(f"{path}:{n}: not a JSON object ({err.msg}); one object per line") from None
         if not isinstance(obj, dict):
             raise UsageError(f"{path}:{n}: not a JSON object; one object per line with {needs}")
+        yield n, obj
+
+
+def labelled_lines(path: str | Path, field: str, *, flag: str = "--task", needs: str = ""):
+    """The lines of a JSON-lines task file, checked: yields ``(line number, obj[field], label
+    as a string, split or None)`` per non-empty line; a missing file, non-UTF-8 text, a line
+    that is not an object, a missing field, a label that is neither a string nor an integer or
+    an unknown split is a UsageError naming the file (and line). ``needs`` says what every
+    line must hold (for the message)."""
+    path = Path(path)
+    needs = needs or f"{field!r} and 'label'"
+    for n, obj in json_objects(path, flag=flag, needs=needs):
         for name in (field, "label"):
             if name not in obj:
                 found = ", ".join(repr(k) for k in list(obj)[:5]) or "none"

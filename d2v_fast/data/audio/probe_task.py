@@ -112,47 +112,84 @@ def builtin_speech_probe(utterances: int = PROBE_UTTERANCES, *, workers: int | N
                          progress: bool = True) -> Path:
     """Path of the built-in speech probe task (a prepared speech corpus with labels),
     building it on first use; safe from several processes at once (a lock)."""
-    from ..publish import default_workers
-    from .prepare import prepare_audio_corpus
-
     if utterances < 5 * len(VARIANTS):
         raise UsageError(f"speech probe: {utterances} utterances; need at least {5 * len(VARIANTS)} "
                          f"(five per class, so that train, val and test each get some)")
-    out = builtin_speech_probe_path(utterances)
+    def record(names, kept, texts, available, engine):
+        labels = [name.split()[1].split("+")[1] for name in names]  # too short (rare): left out
+        return {"probe": {
+            "label": "eSpeak NG voice variant (speaker identity)", "classes": list(VARIANTS),
+            "labels": [VARIANTS.index(l) for l in labels], "splits": split_by_document(labels, seed=SPLIT_SEED),
+            "split_seed": SPLIT_SEED, "seconds": PROBE_SECONDS, "texts_from_modules": f">= {RESERVED_FROM!r}",
+            "pretraining_texts_available": available, "engine": engine}}
+
+    return build_synthesized_task(
+        builtin_speech_probe_path(utterances), kind=f"speech-probe:v{PROBE_SPEECH_VERSION}",
+        describe=f"speech probe task ({utterances} utterances, {len(VARIANTS)} voice variants)",
+        texts=lambda w: probe_texts(utterances, w, progress=progress), job=_synth, record=record,
+        reader=read_speech_probe, seconds=(PROBE_SECONDS, PROBE_SECONDS), workers=workers, progress=progress)
+
+
+def build_synthesized_task(out: Path, *, kind: str, describe: str, texts, job, record, reader, seconds,
+                           workers: int | None, progress: bool) -> Path:
+    """A built-in task of eSpeak NG utterances, built once (under a lock) as a prepared speech
+    corpus at ``out``: ``texts(workers)`` gives (texts, passages available to pretraining),
+    ``job((index, text))`` (a module-level function, run in worker processes) gives (name,
+    16 kHz samples or None to leave it out), ``record(names, indices kept, texts, available,
+    engine)`` the ``meta.json`` entries of what was kept; ``reader(out)`` checks the result."""
+    from ..publish import default_workers
+    from .prepare import prepare_audio_corpus
+
     workers = default_workers() if workers is None else workers
-    with build_once(out, lambda p: read_speech_probe(p) is not None) as ready:
+    with build_once(out, lambda p: reader(p) is not None) as ready:
         if ready:
             return out
-        version = espeak_announced(progress, lambda v: (
-            f"building the built-in speech probe task ({utterances} utterances by eSpeak NG {v}, "
-            f"{len(VARIANTS)} voice variants) into {out}"))
-        texts, available = probe_texts(utterances, workers, progress=progress)
-        record: dict = {}
+        version = espeak_announced(progress, lambda v: f"building the built-in {describe} by eSpeak NG {v} into {out}")
+        engine = f"eSpeak NG {version}"
+        all_texts, available = texts(workers)
+        meta: dict = {}
 
         def kept():
-            labels = []
-            for name, wav in synthesized(texts, workers, _synth):
-                if wav is not None:  # too short (rare): left out, so every class keeps ~n/12
-                    labels.append(name.split()[1].split("+")[1])
+            names, indices = [], []
+            for i, (name, wav) in enumerate(synthesized(all_texts, workers, job)):
+                if wav is not None:
+                    names.append(name)
+                    indices.append(i)
                     yield name, wav, SAMPLE_RATE
             # prepare_audio_corpus reads extra_meta after the last utterance (documented there)
-            record["probe"] = {
-                "label": "eSpeak NG voice variant (speaker identity)", "classes": list(VARIANTS),
-                "labels": [VARIANTS.index(l) for l in labels], "splits": split_by_document(labels, seed=SPLIT_SEED),
-                "split_seed": SPLIT_SEED, "seconds": PROBE_SECONDS, "texts_from_modules": f">= {RESERVED_FROM!r}",
-                "pretraining_texts_available": available, "engine": f"eSpeak NG {version}"}
+            meta.update(record(names, indices, all_texts, available, engine))
 
-        source_id = (f"espeak-ng:{version}:python-stdlib-docstrings:{sys.version.split()[0]}:speech-probe"
-                     f":v{PROBE_SPEECH_VERSION}:n{utterances}")
-        prepare_audio_corpus(out, utterances=kept(), source_id=source_id, min_seconds=PROBE_SECONDS,
-                             max_seconds=PROBE_SECONDS, force=True, progress=progress, extra_meta=record,
-                             expected=len(texts))
-        read_speech_probe(out)  # every kept utterance has its label
+        source_id = (f"espeak-ng:{engine.split()[-1]}:python-stdlib-docstrings:{sys.version.split()[0]}:{kind}"
+                     f":n{len(all_texts)}")
+        prepare_audio_corpus(out, utterances=kept(), source_id=source_id, min_seconds=seconds[0],
+                             max_seconds=seconds[1], force=True, progress=progress, extra_meta=meta,
+                             expected=len(all_texts))
+        reader(out)  # every kept utterance has its record
         return out
 
 
+class SplitIndices:
+    """``indices(split)``: the examples of a task (with a ``splits`` list) in that split."""
+
+    splits: list[str]
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+
+def task_corpus(path: str | Path, key: str, fields: tuple[str, ...], *, flag: str, what: str):
+    """(the prepared speech corpus at ``path``, its ``meta.json`` record ``key``), checked to
+    hold one entry per utterance in each of ``fields``; UsageError otherwise."""
+    corpus = open_audio_corpus(path, flag=flag)
+    rec = corpus.meta.get(key)
+    if not isinstance(rec, dict) or any(len(rec.get(f, ())) != len(corpus) for f in fields):
+        raise UsageError(f"{flag} {path}: holds no {what} for its {len(corpus)} utterances (meta.json {key!r}); "
+                         f"delete it so that it is rebuilt")
+    return corpus, rec
+
+
 @dataclass
-class SpeechProbeTask:
+class SpeechProbeTask(SplitIndices):
     """What ``d2v_fast.probe.linear_probe`` reads off a task (labels, classes, split indices)
     and the audio: ``corpus[i]`` is utterance ``i``."""
 
@@ -163,17 +200,9 @@ class SpeechProbeTask:
     source: str
     record: dict
 
-    def indices(self, split: str) -> list[int]:
-        return [i for i, s in enumerate(self.splits) if s == split]
-
 
 def read_speech_probe(path: str | Path, *, flag: str = "speech probe task") -> SpeechProbeTask:
-    corpus = open_audio_corpus(path, flag=flag)
-    rec = corpus.meta.get("probe")
-    if not isinstance(rec, dict) or len(rec.get("labels", ())) != len(corpus) \
-            or len(rec.get("splits", ())) != len(corpus):
-        raise UsageError(f"{flag} {path}: holds no labels for its {len(corpus)} utterances (meta.json 'probe'); "
-                         f"delete it so that it is rebuilt")
+    corpus, rec = task_corpus(path, "probe", ("labels", "splits"), flag=flag, what="labels")
     return SpeechProbeTask(corpus=corpus, labels=[int(x) for x in rec["labels"]], classes=list(rec["classes"]),
                            splits=list(rec["splits"]), source=str(path), record=rec)
 
@@ -182,23 +211,29 @@ def read_speech_probe(path: str | Path, *, flag: str = "speech probe task") -> S
 USER_MAX_SECONDS = 20.0  # the published recipes' longest training utterance
 
 
-def read_user_speech_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> SpeechProbeTask:
-    """A JSON-lines speech task (see the module docstring); UsageError naming the line or file."""
+def task_audio(path: Path, n: int, name) -> np.ndarray:
+    """The recording line ``n`` of task file ``path`` names (relative to the file), decoded,
+    resampled, normalised and cut to USER_MAX_SECONDS as corpus preparation does."""
     from .prepare import decode, to_corpus_audio
 
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{path}:{n}: 'audio' must be a file path (a non-empty string)")
+    audio = path.parent / name
+    if not audio.is_file():
+        raise UsageError(f"{path}:{n}: audio file {audio} does not exist; paths are relative to the task file")
+    wav, rate = decode(audio)
+    wav = to_corpus_audio(wav, rate, str(audio))
+    if wav is None:
+        raise UsageError(f"{audio}: silent; remove it from {path}")
+    return wav[:int(USER_MAX_SECONDS * SAMPLE_RATE)]
+
+
+def read_user_speech_task(path: str | Path, *, flag: str = "--task", seed: int = SPLIT_SEED) -> SpeechProbeTask:
+    """A JSON-lines speech task (see the module docstring); UsageError naming the line or file."""
     path = Path(path)
     waves, raw_labels, given = [], [], []
     for n, name, label, split in labelled_lines(path, "audio", flag=flag, needs="'audio' (a file path) and 'label'"):
-        if not isinstance(name, str) or not name:
-            raise UsageError(f"{path}:{n}: 'audio' must be a file path (a non-empty string)")
-        audio = path.parent / name
-        if not audio.is_file():
-            raise UsageError(f"{path}:{n}: audio file {audio} does not exist; paths are relative to the task file")
-        wav, rate = decode(audio)
-        wav = to_corpus_audio(wav, rate, str(audio))
-        if wav is None:
-            raise UsageError(f"{audio}: silent; remove it from {path}")
-        waves.append(wav[:int(USER_MAX_SECONDS * SAMPLE_RATE)])
+        waves.append(task_audio(path, n, name))
         raw_labels.append(label)
         given.append(split)
     classes = label_classes(raw_labels, path, flag=flag, what="utterances")
