@@ -14,31 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
-from .errors import UsageError, cli_entry
-from .hf_text import DTYPES, _run_dir
-from .pretrained import _load_state, encoder_weights, modality_of, resolve_checkpoint
-
-
-# ----------------------------------------------------------------------------- export
-def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, weights: str = "student",
-           dtype: str = "float32") -> Path:
-    """Write the checkpoint's encoder as a Hugging Face model directory of its modality."""
-    if weights not in ("student", "teacher"):
-        raise UsageError(f"--weights {weights!r}: expected student or teacher")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    ckpt_dir = resolve_checkpoint(checkpoint)
-    state = _load_state(ckpt_dir)
-    tensors = encoder_weights(state, weights)
-    state = dict(state, _checkpoint_dir=ckpt_dir, _weights=weights)
-    out = Path(out_dir)
-    modality_of(state).export_hf(tensors, state["encoder_config"], out, dtype=dtype, run_dir=_run_dir(ckpt_dir),
-                                 state=state)
-    return out
+from .errors import cli_entry
+from .hf_text import DTYPES
+from .pretrained import export  # noqa: F401  (d2v_fast.export.export, as before)
 
 
 # ----------------------------------------------------------------------------- CLI

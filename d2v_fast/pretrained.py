@@ -129,3 +129,22 @@ def load_pretrained(path, map_location="cpu") -> torch.nn.Module:
     model = modality.build_encoder(modality.encoder_config_from_dict(cfg))
     model.load_state_dict(weights)
     return model.to(map_location).eval()
+
+
+def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, weights: str = "student",
+           dtype: str = "float32") -> Path:
+    """Write the checkpoint's encoder as a Hugging Face model directory of its modality."""
+    if weights not in ("student", "teacher"):
+        raise UsageError(f"--weights {weights!r}: expected student or teacher")
+    from .hf_text import DTYPES, _run_dir
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    state = _load_state(ckpt_dir)
+    tensors = encoder_weights(state, weights)
+    state = dict(state, _checkpoint_dir=ckpt_dir, _weights=weights)
+    out = Path(out_dir)
+    modality_of(state).export_hf(tensors, state["encoder_config"], out, dtype=dtype, run_dir=_run_dir(ckpt_dir),
+                                 state=state)
+    return out

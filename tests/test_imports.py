@@ -105,8 +105,10 @@ def test_the_cycle_finder_finds_one():
 
 
 def test_no_module_imports_an_entry_point():
+    """Except the modules of an entry point that is a package (``d2v_fast.finetune``'s
+    per-modality task builders and its ``__main__``), which import their own package."""
     graph = import_graph()
-    bad = sorted((m, d) for m, deps in graph.items() for d in deps & ENTRY_POINTS)
+    bad = sorted((m, d) for m, deps in graph.items() for d in deps & ENTRY_POINTS if not m.startswith(d + "."))
     assert bad == []
 
 

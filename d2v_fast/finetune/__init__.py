@@ -230,7 +230,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
                   command: str | None = None) -> dict:
     """Fine-tune a run or export (see the module docstring); returns finetune.json's content."""
     from ..files import staged_directory
-    from ..probe import write_result
+    from ..linear_probe import write_result
 
     path = Path(path)
     modality, kind = model_kind(path)
@@ -246,7 +246,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
     try:
         run_config = None
         if kind == "run":
-            from ..export import export
+            from ..pretrained import export
 
             base = export(path, work / "base")
             try:

@@ -98,7 +98,7 @@ def images_job(base: Path, task: str | None, *, run_config: dict | None, progres
                 "labels": torch.as_tensor(labels[list(rows)], dtype=torch.long)}
 
     def evaluate(model, device):
-        from ..probe import macro_f1
+        from ..linear_probe import macro_f1
 
         preds = []
         for start in range(0, len(test_ix), 256):

@@ -39,7 +39,7 @@ def read_text_task(task: str | None, *, progress: bool):
     from ..data.probe_task import SPLITS, complete_splits, labelled_lines
 
     if task is None or str(task) == "builtin":
-        from ..probe import load_task
+        from ..modalities.text import load_task
 
         t = load_task(None, progress=progress)
         return t.texts, t.labels, t.splits, t.classes, t.source
@@ -96,7 +96,7 @@ def text_job(base: Path, task: str | None, *, run_config: dict | None, progress:
                                         architectures=["Data2VecTextForSequenceClassification"])
 
     def evaluate(model, device):
-        from ..probe import macro_f1
+        from ..linear_probe import macro_f1
 
         preds = []
         for start in range(0, len(test), 64):
@@ -109,7 +109,7 @@ def text_job(base: Path, task: str | None, *, run_config: dict | None, progress:
     if task is None or str(task) == "builtin":
         from types import SimpleNamespace
 
-        from ..probe import Probed, held_out as probe_held_out
+        from ..modalities.text import Probed, held_out as probe_held_out
 
         corpus = (run_config or {}).get("data_dir")
         if corpus:  # the run's corpus records the task file it held out
