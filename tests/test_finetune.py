@@ -59,9 +59,9 @@ def check_control(job):
 @pytest.fixture(scope="module")
 def text_run(builtin_cache, tmp_path_factory):
     """A 1-step text run (it writes a checkpoint at the end) and a small 3-class task."""
-    from d2v_fast.data import builtin
-    from d2v_fast.data.corpus import open_corpus
-    from d2v_fast.data.probe_task import read_task
+    from d2v_fast.data.text import builtin
+    from d2v_fast.data.text.corpus import open_corpus
+    from d2v_fast.data.text.probe_task import read_task
     from d2v_fast.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("finetune_text")
@@ -164,7 +164,7 @@ def test_speech_finetunes_to_an_asr_pipeline_with_the_training_vocabulary(speech
 def test_builtin_speech_task_is_held_out_of_every_builtin_pretraining_corpus(tmp_path, monkeypatch):
     """The task's texts come from the reserved modules only: none is in the texts of the
     largest built-in speech corpus, and the built task records them with their splits."""
-    from d2v_fast.data import builtin as text_builtin
+    from d2v_fast.data.text import builtin as text_builtin
     from d2v_fast.data.audio import asr_task
     from d2v_fast.data.audio import builtin as speech_builtin
 

@@ -121,3 +121,23 @@ def _set_count(rng: _RowRng, cells: list[bool], target: int) -> None:
         pos = [t for t, v in enumerate(cells) if v == flip_from]
         for i in _partial_shuffle(rng, len(pos), abs(n - target)):
             cells[pos[i]] = not flip_from
+
+
+def _block_rows(kind: int, seed: int, epoch: int, indices, clones: int, cells: int, centres: int, target: int,
+                stamp, *, invert: bool = False):
+    """The Python twin's loop of the block masks (speech 2.0's frame blocks, the images' inverse
+    blocks): per (index, clone) row, ``centres`` draws of ``bounded(cells)``, each handed to
+    ``stamp(row, centre)``, then exactly ``target`` cells set (``_set_count``); ``invert``
+    returns the complement of every row. ``[len(indices) * clones, cells]`` bool."""
+    import torch
+
+    rows = []
+    for index in indices.tolist():
+        for c in range(clones):
+            rng = _RowRng(_row_key(kind, seed, epoch, index, c))
+            row = [False] * cells
+            for _ in range(centres):
+                stamp(row, rng.bounded(cells))
+            _set_count(rng, row, target)
+            rows.append([not v for v in row] if invert else row)
+    return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), cells)

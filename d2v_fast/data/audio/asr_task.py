@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UsageError
-from ..builtin import cache_dir, stdlib_labelled_docstrings
+from ..builtin import cache_dir
+from ..text.builtin import stdlib_labelled_docstrings
 from .builtin import PITCH, RATE_WPM, RESERVED_FROM, VARIANTS, VOICES, Espeak, speakable_chunks
 from .corpus import SAMPLE_RATE, AudioCorpus
 from .probe_task import SplitIndices, build_synthesized_task, task_audio, task_corpus
@@ -139,9 +140,6 @@ class AsrTask(SplitIndices):
 
     audio: AudioCorpus | list
     transcripts: list[str]
-    splits: list[str]
-    source: str
-    record: dict
 
 
 def read_asr_corpus(path: str | Path, *, flag: str = "speech recognition task") -> AsrTask:

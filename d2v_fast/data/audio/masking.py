@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from ..masking import _as_u64, extension_with, _partial_shuffle, _row_key, _RowRng, _set_count
+from ..masking import _as_u64, _block_rows, extension_with, _partial_shuffle, _row_key, _RowRng
 
 __all__ = ["span_masks", "block_masks", "V1_AUDIO", "V2_AUDIO"]
 
@@ -140,18 +140,11 @@ def block_masks(num_frames: int, indices: torch.Tensor, *, mask_prob: float, spa
 
 
 def _frame_block_mask_python(T, mask_prob, span, adjust, seed, epoch, indices, clones) -> torch.Tensor:
-    centres = int(T * ((mask_prob + adjust) / span))
-    target = int(T * mask_prob)
     offset = span // 2
-    rows = []
-    for index in indices.tolist():
-        for c in range(clones):
-            rng = _RowRng(_row_key(_FRAME_BLOCK_KIND, seed, epoch, index, c))
-            row = [False] * T
-            for _ in range(centres):
-                centre = rng.bounded(T)
-                for k in range(span):
-                    row[min(max(centre + k - offset, 0), T - 1)] = True
-            _set_count(rng, row, target)
-            rows.append(row)
-    return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), T)
+
+    def stamp(row, centre):
+        for k in range(span):
+            row[min(max(centre + k - offset, 0), T - 1)] = True
+
+    return _block_rows(_FRAME_BLOCK_KIND, seed, epoch, indices, clones, T, int(T * ((mask_prob + adjust) / span)),
+                       int(T * mask_prob), stamp)

@@ -168,10 +168,14 @@ def build_synthesized_task(out: Path, *, kind: str, describe: str, texts, job, r
         return out
 
 
+@dataclass
 class SplitIndices:
-    """``indices(split)``: the examples of a task (with a ``splits`` list) in that split."""
+    """What the built-in speech tasks share: each example's split, where the task came from,
+    its ``meta.json`` record; ``indices(split)``: the examples in that split."""
 
     splits: list[str]
+    source: str
+    record: dict
 
     def indices(self, split: str) -> list[int]:
         return [i for i, s in enumerate(self.splits) if s == split]
@@ -196,9 +200,6 @@ class SpeechProbeTask(SplitIndices):
     corpus: AudioCorpus | list  # a list of float32 arrays for a user's task
     labels: list[int]
     classes: list[str]
-    splits: list[str]
-    source: str
-    record: dict
 
 
 def read_speech_probe(path: str | Path, *, flag: str = "speech probe task") -> SpeechProbeTask:

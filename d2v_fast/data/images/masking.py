@@ -38,7 +38,7 @@ import operator
 
 import torch
 
-from ..masking import _as_u64, extension_with, _row_key, _RowRng, _set_count
+from ..masking import _as_u64, _block_rows, extension_with, _row_key, _RowRng
 
 __all__ = ["block_mask", "inverse_block_mask", "BEIT_BLOCK", "DATA2VEC2_INVERSE_BLOCK"]
 
@@ -175,20 +175,14 @@ def _block_mask_python(height, width, num_masked, min_block, max_block, min_aspe
 def _inverse_block_mask_python(height, width, mask_prob, block, adjust, seed, epoch, indices, clones):
     L = height * width
     keep = 1.0 - mask_prob
-    centres = max(0, int(L * ((keep + adjust) / (block * block))))
-    target = int(L * keep)
     offset = block // 2
-    rows = []
-    for index in indices.tolist():
-        for c in range(clones):
-            rng = _RowRng(_row_key(_INVERSE_KIND, seed, epoch, index, c))
-            visible = [False] * L
-            for _ in range(centres):
-                cy, cx = divmod(rng.bounded(L), width)
-                for dy in range(block):
-                    y = min(max(cy + dy - offset, 0), height - 1)
-                    for dx in range(block):
-                        visible[y * width + min(max(cx + dx - offset, 0), width - 1)] = True
-            _set_count(rng, visible, target)
-            rows.append([not v for v in visible])
-    return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), L)
+
+    def stamp(visible, centre):
+        cy, cx = divmod(centre, width)
+        for dy in range(block):
+            y = min(max(cy + dy - offset, 0), height - 1)
+            for dx in range(block):
+                visible[y * width + min(max(cx + dx - offset, 0), width - 1)] = True
+
+    return _block_rows(_INVERSE_KIND, seed, epoch, indices, clones, L, max(0, int(L * ((keep + adjust) / (block * block)))),
+                       int(L * keep), stamp, invert=True)
