@@ -338,6 +338,29 @@ def cuda_path_on_cpu():
         patch(encoder, "_mm_out", _one_op("aten::mm", lambda a, b, dtype: a.mm(b).to(dtype)))
         patch(F, "scaled_dot_product_attention", sdpa)
         patch(F, "dropout", dropout)
+        # the finite flag's wait (a CUDA event on a GPU): a sync when the flag was recorded in the
+        # update being counted; one recorded in an earlier update was copied before this update's
+        # work was queued, so reading it waits for nothing of this update's
+        from . import trainer
+
+        record, wait = trainer.Trainer._flag_record, trainer.Trainer._flag_wait
+
+        def flag_record(self):
+            pending = record(self)
+            pending.counted = STATE.counter is not None
+            return pending
+
+        def flag_wait(self, pending):
+            counter = STATE.counter
+            if counter is not None:
+                if getattr(pending, "counted", False):
+                    counter.syncs["cuda event wait"] += 1
+                    counter.sync_sites[f"cuda event wait at {counter._site()}"] += 1
+                counter.host(self._flag_host)  # the pinned buffer itself is read without a wait
+            wait(self, pending)
+
+        patch(trainer.Trainer, "_flag_record", flag_record)
+        patch(trainer.Trainer, "_flag_wait", flag_wait)
         yield
     finally:
         for obj, name, value in reversed(saved):
@@ -452,7 +475,10 @@ def measure_cost(provider: str, cfg, *, repeats: int = 5, time_it: bool = True) 
                 step(batch)
         finally:
             STATE.counter = None
-        finite = getattr(getattr(step, "trainer", None), "skipped", 0) == 0
+        trainer = getattr(step, "trainer", None)
+        if trainer is not None:
+            trainer.settle()  # the counted update's outcome (outside the count: the next update reads it)
+        finite = getattr(trainer, "skipped", 0) == 0
         del step
         row = {"provider": provider, "modality": cfg.modality, "recipe": cfg.recipe.name, "preset": cfg.preset,
                **counter.totals(), "finite": finite}

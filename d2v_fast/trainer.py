@@ -33,6 +33,15 @@ from .sharding import Sharding
 from .testing_hooks import crash_at_step, inject_nan_attempts
 from .warmstart import WarmStart
 
+@dataclasses.dataclass
+class InFlight:
+    """An update whose finite flag is on its way to the host: the event recorded after the
+    flag's copy was queued (None off CUDA), and the update's attempt number."""
+
+    event: object
+    attempt: int
+
+
 class CollapseError(RuntimeError):
     pass
 
@@ -132,6 +141,8 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
             self.switches["skip_on_device"] = False  # this device or dtype has no fused AdamW (found_inf)
         self._flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda") \
             if self.switches["skip_on_device"] else None
+        self._pending: InFlight | None = None  # the update whose finite flag the host has not read yet
+        self.skip_notes: list[tuple[int, int]] = []  # (attempt, skips in a row) found, for the loop to report
         total = cfg.optim.total_steps or t.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg.optim, total))
         torch.manual_seed(t.seed + 1000 * rank + 1)  # dropout differs between ranks
@@ -271,26 +282,33 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         gnorm = self._clip()
         if hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP
             gnorm = gnorm.full_tensor()
+        deferred = self.switches["skip_on_device"]
+        if deferred:
+            # the last update's outcome, for this one's lr and EMA decay: its flag was copied before
+            # this update's forward was queued, so reading it does not wait for this update's work
+            self.settle()
+            if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
+                # found only now (a limit of 1, the last update not settled by the loop): this
+                # update is not applied and not counted; the loop stops at the limit
+                self.optimizer.zero_grad(set_to_none=True)
+                return {"grad_norm": gnorm.detach(), "finite": False, "discarded": True, "masked": count[0],
+                        "skipped_steps": self.skipped}
         lr = self.scheduler.get_last_lr()[0]
         decay = self.cfg.recipe.decay_at(self.step)
         self.attempts += 1
         self.position += self.cfg.train.batch_size
         # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
-        if self.switches["skip_on_device"]:
-            finite = self._update_on_device(gnorm, decay)
+        if deferred:
+            self._update_on_device(gnorm, decay)
+            finite = None  # known once settle() reads the flag: in the next update, or when the loop asks
         else:
             finite = bool(torch.isfinite(gnorm))
             if finite:
                 self.optimizer.step()
                 self._refresh_student_copy()
                 self._ema(decay)  # exactly one EMA step per optimizer update
-        if finite:
-            self.scheduler.step()
-            self.step += 1
-            self.consecutive_skips = 0
-        else:  # skip the update: weights, optimizer, schedule and teacher stay as they were
-            self.skipped += 1
-            self.consecutive_skips += 1
+        if finite is not None:
+            self._count(finite, self.attempts)
         self.optimizer.zero_grad(set_to_none=True)
         out = {"grad_norm": gnorm.detach(), "lr": lr, "ema_decay": decay, "masked": count[0],
                "skipped_steps": self.skipped, "finite": finite}
@@ -355,19 +373,31 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
                 # and the CPU's recorded default jobs are kept bit for bit
                 "fused_qkv": t.fused_qkv and use_bf16 and cfg.modality == "text"}
 
-    def _update_on_device(self, gnorm: torch.Tensor, decay: float) -> bool:
+    def _count(self, finite: bool, attempt: int) -> None:
+        """The host's side of an update's outcome: the schedule and the step count, or the skip
+        (its attempt noted for the loop to report)."""
+        if finite:
+            self.scheduler.step()
+            self.step += 1
+            self.consecutive_skips = 0
+        else:  # skip the update: weights, optimizer, schedule and teacher stay as they were
+            self.skipped += 1
+            self.consecutive_skips += 1
+            self.skip_notes.append((attempt, self.consecutive_skips))
+
+    def _update_on_device(self, gnorm: torch.Tensor, decay: float) -> None:
         """``--train.skip_on_device``: the skip of a non-finite update is decided on the device
         (fused AdamW's ``found_inf`` leaves weights, moments and its step count as they were;
         the EMA's store mask leaves the teacher), so the optimizer and the EMA are queued
-        behind backward without waiting for it. The host reads the flag afterwards, from a
-        copy made before they were queued, to keep its counters and the schedule: that wait
-        ends when backward ends, while the update runs on (one step's outcome is needed by the
-        loop before the next, for the skip limit and the lr of the next update)."""
+        behind backward without waiting for it. The flag is copied to a pinned host buffer
+        before they are queued; the host reads it later, in ``settle()``: by default in the
+        next update, after that update's forward and backward are queued, when the copy has
+        long landed. No wait inside an update, then; the schedule and the counters follow one
+        update behind on the host, and the lr and EMA decay of the next update are still
+        taken after the outcome is known (the same values as the host-side skip)."""
         finite_t = torch.isfinite(gnorm).reshape(())
         self._flag_host.copy_(finite_t.reshape(1), non_blocking=True)
-        ready = torch.cuda.Event() if self.device.type == "cuda" else None
-        if ready is not None:
-            ready.record()
+        pending = self._flag_record()
         self.optimizer.found_inf = (~finite_t).float()
         try:
             self.optimizer.step()
@@ -375,9 +405,32 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
             del self.optimizer.found_inf
         self._refresh_student_copy()  # a skipped update left the weights, so the copy stays right
         self._ema(decay, skip=~finite_t)
-        if ready is not None:
-            ready.synchronize()
-        return bool(self._flag_host[0])
+        self._pending = pending
+
+    def _flag_record(self) -> "InFlight":
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return InFlight(event, self.attempts)
+
+    def _flag_wait(self, pending: "InFlight") -> None:
+        if pending.event is not None:
+            pending.event.synchronize()
+
+    def settle(self) -> bool | None:
+        """Read the outcome of the update in flight (``--train.skip_on_device``) and count it:
+        the step and schedule, or the skip (its attempt added to ``skip_notes``). Returns
+        whether it was finite, or None when no update was in flight. The loop calls it when
+        it acts on the step count (logging, probe, checkpoint, the end, a run of skips);
+        checkpoints call it before taking the state."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        self._flag_wait(pending)
+        finite = bool(self._flag_host[0])
+        self._count(finite, pending.attempt)
+        return finite
 
     # ------------------------------------------------------------------ checkpoints
     def _barrier(self):
@@ -388,6 +441,7 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
 
     def state(self) -> dict:
         """Full (unsharded) training state; collective under FSDP, complete on rank 0."""
+        self.settle()
         return {"model": get_model_state_dict(self.model, options=self._FULL),
                 "optimizer": get_optimizer_state_dict(self.model.student, self.optimizer, options=self._FULL),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
@@ -444,6 +498,7 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         """The student encoder for ``d2v_fast.load_pretrained``: ``encoder.safetensors`` with
         ``encoder.json`` (config, step, checksum) beside it."""
         path = self.run_dir / ckpt.ENCODER_FILE
+        self.settle()
         full = get_model_state_dict(self.model, options=self._FULL)
         if self.rank != 0:
             return path
@@ -521,36 +576,49 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         previous = self._install_signals()
         self.stopped_early = False
         try:
-            while self.step < t.max_steps:
+            while True:
+                if self.step + (self._pending is not None) >= t.max_steps:
+                    self.settle()  # the last update's outcome: a skip means one more
+                    self._report_skips(bar)
+                    if self.step >= t.max_steps:
+                        break
                 micro_batches = next(stream)
                 units = sum(self.modality.units(mb) for mb in micro_batches) * self.world_size
-                logs = (self.step + 1) % t.log_every == 0 or self.step + 1 >= t.max_steps  # if it is finite
+                # counting an update still in flight as good: were it skipped, this update lands
+                # on a step that is not logged (the loop settles every update that could be)
+                ahead = self.step + (self._pending is not None)
+                logs = (ahead + 1) % t.log_every == 0 or ahead + 1 >= t.max_steps  # if it is finite
                 metrics = self.train_step(micro_batches, stats=logs)
                 stop, problem = self._agree()
                 if problem:
                     raise UsageError(problem)
-                if not metrics["finite"]:
-                    if self.rank == 0 and bar is not None:
-                        bar.write(f"attempt {self.attempts}: non-finite loss or gradients, update skipped "
-                                  f"({self.consecutive_skips} in a row)")
-                    if self.consecutive_skips >= t.max_skipped_steps:
-                        self.save()  # the weights are still those of the last good update
-                        raise NonFiniteError(
-                            f"{self.consecutive_skips} updates in a row had non-finite loss or gradients "
-                            f"(--train.max_skipped_steps {t.max_skipped_steps}); the weights of step {self.step}, "
-                            f"before the problem, are saved in {self.run_dir / 'checkpoints'}; lower --optim.lr "
-                            f"or check the data, then resume")
+                finite = metrics["finite"]
+                if finite is None:  # in flight: settle it where the loop acts on the step count
+                    ahead = self.step + 1
+                    if (stop or self.consecutive_skips or ahead % t.log_every == 0 or ahead >= t.max_steps
+                            or (t.probe_every and ahead % t.probe_every == 0)
+                            or (t.ckpt_every and ahead % t.ckpt_every == 0) or ahead == self._crash_at):
+                        finite = metrics["finite"] = self.settle()
+                self._report_skips(bar)
+                if self.consecutive_skips >= t.max_skipped_steps:
+                    self.save()  # the weights are still those of the last good update
+                    raise NonFiniteError(
+                        f"{self.consecutive_skips} updates in a row had non-finite loss or gradients "
+                        f"(--train.max_skipped_steps {t.max_skipped_steps}); the weights of step {self.step}, "
+                        f"before the problem, are saved in {self.run_dir / 'checkpoints'}; lower --optim.lr "
+                        f"or check the data, then resume")
                 window_units += units
                 if self._crash_at is not None and self.step == self._crash_at:
                     marker = self.run_dir / f".crashed-at-{self._crash_at}"
                     if not marker.exists():
                         marker.write_text("")
                         os._exit(17)
-                if metrics["finite"] and (self.step % t.log_every == 0 or self.step == t.max_steps):
+                if finite and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - window_t0
                     tps = window_units / dt
+                    metrics["skipped_steps"] = self.skipped
                     rec = {"step": self.step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
                            f"{unit}_per_s": tps, f"{unit}_per_s_per_device": tps / self.world_size,
                            "epoch": self.epoch}
@@ -565,15 +633,15 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
                         bar.set_postfix({"loss": f"{rec['loss']:.4f}", f"{unit}/s": f"{tps:,.0f}"}, refresh=False)
                     self._guard(rec)
                     window_t0, window_units = time.perf_counter(), 0
-                if metrics["finite"] and t.probe_every and self.step % t.probe_every == 0:
+                if finite and t.probe_every and self.step % t.probe_every == 0:
                     self.probe()
-                if bar is not None and metrics["finite"]:
-                    bar.update(1)
+                if bar is not None:  # the updates in flight counted as good; a skip found later takes one back
+                    bar.update(self.step + (self._pending is not None) - bar.n)
                 if stop:
                     self.save()
                     self.stopped_early = True
                     return history
-                if metrics["finite"] and t.ckpt_every and self.step % t.ckpt_every == 0 and last_saved != self.step:
+                if finite and t.ckpt_every and self.step % t.ckpt_every == 0 and last_saved != self.step:
                     self.save()
                     last_saved = self.step
             if last_saved != self.step:
@@ -590,6 +658,13 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
             if self._tb:
                 self._tb.close()
         return history
+
+    def _report_skips(self, bar) -> None:
+        """Say which attempts ``settle()`` found skipped since the last call."""
+        for attempt, in_a_row in self.skip_notes:
+            if self.rank == 0 and bar is not None:
+                bar.write(f"attempt {attempt}: non-finite loss or gradients, update skipped ({in_a_row} in a row)")
+        self.skip_notes.clear()
 
     def _guard(self, rec: dict) -> None:
         t = self.cfg.train

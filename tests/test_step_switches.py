@@ -57,7 +57,7 @@ def test_ema_op_schema_with_skip():
 
 
 # ----------------------------------------------------------------------------- the step
-def run_steps(cache, tmp_path, attempts, nan_at, **train):
+def run_steps(cache, tmp_path, attempts, nan_at, settle=True, **train):
     cfg = small_cfg(cache, micro_batch_size=4, **{**OFF, **train})  # two micro-batches per update
     cfg.optim.warmup_steps = 2
     tr = Trainer(cfg, open_corpus(cache), tmp_path)
@@ -66,8 +66,22 @@ def run_steps(cache, tmp_path, attempts, nan_at, **train):
     out = []
     for _ in range(attempts):
         m = tr.train_step(next(stream))
-        out.append((float(m["loss"]), m["finite"], tr.step, tr.skipped, m["lr"], m["ema_decay"]))
+        finite = m["finite"] if m["finite"] is not None or not settle else tr.settle()
+        out.append((float(m["loss"]), finite, tr.step, tr.skipped, m["lr"], m["ema_decay"]))
+    tr.settle()
     return tr, out
+
+
+def assert_same_state(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    for i, st in oa["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+    assert (a.step, a.skipped, a.attempts, a.consecutive_skips) == (b.step, b.skipped, b.attempts, b.consecutive_skips)
 
 
 def test_skip_on_device_matches_the_host_skip(builtin_cache, tmp_path):
@@ -79,14 +93,23 @@ def test_skip_on_device_matches_the_host_skip(builtin_cache, tmp_path):
     assert [r[1] for r in ra] == [False, True, True, False, True, True, True]
     same = lambda x, y: x == y or (x != x and y != y)  # NaN losses of the skipped attempts
     assert all(same(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(ra, rb)), (ra, rb)
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
-    assert oa["param_groups"] == ob["param_groups"]
-    for i, st in oa["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, ob["state"][i][k]), (i, k)
-    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+    assert_same_state(a, b)
+
+
+def test_deferred_flag_read_gives_the_same_updates(builtin_cache, tmp_path):
+    """Without a settle between updates (the default loop's way: the host reads an update's
+    flag in the next update, after its forward and backward are queued), every update takes
+    the lr and EMA decay of the host-side skip, the counters follow one update behind, and
+    after the last settle everything is the same bit for bit."""
+    nan_at = {1, 4}
+    a, ra = run_steps(builtin_cache, tmp_path / "host", 7, nan_at)
+    b, rb = run_steps(builtin_cache, tmp_path / "device", 7, nan_at, settle=False, skip_on_device=True)
+    same = lambda x, y: x == y or (x != x and y != y)
+    assert all(same(x[0], y[0]) and x[4:] == y[4:] for x, y in zip(ra, rb)), (ra, rb)
+    assert [r[1] for r in rb] == [None] * 7  # never read inside its own update
+    # the counters seen after each update are the host path's of the update before
+    assert [r[2:4] for r in rb[1:]] == [r[2:4] for r in ra[:-1]]
+    assert_same_state(a, b)
 
 
 def test_skip_on_device_keeps_the_skip_limit(builtin_cache, tmp_path):
@@ -96,6 +119,47 @@ def test_skip_on_device_keeps_the_skip_limit(builtin_cache, tmp_path):
     with pytest.raises(NonFiniteError, match="2 updates in a row"):
         tr.fit()
     assert tr.step == 2 and tr.skipped == 2
+
+
+@pytest.mark.parametrize("limit, nan_at", [(2, {3, 4}), (1, {3})])
+def test_deferred_flag_read_keeps_the_skip_limit_between_logged_steps(builtin_cache, tmp_path, limit, nan_at):
+    """Logging every 5 updates, the loop reads the flags late; it still stops after the same
+    attempt at the same step as the host-side skip (a limit of 1: the update queued before the
+    skip was found is not applied)."""
+    done = []
+    for name, on in (("host", False), ("device", True)):
+        cfg = small_cfg(builtin_cache, max_steps=10, max_skipped_steps=limit, skip_on_device=on)
+        cfg.train.log_every = 5
+        tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / name)
+        tr._inject_nan = set(nan_at)
+        with pytest.raises(NonFiniteError, match=f"{limit} updates in a row"):
+            tr.fit()
+        done.append(tr)
+    a, b = done
+    assert (b.step, b.skipped, b.attempts, b.position) == (a.step, a.skipped, a.attempts, a.position) == \
+        (2, limit, 2 + limit, (2 + limit) * 8)
+    assert_same_state(a, b)
+
+
+def test_deferred_flag_read_fit_matches_the_host_skip(builtin_cache, tmp_path, capsys):
+    """A whole run logging every 3 updates with two skipped attempts: the same records, the
+    same skip reports and the same final state as reading each flag at once."""
+    runs, errs = [], []
+    for name, on in (("host", False), ("device", True)):
+        cfg = small_cfg(builtin_cache, max_steps=8, skip_on_device=on, progress=True)
+        cfg.train.log_every = 3
+        tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path / name)
+        tr._inject_nan = {2, 5}
+        hist = tr.fit()
+        out = capsys.readouterr()
+        errs.append([l for l in (out.out + out.err).splitlines() if "update skipped" in l])
+        runs.append((tr, [{k: v for k, v in r.items() if not k.endswith("_per_s") and "per_s_" not in k
+                           and k != "mfu"} for r in hist]))
+    (a, ha), (b, hb) = runs
+    assert [r["step"] for r in ha] == [3, 6, 8] and ha == hb
+    assert errs[0] == errs[1] and len(errs[0]) == 2 and "attempt 2:" in errs[0][0], errs
+    assert (a.step, a.skipped, a.attempts) == (8, 2, 10)
+    assert_same_state(a, b)
 
 
 def test_skip_on_device_is_off_without_fused_adamw(builtin_cache, tmp_path):
@@ -248,13 +312,14 @@ def test_skip_on_device_on_gpu(builtin_cache, tmp_path):
             before = copy.deepcopy(tr.model.state_dict()) if attempt == 4 else None
             opt_before = copy.deepcopy(tr.optimizer.state_dict()) if attempt == 4 else None
             m = tr.train_step(next(stream))
-            rows.append((m["finite"], tr.step, tr.skipped, m["lr"]))
+            finite = m["finite"] if m["finite"] is not None else tr.settle()
+            rows.append((finite, tr.step, tr.skipped, m["lr"]))
             if before is not None:
                 after = tr.model.state_dict()
                 assert all(torch.equal(before[k], after[k]) for k in before)
                 st = tr.optimizer.state_dict()["state"]
                 assert all(torch.equal(v, st[i][k]) for i, s in opt_before["state"].items() for k, v in s.items())
-            elif m["finite"]:
+            elif finite:
                 rows[-1] += (float(m["loss"]),)
         return rows
 
