@@ -23,7 +23,10 @@ with a ``TorchDispatchMode``:
   ``masked_select``, boolean indexing, ``repeat_interleave`` without ``output_size``,
   ``unique``, ``equal``. Which tensors are "on the device" is tracked through the update: a
   batch's tensors are host-resident until moved with ``.to(device)``, parameters and
-  everything computed from a device tensor are device-resident;
+  everything computed from a device tensor are device-resident. The trainer's wait for an
+  update's finite flag (a CUDA event on a GPU) counts when the flag was recorded in the update
+  being counted; reading the flag of an earlier update (the default loop's way, see
+  ``Trainer.settle``) waits for nothing of this update's;
 - **casts**: dtype conversions (``_to_copy`` to another dtype), which under bf16 autocast are
   autocast's weight and activation casts and their backward.
 

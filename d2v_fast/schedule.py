@@ -51,6 +51,76 @@ def exempt_from_decay(model: torch.nn.Module, name: str, p: torch.Tensor, cfg) -
     return (not cfg.decay_biases_and_norms and p.ndim < 2) or any(name == n or name.endswith("." + n) for n in named)
 
 
+class ListAdamW(torch.optim.AdamW):
+    """torch's fused AdamW, less its per-parameter Python on every update. ``step`` of
+    ``torch.optim.AdamW`` walks every parameter of every group each time, checking its gradient
+    and state and building five lists, before one multi-tensor ``_fused_adamw_`` per group;
+    here the parameter and state lists are built once, after the first step has made the state,
+    and each later step reads the gradients into a list and issues the ops that torch's fused
+    path does (``_foreach_add_`` of the step counts, ``_fused_adamw_``, and with ``found_inf``
+    the ``_foreach_sub_`` that takes a skipped step back): the same update bit for bit. Anything
+    else (a missing gradient, a closure, a tensor lr, another device or dtype in a group, state
+    loaded or groups added since) goes through torch's own ``step``."""
+
+    _lists: list | None = None
+
+    def step(self, closure=None):
+        plan = self._lists if closure is None and self._lists_valid() else None
+        grads = None
+        if plan is not None:
+            grads = [[p.grad for p in params] for params, _, _, _ in plan]
+            if any(g is None for gs in grads for g in gs) or any(not isinstance(g["lr"], float)
+                                                                for g in self.param_groups):
+                plan = None
+        if plan is None:
+            loss = super().step(closure)
+            self._lists = self._build_lists()
+            return loss
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        for group, (params, exp_avgs, exp_avg_sqs, steps), gs in zip(self.param_groups, plan, grads):
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(params, gs, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
+                                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                                maximize=False, grad_scale=grad_scale, found_inf=found_inf)
+            if found_inf is not None:
+                torch._foreach_sub_(steps, [found_inf] * len(steps))
+        return None
+
+    def _lists_valid(self) -> bool:
+        return self._lists is not None and self._lists_state == len(self.state)
+
+    def _build_lists(self) -> list | None:
+        plan = []
+        for group in self.param_groups:
+            if not (group.get("fused") and group.get("decoupled_weight_decay", True)) or group["amsgrad"] \
+                    or group["maximize"] or group["capturable"] or group["differentiable"]:
+                return None
+            params = group["params"]
+            if len({(p.device, p.dtype) for p in params}) > 1 or any(p.is_complex() for p in params):
+                return None
+            states = [self.state.get(p, {}) for p in params]
+            if any(not {"exp_avg", "exp_avg_sq", "step"} <= st.keys() for st in states):
+                return None
+            plan.append((list(params), [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                         [st["step"] for st in states]))
+        for extra in (getattr(self, "found_inf", None), getattr(self, "grad_scale", None)):
+            if extra is not None and plan and plan[0][0] and extra.device != plan[0][0][0].device:
+                return None
+        self._lists_state = len(self.state)
+        return plan
+
+    def load_state_dict(self, state_dict):
+        self._lists = None
+        return super().load_state_dict(state_dict)
+
+    def add_param_group(self, param_group):
+        self._lists = None
+        return super().add_param_group(param_group)
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -60,7 +130,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.fused:
         try:
-            return torch.optim.AdamW(groups, fused=True, **kw)
+            return ListAdamW(groups, fused=True, **kw)
         except (RuntimeError, TypeError):
             pass  # this device or dtype has no fused AdamW
     return torch.optim.AdamW(groups, foreach=True, **kw)

@@ -49,19 +49,21 @@ def test_student_encoder_never_sees_a_masked_position(builtin_cache, tmp_path):
         emb = tr.model.student.encoder.embeddings(batch["input_ids"])
     seen = []
     layer0 = tr.model.student.encoder.encoder.layer[0]
-    handle = layer0.register_forward_pre_hook(lambda m, args: seen.append((args[0].detach().clone(), args[1])))
+    handle = layer0.register_forward_pre_hook(lambda m, args: seen.append((args[0].detach().clone(), *args[1:])))
     try:
         tr.train_step([batch])
     finally:
         handle.remove()
-    (h, attn_mask), = seen  # the student's first block ran once (the teacher has its own blocks)
+    (h, attn_mask, shape), = seen  # the student's first block ran once (the teacher has its own blocks)
     B, T = batch["input_ids"].shape
     clones = cfg.recipe.clones
     R, n_masked = B * clones, int(T * cfg.recipe.mask_prob)
     kept = T - n_masked
     mask = batch["mask"]
     assert mask.shape == (R, T) and (mask.sum(1) == n_masked).all()
-    assert h.shape == (R, kept, cfg.model.hidden_size) and attn_mask is None  # no mask tokens, no padding
+    # the stack runs on rows [R·kept, C] with (R, kept) beside them; no mask tokens, no padding
+    assert shape == (R, kept) and h.shape == (R * kept, cfg.model.hidden_size) and attn_mask is None
+    h = h.view(R, kept, -1)
     for r in range(R):  # row r holds exactly its sample's embeddings at the kept positions, in order
         torch.testing.assert_close(h[r], emb[r // clones][~mask[r]], rtol=0, atol=0)
     assert not torch.equal(mask[0], mask[1])  # clones get different masks
@@ -107,12 +109,13 @@ def test_decoder_input_dropout_in_training_only_and_teacher_takes_the_students_e
                 # included in training), not a second embedding pass
                 (x,) = gathered[:1]
                 assert seen["teacher"].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-                torch.testing.assert_close(seen["teacher"], x, rtol=0, atol=0)
+                t_in = seen["teacher"].view(x.shape)  # the blocks run on its rows [B·T, C]
+                torch.testing.assert_close(t_in, x, rtol=0, atol=0)
                 fresh = student.encoder.embeddings(batch["input_ids"])
                 if training:  # embedding dropout (0.1) is in what the teacher saw
-                    assert not torch.equal(seen["teacher"], fresh) and (seen["teacher"] == 0).any()
+                    assert not torch.equal(t_in, fresh) and (t_in == 0).any()
                 else:
-                    torch.testing.assert_close(seen["teacher"], fresh, rtol=0, atol=0)
+                    torch.testing.assert_close(t_in, fresh, rtol=0, atol=0)
     finally:
         for h in hooks:
             h.remove()

@@ -98,6 +98,43 @@ def test_ema_decay_schedule_and_lr_schedule():
     assert lr_factor(500, 10, 100) == pytest.approx(0.0)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_fused_adamw_"), reason="this torch has no fused AdamW")
+def test_list_adamw_is_torchs_fused_adamw_bit_for_bit():
+    """Two groups (one with weight decay), odd sizes, a changing lr, a skipped step (found_inf),
+    a missing gradient (torch's own step) and a state-dict round trip: parameters and state
+    equal torch's fused AdamW bit for bit after every step."""
+    from d2v_fast.schedule import ListAdamW
+
+    shapes = [(5, 3), (7,), (4097,), (1,), (65, 33)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    make = lambda cls, P: cls([{"params": P[:3], "weight_decay": 0.05}, {"params": P[3:], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    a, b = make(torch.optim.AdamW, ps), make(ListAdamW, qs)
+    for i in range(8):
+        for p, q in zip(ps, qs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        if i == 5:  # a parameter without a gradient this step
+            ps[1].grad = qs[1].grad = None
+        if i == 6:  # a checkpoint round trip mid-run
+            b = make(ListAdamW, qs)
+            b.load_state_dict(copy.deepcopy(a.state_dict()))
+        for opt in (a, b):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (1 + i) / 8
+            if i == 3:
+                opt.found_inf = torch.tensor(1.0)
+            opt.step()
+            if i == 3:
+                del opt.found_inf
+        if i in (1, 2, 4, 7):
+            assert b._lists is not None  # the cached lists took the step
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q), i
+            assert all(torch.equal(a.state[p][k], b.state[q][k]) for k in a.state[p]), i
+
+
 def test_one_ema_step_per_update_with_accumulation(builtin_cache, tmp_path):
     cfg = small_cfg(builtin_cache, micro_batch_size=2)  # 4 micro-batches per update
     tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)

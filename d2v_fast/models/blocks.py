@@ -136,8 +136,12 @@ class Block(nn.Module):
         return None, None
 
     # ----------------------------------------------------------------- the computation
-    def attend(self, x: torch.Tensor, attn_mask) -> torch.Tensor:
-        B, T, C = x.shape
+    def attend(self, x: torch.Tensor, attn_mask, shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """Self-attention of ``x``: ``[B, T, C]``, or ``[B·T, C]`` with ``shape`` = (B, T)."""
+        if x.dim() == 3:
+            B, T, C = x.shape
+        else:
+            (B, T), C = shape, x.shape[-1]
         H = self.num_heads
         proj = self.qkv_projections()
         p = self.attention_dropout if self.training else 0.0
@@ -146,29 +150,32 @@ class Block(nn.Module):
             # unbinding and transposing q, k and v (under autograd the permute's backward copies)
             q, k, v = proj.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-            return self.attention_out()(a.transpose(1, 2).reshape(B, T, C))
+            return self.attention_out()(a.transpose(1, 2).reshape(x.shape))
         if isinstance(proj, tuple):
             q, k, v = (lin(x).view(B, T, H, C // H) for lin in proj)
         else:
             q, k, v = proj.qkv(x).view(B, T, 3, H, C // H).unbind(2)
         if isinstance(attn_mask, Varlen):
-            a = attn_mask.attend(q, k, v, p).reshape(B, T, C)
+            a = attn_mask.attend(q, k, v, p).reshape(x.shape)
         else:
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=attn_mask, dropout_p=p)
-            a = a.transpose(1, 2).reshape(B, T, C)
+            a = a.transpose(1, 2).reshape(x.shape)
         return self.attention_out()(a)
 
-    def forward(self, h: torch.Tensor, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attn_mask``: None, an SDPA boolean mask ``[B, 1, 1, T]`` (True = attend) or
-        float bias, or a ``Varlen``. Returns (the block's output, its FFN output)."""
+    def forward(self, h: torch.Tensor, attn_mask=None, shape: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h``: ``[B, T, C]``, or ``[B·T, C]`` with ``shape`` = (B, T) (``run_blocks``' way:
+        the Linears then take their input as it is, no reshape in and out). ``attn_mask``:
+        None, an SDPA boolean mask ``[B, 1, 1, T]`` (True = attend) or float bias, or a
+        ``Varlen``. Returns (the block's output, its FFN output), shaped as ``h``."""
         norm1, norm2 = self.norms()
         scale1, scale2 = self.layer_scales()
         x = norm1(h) if self.norm_first else h
-        a = _dropout(self.attend(x, attn_mask), self.dropout, self.training)
+        a = _dropout(self.attend(x, attn_mask, shape), self.dropout, self.training)
         if scale1 is not None:
             a = scale1 * a
-        h = h + drop_path(a, self.drop_path, self.training)
+        h = h + self._drop_path(a, shape)
         if not self.norm_first:
             h = norm1(h)
         x = norm2(h) if self.norm_first else h
@@ -176,10 +183,15 @@ class Block(nn.Module):
         f = _dropout(ffn, self.dropout, self.training)
         if scale2 is not None:
             f = scale2 * f
-        h = h + drop_path(f, self.drop_path, self.training)
+        h = h + self._drop_path(f, shape)
         if not self.norm_first:
             h = norm2(h)
         return h, ffn
+
+    def _drop_path(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+        if x.dim() == 2 and self.drop_path > 0.0 and self.training:  # per sample: on its [B, T, C] view
+            return drop_path(x.view(*shape, x.shape[-1]), self.drop_path, True).view(x.shape)
+        return drop_path(x, self.drop_path, self.training)
 
 
 def run_blocks(blocks, h: torch.Tensor, attn_mask=None, *, collect: str | None = None,
@@ -194,6 +206,11 @@ def run_blocks(blocks, h: torch.Tensor, attn_mask=None, *, collect: str | None =
     if collect not in (None, "ffn", "block"):
         raise ValueError(f"collect={collect!r}: expected None, 'ffn' or 'block'")
     outputs = []
+    shape = None
+    if h.dim() == 3:  # the stack runs on [B·T, C]: no reshape around each Linear
+        B, T, C = h.shape
+        shape = (B, T)
+        h = _rows(h, (B * T, C))
     for block in blocks:
         if layerdrop > 0 and float(torch.rand((), generator=generator)) < layerdrop:
             if keep_dropped_in_graph:
@@ -201,11 +218,22 @@ def run_blocks(blocks, h: torch.Tensor, attn_mask=None, *, collect: str | None =
                 if not any(hasattr(p, "to_local") for p in params):
                     h = h + sum(p.sum() for p in params) * 0.0
             continue
-        h_in, (h, ffn) = h, block(h, attn_mask)
+        h_in, (h, ffn) = h, block(h, attn_mask, shape)
         if hasattr(h_in, LOW_COPY):  # read by this block: a collected output keeps no second copy
             delattr(h_in, LOW_COPY)
         if collect == "ffn":
-            outputs.append(ffn)
+            outputs.append(ffn if shape is None else ffn.view(*shape, ffn.shape[-1]))
         elif collect == "block":
-            outputs.append(h)
+            outputs.append(h if shape is None else h.view(*shape, h.shape[-1]))
+    if shape is not None:
+        h = _rows(h, (*shape, h.shape[-1]))
     return h, outputs
+
+
+def _rows(h: torch.Tensor, shape) -> torch.Tensor:
+    """``h`` reshaped, with its LayerNorm's low-precision copy (if any) reshaped alike."""
+    out = h.reshape(shape)
+    low = getattr(h, LOW_COPY, None)
+    if low is not None:
+        setattr(out, LOW_COPY, low.reshape(shape))
+    return out

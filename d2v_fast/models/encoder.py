@@ -124,6 +124,11 @@ def fuse_qkv_(layers) -> None:
             layer.attention.self = FusedSelfAttention.from_separate(layer.attention.self)
 
 
+def _2d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as rows ``[N, C]`` (itself when it is already: no view op)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
 class _ShadowLinearFn(torch.autograd.Function):
     """``x @ w.T + b`` on low-precision copies of a trainable Linear's weight and bias, with
     the gradients going to the fp32 parameters themselves. The ops, forward and backward, are
@@ -135,20 +140,21 @@ class _ShadowLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w, w_t, b, x_low=None):
         x_dtype = x.dtype  # ``x_low``: x already rounded (a DualLayerNorm's copy), no cast
-        x2 = (x.to(w_t.dtype) if x_low is None else x_low).reshape(-1, x.shape[-1])
+        x2 = _2d(x.to(w_t.dtype) if x_low is None else x_low)
         ctx.save_for_backward(x2, w)
         ctx.meta = (x.shape, x_dtype, weight.dtype, bias is not None)
         out = torch.addmm(b, x2, w_t) if b is not None else torch.mm(x2, w_t)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x2, w = ctx.saved_tensors
         shape, x_dtype, p_dtype, has_bias = ctx.meta
-        g2 = grad.reshape(-1, grad.shape[-1])
+        g2 = _2d(grad)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = g2.mm(w).view(shape).to(x_dtype)
+            gx = g2.mm(w)
+            gx = (gx if len(shape) == 2 else gx.view(shape)).to(x_dtype)
         if ctx.needs_input_grad[1]:
             gw = _weight_grad(g2, x2, p_dtype)
         if has_bias and ctx.needs_input_grad[2]:
@@ -241,10 +247,10 @@ class ShadowedLinear(nn.Linear):
             if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
                 return _ShadowLinearFn.apply(x, self.weight, self.bias, self.weight_shadow, self.weight_shadow_t,
                                              self.bias_shadow, low)
-            x2 = (x.to(shadow.dtype) if low is None else low).reshape(-1, x.shape[-1])  # linear, less its transpose
+            x2 = _2d(x.to(shadow.dtype) if low is None else low)  # linear, less its transpose
             b = self.bias_shadow
             out = torch.addmm(b, x2, self.weight_shadow_t) if b is not None else torch.mm(x2, self.weight_shadow_t)
-            return out.view(*x.shape[:-1], out.shape[-1])
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
         return super().forward(x)
 
 
