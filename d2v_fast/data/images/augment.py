@@ -13,12 +13,13 @@ saturation factors uniform in [1 - j, 1 + j], applied in a random order per imag
 untouched, as BEiT's ``ColorJitter(0.4, 0.4, 0.4)``, which data2vec_vision ``beit/datasets.py``
 runs before the flip and the crop, so the contrast pivots on the whole image's mean), then
 RandomResizedCrop (area ``scale`` of the whole photo's, aspect ``ratio`` log-uniform, the box
-anywhere in the photo; torchvision's 10 tries then a centre-crop fallback), horizontal flip with p = 0.5, then mean/std normalisation. Greyscale
-images are repeated to RGB.
+anywhere in the photo; torchvision's 10 tries then a centre-crop fallback), horizontal flip
+with p = 0.5, then mean/std normalisation. Greyscale images are repeated to RGB.
 
 Differences from torchvision, on purpose: the crop is resampled by one bicubic
-``grid_sample`` (no antialiasing when shrinking: at 256 -> 224 the scale is >= 0.875 for
-the largest crops; small crops are enlarged, where antialiasing does nothing), and the jitter
+``grid_sample`` (no antialiasing when shrinking: from photos stored at shorter side 256 to
+224, the largest crops, up to 256 x 341, shrink by at most 224 / 341 = 0.66; most crops are
+smaller than 224 and enlarged, where antialiasing does nothing), and the jitter
 works on float pixels (PIL rounds to uint8 after each of its operations).
 """
 from __future__ import annotations
