@@ -386,8 +386,8 @@ def pooled_features(encoder: VisionEncoder, corpus: ImageCorpus, images: list[in
 
 
 # One random init for the floor by default (text averages 3): the tiny image jobs' margins
-# were 10-12 points (benchmarks/results/default-job-images*.json), and each floor costs a
-# pass over the photos (about half of the probe's ~75 s on 2 CPU cores).
+# were 8 and 22 points (benchmarks/results/default-job-images*.json), and each floor costs a
+# pass over the photos (about half of the probe's ~30 s on 2 CPU cores).
 IMAGE_FLOOR_INITS = 1
 
 
