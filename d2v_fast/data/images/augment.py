@@ -150,8 +150,8 @@ def augment_batch(pixels: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig
     p = params.to(device=pixels.device, dtype=torch.float32)
     x = pixels.float().div_(255.0)
     if cfg.color_jitter > 0:  # on the whole image, before the crop
-        valid = None
-        if p.shape[1] > IMAGE_WIDTH and not ((p[:, IMAGE_HEIGHT] == H) & (p[:, IMAGE_WIDTH] == W)).all():
+        valid = None  # no branch on the sizes' values: that would wait for the device
+        if p.shape[1] > IMAGE_WIDTH:
             rows = torch.arange(H, device=x.device).view(1, 1, H, 1) < p[:, IMAGE_HEIGHT].view(B, 1, 1, 1)
             cols = torch.arange(W, device=x.device).view(1, 1, 1, W) < p[:, IMAGE_WIDTH].view(B, 1, 1, 1)
             valid = (rows & cols).float()
