@@ -220,7 +220,7 @@ def test_export_loads_in_transformers_and_matches_on_photos_then_init_from(image
     from d2v_fast.data.images.augment import AugmentConfig, augment_batch
 
     aug = AugmentConfig(size=32, scale=(1.0, 1.0), flip=False, color_jitter=0.0)
-    pixels = torch.from_numpy(corpus.batch(photos)).permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(corpus.batch(photos)[0]).permute(0, 3, 1, 2)
     full = torch.tensor([[0, 0, 32, 32, 0, 1, 1, 1]] * len(photos), dtype=torch.float64)
     x = augment_batch(pixels, full, aug)
     with torch.no_grad():

@@ -118,13 +118,13 @@ def test_image_loader_batches(tmp_path):
     images = rng.integers(0, 256, (40, 32, 32, 1), dtype=np.uint8)
     out = write_image_corpus(tmp_path / "c", iter(images), names=[str(i) for i in range(40)],
                              labels=[i % 4 for i in range(40)],
-                             size=(32, 32), channels=1, classes=list("abcd"), source={"test": 1}, progress=False)
+                             short_side=32, channels=1, classes=list("abcd"), source={"test": 1}, progress=False)
     corpus = open_images(out)
     kw = dict(grid=(8, 8), micro_batch_size=8, global_batch_size=16, num_workers=0, seed=5,
               augment=AugmentConfig(size=32))
     v1 = next(iter(build_image_dataloader(corpus, masking=ImageMaskingConfig(num_masked=38, min_block=4), **kw)))
     assert v1["pixels"].shape == (8, 1, 32, 32) and v1["pixels"].dtype == torch.uint8
-    assert v1["mask"].shape == (8, 64) and v1["augment"].shape == (8, 9)
+    assert v1["mask"].shape == (8, 64) and v1["augment"].shape == (8, 11)
     assert torch.equal(v1["pixels"][:, 0], torch.from_numpy(images[v1["indices"].numpy(), :, :, 0]))
     assert torch.equal(v1["labels"], v1["indices"] % 4)
     v2 = next(iter(build_image_dataloader(corpus, masking=ImageMaskingConfig(kind="inverse_block", clones=4), **kw)))

@@ -201,7 +201,7 @@ def test_saved_directory_loads_with_from_pretrained_on_real_photos(tmp_path, mon
         pytest.skip(f"Fashion-MNIST not installed: {builtin.INSTALL_HINT}")
     monkeypatch.setenv("D2V_FAST_CACHE", str(tmp_path / "cache"))
     corpus = open_images(builtin.builtin_images(limit=60, progress=False))
-    pixels = torch.from_numpy(corpus.batch(range(60, 68))).permute(0, 3, 1, 2)  # t10k photos
+    pixels = torch.from_numpy(corpus.batch(range(60, 68))[0]).permute(0, 3, 1, 2)  # t10k photos
     cfg = AugmentConfig(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
     images = augment_batch(pixels, draw_params(32, 32, cfg, seed=0, epoch=0, indices=torch.arange(8)), cfg)
 

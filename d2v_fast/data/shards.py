@@ -18,10 +18,12 @@ from ..errors import UsageError
 META = "meta.json"
 
 
-def read_corpus_meta(path: Path, *, flag: str, fmt: str, version: int, kind: str, hint: str) -> dict:
+def read_corpus_meta(path: Path, *, flag: str, fmt: str, version: int, kind: str, hint: str,
+                     reprepare: str = "re-run the preparation") -> dict:
     """``path/meta.json`` of a corpus of format ``fmt`` and ``version``, checked; every problem
-    is a UsageError naming ``flag``/the file, what is wrong and ``hint`` (how to make one).
-    ``kind`` names the corpus in messages ("", "speech ", "image ")."""
+    is a UsageError naming ``flag``/the file, what is wrong and ``hint`` (how to make one);
+    ``reprepare`` is the fix for a corpus of another format version. ``kind`` names the
+    corpus in messages ("", "speech ", "image ")."""
     path = Path(path)
     if not path.is_dir():
         what = "no such directory" if not path.exists() else "not a directory"
@@ -38,7 +40,7 @@ def read_corpus_meta(path: Path, *, flag: str, fmt: str, version: int, kind: str
         raise UsageError(f"{meta_path}: not a d2v_fast {kind}corpus description (format {found!r}); {hint}")
     if meta.get("version") != version:
         raise UsageError(f"{meta_path}: {kind}corpus format version {meta.get('version')}, this d2v_fast "
-                         f"reads version {version}; re-run the preparation")
+                         f"reads version {version}; {reprepare}")
     return meta
 
 

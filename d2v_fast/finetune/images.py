@@ -3,8 +3,9 @@ photos (train split; tested on the first ``TEST_IMAGES`` t10k photos, which imag
 pretraining never reads) or on a prepared image corpus with classes (a directory of class
 folders is prepared first, at the model's image size).
 
-Every photo is given to the model whole (``modalities.images.whole_photos``: resized to the
-model's image size, normalised as in pretraining, no augmentation) and the image processor
+Every photo is given to the model as its deterministic centre view
+(``modalities.images.whole_photos``: the stored photo's centre square resized to the model's
+image size, normalised as in pretraining, no augmentation) and the image processor
 saved beside the model (``image_processor_dict`` of the task's corpus) does the same to a
 raw photo, so the pipeline sees what training saw. The classifier reads the [CLS] token
 (the export's ``use_mean_pooling`` is false so that the pretrained final LayerNorm is kept).

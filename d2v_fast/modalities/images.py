@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..data.images.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch
-from ..data.images.corpus import ImageCorpus, open_images, verify_images
+from ..data.images.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch, centre_params
+from ..data.images.corpus import ImageCorpus, describe_sizes, open_images, verify_images
 from ..data.images.dataset import ImageMaskingConfig, build_image_dataloader
 from ..errors import UsageError
 from ..files import staged_directory
@@ -324,13 +324,15 @@ def image_probe_task(corpus: ImageCorpus) -> ImageProbeTask:
 
 
 def whole_photos(corpus: ImageCorpus, images: list[int], image_size: int, device="cpu") -> torch.Tensor:
-    """The model's input for whole corpus photos outside training (the probe's; what an
-    exported image processor reproduces from the raw photo): no crop, flip or jitter, the
-    stored photo resized to ``image_size`` (bicubic) and normalised as in training."""
+    """The model's input for corpus photos outside training (the probe's and fine-tuning's;
+    what an exported image processor reproduces from the raw photo): the deterministic centre
+    view, no random crop, flip or jitter: the stored photo's centre square (its shorter side
+    was resized at preparation; the built-in photos are square already) resized to
+    ``image_size`` (bicubic) and normalised as in training."""
     aug = AugmentConfig(size=image_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter=0.0)
-    pixels = torch.from_numpy(corpus.batch(images)).permute(0, 3, 1, 2)
-    full = torch.tensor([[0, 0, pixels.shape[2], pixels.shape[3], 0, 1, 1, 1, 0]] * len(images), dtype=torch.float64)
-    return augment_batch(pixels.to(device), full, aug)
+    canvas, sizes = corpus.batch(images)
+    pixels = torch.from_numpy(canvas).permute(0, 3, 1, 2)
+    return augment_batch(pixels.to(device), centre_params(sizes), aug)
 
 
 def image_processor_dict(enc: VisionConfig, corpus_meta: dict | None) -> dict:
@@ -340,10 +342,10 @@ def image_processor_dict(enc: VisionConfig, corpus_meta: dict | None) -> dict:
     photos (28 x 28 greyscale) the centre crop pads them with black to the stored 32 x 32, as
     the corpus did; for photos prepared by ``d2v_fast.data.images.prepare`` the shorter side
     is resized (bicubic, the long side truncated as preparation does) and the centre cropped;
-    then RGB, [0, 1] and the mean/std training normalised with. Exact when the stored size is
-    the model's image size (the built-in photos with the tiny preset; ``--size`` equal to
-    ``--model.image_size``); otherwise training resized twice (to ``--size`` at preparation,
-    then to the image size) and the processor resizes once, over the same crop."""
+    then RGB, [0, 1] and the mean/std training normalised with. Exact when the stored shorter
+    side is the model's image size (the built-in photos with the tiny preset; ``--size`` equal
+    to ``--model.image_size``); otherwise the centre view was resized twice (to ``--size`` at
+    preparation, then to the image size) and the processor resizes once, over the same crop."""
     from ..data.images.builtin import PAD, SIDE
 
     size = enc.image_size
@@ -384,8 +386,8 @@ def pooled_features(encoder: VisionEncoder, corpus: ImageCorpus, images: list[in
 
 
 # One random init for the floor by default (text averages 3): the tiny image jobs' margins
-# were 10-12 points (benchmarks/results/default-job-images*.json), and each floor costs a
-# pass over the photos (about half of the probe's ~75 s on 2 CPU cores).
+# were 8 and 22 points (benchmarks/results/default-job-images*.json), and each floor costs a
+# pass over the photos (about half of the probe's ~30 s on 2 CPU cores).
 IMAGE_FLOOR_INITS = 1
 
 
@@ -557,9 +559,9 @@ class ImagesModality(Modality):
     def describe(self, cfg, corpus: ImageCorpus) -> str:
         if not isinstance(corpus, ImageCorpus):
             return f"global batch {cfg.train.batch_size}; {corpus.path}"
-        _, count = self.train_split(corpus)
-        h, w = corpus.size
-        return (f"{count:,} photos of {h}x{w} as {cfg.model.image_size}px crops in {cfg.model.num_patches} patches; "
+        first, count = self.train_split(corpus)
+        sizes = describe_sizes(corpus.shapes[first:first + count])
+        return (f"{count:,} photos of {sizes} as {cfg.model.image_size}px crops in {cfg.model.num_patches} patches; "
                 f"global batch {cfg.train.batch_size}; {self.attention_note(cfg)}corpus {corpus.path}")
 
     @staticmethod

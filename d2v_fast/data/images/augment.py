@@ -3,17 +3,23 @@ workers, keyed by (seed, epoch, index) like the masks, so a resumed or re-sharde
 the same crops), pixels transformed for the whole batch on any device (the GPU in
 training) from the stored uint8 images.
 
+The photos are stored whole (shorter side resized at preparation, aspect kept), so a batch
+is a canvas of its largest height and width with each photo at the top left, extended by
+repeating its last row and column (``corpus.pad_stack``); the parameters carry each photo's
+own height and width, and everything below is relative to the photo, not the canvas.
+
 What it does: colour jitter on the whole stored image first (brightness, contrast,
 saturation factors uniform in [1 - j, 1 + j], applied in a random order per image; hue
 untouched, as BEiT's ``ColorJitter(0.4, 0.4, 0.4)``, which data2vec_vision ``beit/datasets.py``
 runs before the flip and the crop, so the contrast pivots on the whole image's mean), then
-RandomResizedCrop (area ``scale``, aspect ``ratio`` log-uniform, torchvision's 10 tries then a
-centre-crop fallback), horizontal flip with p = 0.5, then mean/std normalisation. Greyscale
-images are repeated to RGB.
+RandomResizedCrop (area ``scale`` of the whole photo's, aspect ``ratio`` log-uniform, the box
+anywhere in the photo; torchvision's 10 tries then a centre-crop fallback), horizontal flip
+with p = 0.5, then mean/std normalisation. Greyscale images are repeated to RGB.
 
 Differences from torchvision, on purpose: the crop is resampled by one bicubic
-``grid_sample`` (no antialiasing when shrinking: at 256 -> 224 the scale is >= 0.875 for
-the largest crops; small crops are enlarged, where antialiasing does nothing), and the jitter
+``grid_sample`` (no antialiasing when shrinking: from photos stored at shorter side 256 to
+224, the largest crops, up to 256 x 341, shrink by at most 224 / 341 = 0.66; most crops are
+smaller than 224 and enlarged, where antialiasing does nothing), and the jitter
 works on float pixels (PIL rounds to uint8 after each of its operations).
 """
 from __future__ import annotations
@@ -29,8 +35,9 @@ from ..masking import _as_u64, _row_key, _RowRng
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _AUGMENT_KIND = 0x4155474D  # "AUGM": independent of the mask streams of the same image
-# columns of the parameter tensor
-TOP, LEFT, HEIGHT, WIDTH, FLIP, BRIGHTNESS, CONTRAST, SATURATION, ORDER = range(9)
+# columns of the parameter tensor; IMAGE_HEIGHT, IMAGE_WIDTH: the photo's own size in its
+# canvas (a tensor without them: every photo fills the canvas)
+TOP, LEFT, HEIGHT, WIDTH, FLIP, BRIGHTNESS, CONTRAST, SATURATION, ORDER, IMAGE_HEIGHT, IMAGE_WIDTH = range(11)
 # the orders the jitter's operations (0 brightness, 1 contrast, 2 saturation) can run in
 JITTER_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
@@ -46,16 +53,22 @@ class AugmentConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def draw_params(height: int, width: int, cfg: AugmentConfig, *, seed: int, epoch: int,
+def draw_params(height, width, cfg: AugmentConfig, *, seed: int, epoch: int,
                 indices: torch.Tensor) -> torch.Tensor:
-    """float64 [B, 9]: crop (top, left, height, width) in source pixels, flip (0/1), the
-    brightness, contrast and saturation factors, then the jitter's order (an index into
-    ``JITTER_ORDERS``) of each image."""
+    """float64 [B, 11]: crop (top, left, height, width) in source pixels, flip (0/1), the
+    brightness, contrast and saturation factors, the jitter's order (an index into
+    ``JITTER_ORDERS``), then the photo's height and width, of each image. ``height`` and
+    ``width``: each photo's (sequences of B) or one for all (ints)."""
     seed, epoch = _as_u64("seed", seed), _as_u64("epoch", epoch)
-    area = height * width
+    n = len(indices)
+    heights = [int(height)] * n if isinstance(height, int) else [int(v) for v in height]
+    widths = [int(width)] * n if isinstance(width, int) else [int(v) for v in width]
+    if len(heights) != n or len(widths) != n:
+        raise ValueError(f"{len(heights)} heights and {len(widths)} widths for {n} images")
     log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
     rows = []
-    for index in indices.tolist():
+    for index, height, width in zip(indices.tolist(), heights, widths):
+        area = height * width
         rng = _RowRng(_row_key(_AUGMENT_KIND, seed, epoch, index, 0))
         crop = None
         for _ in range(10):
@@ -79,8 +92,19 @@ def draw_params(height: int, width: int, cfg: AugmentConfig, *, seed: int, epoch
         j = cfg.color_jitter
         factors = [1.0 - j + 2.0 * j * rng.uniform() for _ in range(3)]
         order = float(rng.bounded(len(JITTER_ORDERS)))
-        rows.append([*crop, flip, *factors, order])
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 9)
+        rows.append([*crop, flip, *factors, order, height, width])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 11)
+
+
+def centre_params(sizes) -> torch.Tensor:
+    """The parameters (as ``draw_params``) of the deterministic centre view of photos of
+    ``sizes`` ((height, width) each): their centre square, no flip or jitter. Resized to the
+    image size by ``augment_batch``, this is "resize the shorter side, then centre-crop"."""
+    rows = []
+    for h, w in (tuple(int(v) for v in s) for s in sizes):
+        side = min(h, w)
+        rows.append([(h - side) // 2, (w - side) // 2, side, side, 0, 1, 1, 1, 0, h, w])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 11)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -88,17 +112,24 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-def _jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def _jitter(x: torch.Tensor, p: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Brightness, contrast and saturation of [B, 3, H, W] in [0, 1], each image in its own
-    order (column ``ORDER``); the contrast pivots on the mean grey of the image given."""
+    order (column ``ORDER``); the contrast pivots on the mean grey of the image given (of its
+    ``valid`` pixels, a [B, 1, H, W] mask, when it does not fill the canvas)."""
     B = x.shape[0]
     f = p[:, BRIGHTNESS:SATURATION + 1].view(B, 3, 1, 1, 1)
+
+    def mean_grey(y: torch.Tensor) -> torch.Tensor:
+        g = _grey(y)
+        if valid is None:
+            return g.mean(dim=(1, 2, 3), keepdim=True)
+        return (g * valid).sum(dim=(1, 2, 3), keepdim=True) / valid.sum(dim=(1, 2, 3), keepdim=True)
 
     def blend(y: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         return ((y - other) * factor + other).clamp(0, 1)
 
     ops = (lambda y: (y * f[:, 0]).clamp(0, 1),
-           lambda y: blend(y, _grey(y).mean(dim=(1, 2, 3), keepdim=True), f[:, 1]),
+           lambda y: blend(y, mean_grey(y), f[:, 1]),
            lambda y: blend(y, _grey(y), f[:, 2]))
     orders = torch.tensor(JITTER_ORDERS, device=x.device)[p[:, ORDER].long()]  # [B, 3]
     for slot in range(3):
@@ -111,14 +142,20 @@ def _jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(pixels: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """uint8 [B, C, H, W] (C = 1 or 3, any device) -> normalised float32 [B, 3, size, size]."""
+    """uint8 [B, C, H, W] (C = 1 or 3, any device; a canvas of photos as ``corpus.pad_stack``
+    makes, each photo's size in ``params``) -> normalised float32 [B, 3, size, size]."""
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
         raise ValueError(f"pixels must be uint8 [B, 1 or 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
     B, C, H, W = pixels.shape
     p = params.to(device=pixels.device, dtype=torch.float32)
     x = pixels.float().div_(255.0)
     if cfg.color_jitter > 0:  # on the whole image, before the crop
-        x = _jitter(x.expand(B, 3, H, W), p)
+        valid = None  # no branch on the sizes' values: that would wait for the device
+        if p.shape[1] > IMAGE_WIDTH:
+            rows = torch.arange(H, device=x.device).view(1, 1, H, 1) < p[:, IMAGE_HEIGHT].view(B, 1, 1, 1)
+            cols = torch.arange(W, device=x.device).view(1, 1, 1, W) < p[:, IMAGE_WIDTH].view(B, 1, 1, 1)
+            valid = (rows & cols).float()
+        x = _jitter(x.expand(B, 3, H, W), p, valid)
         C = 3
     # Affine grid in normalised coordinates (align_corners=False: -1 and 1 are the outer
     # pixel edges), mapping each output pixel centre into its crop box.

@@ -26,7 +26,7 @@ from ..builtin import build_once, cache_dir
 from .corpus import read_meta
 from .prepare import write_image_corpus
 
-BUILTIN_VERSION = 1  # bump when the conversion below changes
+BUILTIN_VERSION = 2  # bump when the conversion below or the corpus format changes
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SPLITS = {"train": "train", "t10k": "t10k"}
@@ -101,6 +101,6 @@ def builtin_images(*, limit: int | None = None, progress: bool = True) -> Path:
                   "version": BUILTIN_VERSION, "limit": limit}
         extra = {"splits": {"train": [0, len(train)], "t10k": [len(train), len(keep)]},
                  "licence": "MIT (Expat), Copyright 2017 Zalando SE"}
-        return write_image_corpus(out, iter(padded), names=names, labels=labels[keep].tolist(), size=(SIDE, SIDE),
+        return write_image_corpus(out, iter(padded), names=names, labels=labels[keep].tolist(), short_side=SIDE,
                                   channels=1, classes=CLASSES, source=source, extra=extra, force=True,
                                   progress=progress)

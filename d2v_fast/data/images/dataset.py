@@ -1,6 +1,8 @@
 """Images for the loader: a map-style dataset over a prepared image corpus and the
-collator that stacks uint8 pixels and draws, per image, the patch mask and the
-augmentation parameters (both keyed by (seed, epoch, index)). The pixels stay uint8 until
+collator that stacks the whole uint8 photos (in a canvas of the batch's largest height and
+width, ``corpus.pad_stack``) and draws, per image, the patch mask and the augmentation
+parameters (both keyed by (seed, epoch, index); the random crop from the whole photo). The
+augmented batch is always [B, 3, size, size], whatever the photos' sizes. The pixels stay uint8 until
 ``augment.augment_batch`` runs on the training device, so a batch crosses PCIe at one
 byte per sample value.
 
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ...errors import UsageError
 from ..loader import BlockSampler, batch_epoch, rank_loader
 from .augment import AugmentConfig, augment_batch, draw_params
-from .corpus import ImageCorpus
+from .corpus import ImageCorpus, pad_stack
 from .masking import block_mask, inverse_block_mask
 
 MASK_KINDS = ("block", "inverse_block")
@@ -42,7 +44,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         index = self.first + index
-        # a copy out of the memory map, channels first: [C, H, W]
+        # the whole photo, a copy out of the memory map, channels first: [C, h, w]
         pixels = torch.from_numpy(np.array(self.corpus.image(index))).permute(2, 0, 1)
         return {"pixels": pixels, "index": index, "epoch": epoch, "label": int(self.corpus.labels[index])}
 
@@ -64,7 +66,7 @@ class ImageMaskingConfig:
 
 
 class ImageCollator:
-    """Returns ``pixels`` uint8 [B, C, H, W], ``augment`` float64 [B, 9] (see
+    """Returns ``pixels`` uint8 [B, C, H, W] (the photos in one canvas), ``augment`` float64 [B, 11] (see
     ``augment.draw_params``), ``mask`` bool [B * clones, patches], ``labels``, ``indices``
     and ``epoch``; ``padding_mask`` None (images are never padded) and ``augment_cfg`` (the
     settings the training device needs to finish the augmentation).
@@ -80,7 +82,8 @@ class ImageCollator:
         self.in_worker = in_worker
 
     def __call__(self, items: list[dict]) -> dict:
-        pixels = torch.stack([it["pixels"] for it in items])
+        canvas, sizes = pad_stack([it["pixels"].permute(1, 2, 0).numpy() for it in items], channels_first=True)
+        pixels = torch.from_numpy(canvas)
         indices = torch.tensor([it["index"] for it in items], dtype=torch.long)
         epoch = batch_epoch(items)
         m = self.masking
@@ -91,7 +94,7 @@ class ImageCollator:
             mask = inverse_block_mask(self.grid, mask_prob=m.mask_prob, block=m.block,
                                       mask_prob_adjust=m.mask_prob_adjust, clones=m.clones, seed=self.seed,
                                       epoch=epoch, indices=indices)
-        params = draw_params(pixels.shape[2], pixels.shape[3], self.augment, seed=self.seed, epoch=epoch,
+        params = draw_params(sizes[:, 0].tolist(), sizes[:, 1].tolist(), self.augment, seed=self.seed, epoch=epoch,
                              indices=indices)
         if self.in_worker:
             pixels = augment_batch(pixels, params, self.augment)

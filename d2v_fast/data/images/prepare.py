@@ -3,9 +3,10 @@
     python -m d2v_fast.data.images.prepare --input DIR... --out DIR [--size 256] [--workers N] [--skip-bad]
 
 Each image is decoded once with Pillow (EXIF orientation applied, converted to RGB, alpha
-dropped), its shorter side resized to ``--size`` (bicubic) and centre-cropped to
-``--size`` x ``--size``, so training crops (RandomResizedCrop to 224) come from a
-256 x 256 image as in the usual ImageNet pipelines. When every image sits in a
+dropped) and its shorter side resized to ``--size`` (bicubic), the aspect ratio kept: the
+photo is stored whole, so the loader's RandomResizedCrop (to 224) draws its box from the
+whole photo, with its scale range relative to the whole photo's area, as the published
+pipelines do; the probe and fine-tuning take its centre square. When every image sits in a
 first-level subfolder of its input directory (``DIR/<class>/<file>``, torchvision's
 ImageFolder layout), the sorted folder names are the classes and each image's label is
 its folder's index; otherwise there are no labels (-1).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import multiprocessing as mp
 import os
 import shutil
@@ -34,11 +34,11 @@ import numpy as np
 from ... import __version__
 from ...errors import UsageError, cli_entry
 from ..publish import _say, already_prepared, corpus_parser, default_workers, finish_corpus, new_staging
-from .corpus import FORMAT, FORMAT_VERSION, read_meta
+from .corpus import FORMAT, FORMAT_VERSION, ImageShardWriter, describe_sizes, read_meta
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_SIZE = 256
-SHARD_BYTES = 1 << 30  # images per shard: as many as fit in 1 GiB
+SHARD_BYTES = 1 << 30  # images per shard: as many as fit in 1 GiB (at least one)
 # Pillow modes with 8-bit samples that convert("RGB") maps without loss of meaning.
 _EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 
@@ -74,7 +74,8 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[int], list[str]
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: decoded, oriented, RGB, shorter side resized, centre-cropped.
+    """uint8 [height, width, 3]: decoded, oriented, RGB, shorter side resized to ``size``,
+    the whole photo (aspect ratio kept).
     A file whose data ends before the pixels its header declares is refused, whatever
     ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says (it would fill the rest with grey)."""
     from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -106,8 +107,6 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
             if (nw, nh) != (w, h):
                 im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
             return np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
         raise UsageError(f"{path}: not an image Pillow can read; {fix}") from None
@@ -120,11 +119,12 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
-def _decode_task(args: tuple[str, int, bool]) -> bytes | str:
-    """The image's bytes; with ``skip_bad``, the error's text instead of raising it."""
+def _decode_task(args: tuple[str, int, bool]) -> tuple[tuple[int, ...], bytes] | str:
+    """The image's shape and bytes; with ``skip_bad``, the error's text instead of raising it."""
     path, size, skip_bad = args
     try:
-        return decode_image(Path(path), size).tobytes()
+        pixels = decode_image(Path(path), size)
+        return pixels.shape, pixels.tobytes()
     except UsageError as err:
         if not skip_bad:
             raise
@@ -144,69 +144,38 @@ def _decoded(files: Sequence[Path], size: int, workers: int, skip_bad: bool = Fa
                 print(f"warning: skipping {data}", file=sys.stderr, flush=True)
                 yield None
             else:
-                yield np.frombuffer(data, dtype=np.uint8)
+                shape, pixels = data
+                yield np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- writing
-class ImageShardWriter:
-    """Appends fixed-size uint8 images to numbered shards in a staging directory."""
-
-    def __init__(self, directory: Path, image_bytes: int, shard_images: int):
-        self.directory, self.image_bytes, self.shard_images = Path(directory), image_bytes, shard_images
-        self.shards: list[dict] = []
-        self._file = None
-
-    def add(self, pixels: np.ndarray) -> None:
-        data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-        if len(data) != self.image_bytes:
-            raise ValueError(f"image of {len(data)} bytes, this corpus stores {self.image_bytes}")
-        if self._file is not None and self._count >= self.shard_images:
-            self._close()
-        if self._file is None:
-            self._name = f"images-{len(self.shards):05d}.bin"
-            self._file = open(self.directory / self._name, "wb")
-            self._hash, self._count = hashlib.sha256(), 0
-        self._file.write(data)
-        self._hash.update(data)
-        self._count += 1
-
-    def _close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())  # data on disk before meta.json says it is complete
-        self._file.close()
-        self.shards.append({"images": self._name, "num_images": self._count, "sha256": self._hash.hexdigest()})
-        self._file = None
-
-    def finish(self) -> list[dict]:
-        if self._file is not None:
-            self._close()
-        return self.shards
-
-
 def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequence[str], labels: Sequence[int],
-                       size: tuple[int, int], channels: int, classes: list[str] | None, source: dict,
+                       short_side: int, channels: int, classes: list[str] | None, source: dict,
                        extra: dict | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Write ``images`` (uint8 [h, w, channels] each, in the order of ``names``/``labels``;
-    None for one left out, whose name and label are dropped) as a corpus at ``out``,
-    atomically. ``source`` identifies the inputs (its fingerprint makes a re-run a no-op)."""
+    """Write ``images`` (uint8 [h, w, channels] each, any h and w, in the order of
+    ``names``/``labels``; None for one left out, whose name and label are dropped) as a
+    corpus at ``out``, atomically; ``short_side`` is the shorter side they were resized to
+    (recorded). ``source`` identifies the inputs (its fingerprint makes a re-run a no-op)."""
     out = Path(out)
     source = dict(source)
     if already_prepared(out, source, force=force, read=read_meta, progress=progress):
         return out
     if not names:
         raise UsageError(f"no images to write to {out}; check the inputs")
-    h, w = size
-    image_bytes = h * w * channels
     staging = new_staging(out)
     try:
         t0 = time.perf_counter()
-        writer = ImageShardWriter(staging, image_bytes, max(1, SHARD_BYTES // image_bytes))
+        writer = ImageShardWriter(staging, SHARD_BYTES)
         bar = _bar(progress, len(names))
-        seen, kept = 0, []
+        seen, kept, shapes = 0, [], []
         for pixels in images:
             if pixels is not None:
+                if pixels.ndim != 3 or pixels.shape[2] != channels or min(pixels.shape) < 1:
+                    raise ValueError(f"image {names[seen]}: shape {pixels.shape}, this corpus stores "
+                                     f"[height, width, {channels}]")
                 writer.add(pixels)
                 kept.append(seen)
+                shapes.append(pixels.shape[:2])
             seen += 1
             if bar is not None:
                 bar.update(1)
@@ -219,20 +188,23 @@ def write_image_corpus(out: Path, images: Iterable[np.ndarray], *, names: Sequen
         n, skipped = len(kept), seen - len(kept)
         names, labels = [names[i] for i in kept], [labels[i] for i in kept]
         shards = writer.finish()
+        shapes = np.asarray(shapes, dtype=np.int64).reshape(n, 2)
+        np.save(staging / "shapes.npy", shapes)
         np.save(staging / "labels.npy", np.asarray(labels, dtype=np.int64))
         (staging / "files.txt").write_text("".join(name + "\n" for name in names))
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "d2v_fast_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "num_images": n, "size": [h, w], "channels": channels, "dtype": "uint8", "layout": "NHWC",
-            "classes": classes, "labels": "labels.npy", "index": "files.txt", "skipped": skipped,
-            "shards": shards, **(extra or {}), "source": source,
+            "num_images": n, "short_side": short_side, "channels": channels, "dtype": "uint8", "layout": "HWC",
+            "classes": classes, "shapes": "shapes.npy", "labels": "labels.npy", "index": "files.txt",
+            "skipped": skipped, "shards": shards, **(extra or {}), "source": source,
         }
-        finish_corpus(staging, out, meta, sync=("labels.npy", "files.txt"))
+        sync = ["shapes.npy", "labels.npy", "files.txt", *(s["index"] for s in shards)]
+        finish_corpus(staging, out, meta, sync=sync)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _say(progress, f"wrote {out}: {n:,} images of {h}x{w}x{channels}"
+    _say(progress, f"wrote {out}: {n:,} images of {describe_sizes(shapes, channels)}"
                    f"{f', {len(classes)} classes' if classes else ', no labels'}, {len(shards)} shard(s)"
                    f"{f'; {skipped} skipped' if skipped else ''} in {time.perf_counter() - t0:.1f}s")
     return out
@@ -252,10 +224,10 @@ def prepare_images(out: str | os.PathLike, inputs: Sequence[str], *, size: int =
     for f in files:
         st = f.stat()
         described.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    source = {"inputs": described, "size": size, "decoder": "Pillow RGB, shorter side bicubic (long side truncated), centre crop",
+    source = {"inputs": described, "size": size, "decoder": "Pillow RGB, shorter side bicubic (long side truncated), whole",
               **({"skip_bad": True} if skip_bad else {})}
     return write_image_corpus(Path(out), _decoded(files, size, workers, skip_bad), names=names, labels=labels,
-                              size=(size, size), channels=3, classes=classes, source=source, force=force,
+                              short_side=size, channels=3, classes=classes, source=source, force=force,
                               progress=progress)
 
 
@@ -270,7 +242,7 @@ def _bar(progress: bool, total: int):
 def build_parser() -> argparse.ArgumentParser:
     def more(p):
         p.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                       help="stored side in pixels (shorter side, centre crop)")
+                       help="the stored photos' shorter side in pixels (aspect ratio kept)")
         p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
         p.add_argument("--skip-bad", action="store_true",
                        help="warn about and skip unreadable or truncated images instead of stopping")
