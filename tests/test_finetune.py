@@ -204,6 +204,9 @@ def test_builtin_speech_task_is_held_out_of_every_builtin_pretraining_corpus(tmp
     assert task.splits.count("test") == 2 and len(task.transcripts) == 10
     assert set(task.transcripts) <= {asr_task.normalize_transcript(t) for t in asr_task.asr_texts(10)[0]}
     assert task.record["pretraining_texts_available"] == available
+    voices = [asr_task.asr_voice(i) for i in range(50)]  # one voice, seeded rates and pitches
+    assert {v["voice"] for v in voices} == {asr_task.ASR_VOICE} and len({v["rate"] for v in voices}) > 5
+    assert voices == [asr_task.asr_voice(i) for i in range(50)]
     from d2v_fast.modalities.audio import speech_held_out
 
     small = speech_builtin.builtin_speech_corpus(3, workers=1, progress=False)
