@@ -36,6 +36,7 @@ def check_output(out, pipeline_task, model_class, result):
     assert result["steps"] == 2 and result["batch_size"] == 4 and result["seeds"]["scratch_init"] == 0
     assert result["value"] == result["pretrained"][result["metric"]]
     assert result["scratch_value"] == result["scratch"][result["metric"]]
+    assert result["host"]["cpu_seconds"] > 0 and result["pretrained"]["train_cpu_seconds"] > 0
     model = model_class.from_pretrained(out)
     assert type(model).__name__ == model_class.__name__
     assert not list(out.parent.glob(f".{out.name}.partial*"))  # written atomically
@@ -158,6 +159,21 @@ def test_speech_finetunes_to_an_asr_pipeline_with_the_training_vocabulary(speech
     model = finetune.pretrained_model(job, 0)
     assert not any(p.requires_grad for p in model.data2vec_audio.feature_extractor.parameters())
     assert not any(p.requires_grad for p in finetune.fresh_model(job, 0).data2vec_audio.feature_extractor.parameters())
+    # no time masking (saved as trained); the CTC head learns at HEAD_LR_MULT times the rate,
+    # the rest at the rate, in the Trainer's weight-decay groups
+    from d2v_fast.finetune.speech import HEAD_LR_MULT
+
+    assert config.mask_time_prob == job.config.mask_time_prob == 0 and result["task"]["head_lr_mult"] == HEAD_LR_MULT
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), learning_rate=1e-3, weight_decay=0.01,
+                                          report_to="none", use_cpu=True)
+    opt = finetune._trainer_class(job)(model=model, args=args, train_dataset=job.train).create_optimizer()
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(group) == len(trained) and HEAD_LR_MULT > 1
+    for n, p in trained:
+        g = group[id(p)]
+        assert g["lr"] == pytest.approx(1e-3 * (HEAD_LR_MULT if n.startswith("lm_head.") else 1)), n
+    assert group[id(model.lm_head.weight)]["weight_decay"] == 0.01 and group[id(model.lm_head.bias)]["weight_decay"] == 0
     check_control(job)
 
 
@@ -188,6 +204,9 @@ def test_builtin_speech_task_is_held_out_of_every_builtin_pretraining_corpus(tmp
     assert task.splits.count("test") == 2 and len(task.transcripts) == 10
     assert set(task.transcripts) <= {asr_task.normalize_transcript(t) for t in asr_task.asr_texts(10)[0]}
     assert task.record["pretraining_texts_available"] == available
+    voices = [asr_task.asr_voice(i) for i in range(50)]  # one voice, seeded rates and pitches
+    assert {v["voice"] for v in voices} == {asr_task.ASR_VOICE} and len({v["rate"] for v in voices}) > 5
+    assert voices == [asr_task.asr_voice(i) for i in range(50)]
     from d2v_fast.modalities.audio import speech_held_out
 
     small = speech_builtin.builtin_speech_corpus(3, workers=1, progress=False)

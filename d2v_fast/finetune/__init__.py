@@ -66,6 +66,8 @@ class Job:
     save: Callable                     # save(directory): the tokenizer / processor beside the weights
     task: dict                         # description: source, sizes, classes or vocabulary
     prepare_model: Callable = lambda model: None  # e.g. freeze the feature encoder
+    head: str | None = None            # parameter-name prefix of the task head (given head_lr_mult)
+    head_lr_mult: float = 1.0          # the head's learning rate as a multiple of --lr
     held_out: bool | None = None       # whether the test examples were kept out of pretraining
     extra: dict = field(default_factory=dict)  # more of finetune.json
     handles: dict = field(default_factory=dict)  # objects for callers (tests), not written
@@ -176,11 +178,38 @@ def _progress_bar(what: str):
     return Bar()
 
 
+def _trainer_class(job: Job):
+    """The Hugging Face ``Trainer``, or, where the job gives its head its own learning rate,
+    one whose optimizer (the Trainer's own, same class and weight-decay groups) has the
+    head's parameters in groups of their own at ``head_lr_mult`` times the rate (the
+    schedule scales every group alike)."""
+    from transformers import Trainer
+
+    if job.head_lr_mult == 1.0 or not job.head:
+        return Trainer
+
+    class HeadLrTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            if getattr(opt, "head_lr_mult", None) is None:
+                head = {id(p) for n, p in (model or self.model).named_parameters() if n.startswith(job.head)}
+                groups = [{**g, "params": ps, "lr": g["lr"] * (job.head_lr_mult if in_head else 1.0)}
+                          for g in opt.param_groups for in_head in (False, True)
+                          if (ps := [p for p in g["params"] if (id(p) in head) == in_head])]
+                opt.param_groups.clear()  # no steps taken yet: no state to move
+                for g in groups:
+                    opt.add_param_group(g)
+                opt.head_lr_mult = job.head_lr_mult
+            return opt
+
+    return HeadLrTrainer
+
+
 def train_and_evaluate(job: Job, model, *, max_steps: int, lr: float, batch_size: int, seed: int, scratch_dir: Path,
                        progress: bool, what: str) -> dict:
     """Train ``model`` with the Hugging Face Trainer, then score it on the task's test split."""
     import torch
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
     if progress:
         print(f"finetune: the {what} ({count_parameters(model):,} parameters), {max_steps} steps",
@@ -191,34 +220,47 @@ def train_and_evaluate(job: Job, model, *, max_steps: int, lr: float, batch_size
         weight_decay=WEIGHT_DECAY, seed=seed, data_seed=seed, save_strategy="no", report_to="none",
         logging_steps=max(1, max_steps // 20), disable_tqdm=True, dataloader_num_workers=0,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
-    trainer = Trainer(model=model, args=args, train_dataset=job.train, data_collator=job.collator)
+    trainer = _trainer_class(job)(model=model, args=args, train_dataset=job.train, data_collator=job.collator)
     for quiet in (PrinterCallback, ProgressCallback):  # they print every log to stdout
         trainer.remove_callback(quiet)
     if progress:
         trainer.add_callback(_progress_bar(what))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = trainer.train()
-    train_seconds = time.perf_counter() - t0
+    train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     model.eval()
     with torch.no_grad():
         metrics = job.evaluate(model, device)
     return {**metrics, "train_loss": float(out.training_loss), "train_seconds": round(train_seconds, 2),
+            "train_cpu_seconds": round(train_cpu, 2),
             "eval_seconds": round(time.perf_counter() - t0, 2), "parameters": count_parameters(model),
             "architecture": type(model).__name__}
 
 
-def host_record(load_start) -> dict:
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished child processes (the
+    task builders' workers): with the wall seconds and the load average, what a reader of a
+    shared machine's timings can judge them by."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def host_record(load_start, cpu_start: float) -> dict:
     """What the timings ran on: CPUs, torch threads, the device, the load average (1 min)
-    at the start and the end (a shared machine's timings say little without it)."""
+    at the start and the end (a shared machine's timings say little without it), and the
+    command's CPU seconds (from the start of ``finetune_path``)."""
     import platform
 
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     return {"device": device, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "loadavg_1min": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}}
+            "loadavg_1min": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
+            "cpu_seconds": round(cpu_seconds() - cpu_start, 1)}
 
 
 def default_out(path: Path, kind: str) -> Path:
@@ -241,7 +283,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
     max_steps = d["max_steps"] if max_steps is None else max_steps
     lr = d["lr"] if lr is None else lr
     batch_size = d["batch_size"] if batch_size is None else batch_size
-    t_start, load_start = time.perf_counter(), os.getloadavg()
+    t_start, load_start, cpu_start = time.perf_counter(), os.getloadavg(), cpu_seconds()
     work = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out.parent if out.parent.is_dir() else None))
     try:
         run_config = None
@@ -284,7 +326,7 @@ def finetune_path(path, *, task: str | None = None, out=None, max_steps: int | N
             model.save_pretrained(staging)
             job.save(staging)
             result["seconds"] = round(time.perf_counter() - t_start, 1)
-            result["host"] = host_record(load_start)
+            result["host"] = host_record(load_start, cpu_start)
             write_result(result, staging / RESULT_FILE)
         return result
     finally:
