@@ -77,6 +77,8 @@ class ListAdamW(torch.optim.AdamW):
             self._lists = self._build_lists()
             return loss
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if any(t is not None and t.device != self._device for t in (found_inf, grad_scale)):
+            return super().step(closure)
         for group, (params, exp_avgs, exp_avg_sqs, steps), gs in zip(self.param_groups, plan, grads):
             if not params:
                 continue
@@ -93,7 +95,7 @@ class ListAdamW(torch.optim.AdamW):
         return self._lists is not None and self._lists_state == len(self.state)
 
     def _build_lists(self) -> list | None:
-        plan = []
+        plan, devices = [], set()
         for group in self.param_groups:
             if not (group.get("fused") and group.get("decoupled_weight_decay", True)) or group["amsgrad"] \
                     or group["maximize"] or group["capturable"] or group["differentiable"]:
@@ -101,14 +103,15 @@ class ListAdamW(torch.optim.AdamW):
             params = group["params"]
             if len({(p.device, p.dtype) for p in params}) > 1 or any(p.is_complex() for p in params):
                 return None
+            devices.update(p.device for p in params)
             states = [self.state.get(p, {}) for p in params]
             if any(not {"exp_avg", "exp_avg_sq", "step"} <= st.keys() for st in states):
                 return None
             plan.append((list(params), [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                          [st["step"] for st in states]))
-        for extra in (getattr(self, "found_inf", None), getattr(self, "grad_scale", None)):
-            if extra is not None and plan and plan[0][0] and extra.device != plan[0][0][0].device:
-                return None
+        if len(devices) > 1:
+            return None
+        self._device = devices.pop() if devices else None
         self._lists_state = len(self.state)
         return plan
 

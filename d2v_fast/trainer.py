@@ -287,12 +287,6 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
             # the last update's outcome, for this one's lr and EMA decay: its flag was copied before
             # this update's forward was queued, so reading it does not wait for this update's work
             self.settle()
-            if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
-                # found only now (a limit of 1, the last update not settled by the loop): this
-                # update is not applied and not counted; the loop stops at the limit
-                self.optimizer.zero_grad(set_to_none=True)
-                return {"grad_norm": gnorm.detach(), "finite": False, "discarded": True, "masked": count[0],
-                        "skipped_steps": self.skipped}
         lr = self.scheduler.get_last_lr()[0]
         decay = self.cfg.recipe.decay_at(self.step)
         self.attempts += 1
@@ -417,6 +411,11 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
     def _flag_wait(self, pending: "InFlight") -> None:
         if pending.event is not None:
             pending.event.synchronize()
+
+    @property
+    def steps_ahead(self) -> int:
+        """The step count with the update in flight (if any) counted as good."""
+        return self.step + (self._pending is not None)
 
     def settle(self) -> bool | None:
         """Read the outcome of the update in flight (``--train.skip_on_device``) and count it:
@@ -577,7 +576,7 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         self.stopped_early = False
         try:
             while True:
-                if self.step + (self._pending is not None) >= t.max_steps:
+                if self.steps_ahead >= t.max_steps:
                     self.settle()  # the last update's outcome: a skip means one more
                     self._report_skips(bar)
                     if self.step >= t.max_steps:
@@ -586,16 +585,18 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
                 units = sum(self.modality.units(mb) for mb in micro_batches) * self.world_size
                 # counting an update still in flight as good: were it skipped, this update lands
                 # on a step that is not logged (the loop settles every update that could be)
-                ahead = self.step + (self._pending is not None)
+                ahead = self.steps_ahead
                 logs = (ahead + 1) % t.log_every == 0 or ahead + 1 >= t.max_steps  # if it is finite
                 metrics = self.train_step(micro_batches, stats=logs)
                 stop, problem = self._agree()
                 if problem:
                     raise UsageError(problem)
                 finite = metrics["finite"]
-                if finite is None:  # in flight: settle it where the loop acts on the step count
-                    ahead = self.step + 1
-                    if (stop or self.consecutive_skips or ahead % t.log_every == 0 or ahead >= t.max_steps
+                if finite is None:  # in flight: settle it where the loop acts on the step count, and
+                    # in a run of skips (or at a limit of 1) so that the limit stops the same attempt
+                    ahead = self.steps_ahead
+                    if (stop or self.consecutive_skips or t.max_skipped_steps <= 1 or ahead % t.log_every == 0
+                            or ahead >= t.max_steps
                             or (t.probe_every and ahead % t.probe_every == 0)
                             or (t.ckpt_every and ahead % t.ckpt_every == 0) or ahead == self._crash_at):
                         finite = metrics["finite"] = self.settle()
@@ -636,7 +637,7 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
                 if finite and t.probe_every and self.step % t.probe_every == 0:
                     self.probe()
                 if bar is not None:  # the updates in flight counted as good; a skip found later takes one back
-                    bar.update(self.step + (self._pending is not None) - bar.n)
+                    bar.update(self.steps_ahead - bar.n)
                 if stop:
                     self.save()
                     self.stopped_early = True

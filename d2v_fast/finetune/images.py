@@ -84,16 +84,6 @@ def images_job(base: Path, task: str | None, *, run_config: dict | None, progres
     classes = list(corpus.classes)
     size = enc.image_size
 
-    class Photos(torch.utils.data.Dataset):
-        def __init__(self, rows):
-            self.rows = rows
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, k):
-            return self.rows[k]
-
     def collate(rows):
         return {"pixel_values": whole_photos(corpus, list(rows), size),
                 "labels": torch.as_tensor(labels[list(rows)], dtype=torch.long)}
@@ -128,7 +118,7 @@ def images_job(base: Path, task: str | None, *, run_config: dict | None, progres
             held_out = None
     source = "Fashion-MNIST (the built-in photos)" if builtin else str(corpus.path)
     return Job(modality="images", pipeline_task="image-classification",
-               model_class=Data2VecVisionForImageClassification, config=config, base=base, train=Photos(train_ix),
+               model_class=Data2VecVisionForImageClassification, config=config, base=base, train=list(train_ix),
                collator=collate, evaluate=evaluate, metric="accuracy", higher_is_better=True, save=save,
                held_out=held_out,
                task={"source": source, "corpus": str(corpus.path), "classes": len(classes), "class_names": classes,
