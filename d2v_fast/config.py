@@ -76,7 +76,10 @@ class TrainConfig:
     host_counts: bool = True  # masked-row counts taken from the CPU batch: gathers and targets allocate without a sync
     # none | blocks (torch.compile of every student and teacher encoder block) | blocks-cudagraphs
     # (the same, mode "reduce-overhead": each block's kernels replayed as one CUDA graph on a GPU)
+    # | stack-cudagraphs (eager blocks; on a GPU the teacher's stack and the student's stack,
+    # forward and backward, each replayed as CUDA graphs, one set per shape bucket; d2v_fast.graphs)
     compile: str = "none"
+    graph_bucket: int = 64  # stack-cudagraphs: sequence lengths padded up to a multiple of this (0 = exact lengths)
     fused_qkv: bool = True  # text, bf16: one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     bf16_teacher: bool = True  # text, bf16, DDP: the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
     bf16_student: bool = True  # text, bf16, DDP: the student's block Linears read a bf16 copy refreshed once per update
@@ -120,7 +123,7 @@ SECTIONS = ("model", "recipe", "optim", "data", "train")
 
 RECIPES = ("data2vec", "data2vec2")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-COMPILE_CHOICES = ("none", "blocks", "blocks-cudagraphs")
+COMPILE_CHOICES = ("none", "blocks", "blocks-cudagraphs", "stack-cudagraphs")
 
 
 def preset(name: str, recipe: str = "data2vec", modality: str = "text") -> Config:
@@ -389,6 +392,8 @@ def validate(cfg: Config) -> None:
     need(t.parallel in ("ddp", "fsdp"), "--parallel", t.parallel, "expected ddp or fsdp")
     need(t.kernels in ("auto", "triton", "torch"), "--train.kernels", t.kernels, "expected auto, triton or torch")
     need(t.compile in COMPILE_CHOICES, "--train.compile", t.compile, "expected " + ", ".join(COMPILE_CHOICES))
+    need(t.graph_bucket >= 0, "--train.graph_bucket", t.graph_bucket,
+         "must be >= 0 (0 = graphs at each batch's exact length)")
     need(t.attention in ATTENTION_BACKENDS, "--train.attention", t.attention,
          f"expected one of {', '.join(ATTENTION_BACKENDS)}")
     need(t.probe_every >= 0, "--train.probe_every", t.probe_every, "must be >= 0 (0 = only at the end)")

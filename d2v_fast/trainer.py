@@ -148,9 +148,12 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         torch.manual_seed(t.seed + 1000 * rank + 1)  # dropout differs between ranks
 
         self.use_bf16 = use_bf16
-        # a factory: nested uses (--train.cast_once) need their own context objects
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
-            else contextlib.nullcontext
+        # a factory: nested uses (--train.cast_once) need their own context objects. Under stack
+        # graphs autocast keeps no cache of cast weights (a cached copy recorded in a graph would
+        # be freed when the region ends while the graph still writes it).
+        cache = t.compile != "stack-cudagraphs"
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)) \
+            if use_bf16 else contextlib.nullcontext
         self.attention = attention_backend(t.attention, self.device, torch.bfloat16 if use_bf16 else torch.float32)
         self.step, self.epoch, self.position = 0, 0, 0
         self.attempts, self.skipped, self.consecutive_skips = 0, 0, 0
@@ -169,6 +172,35 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         if self.micro_batch_auto:
             self.micro_batch_size = self.fit_micro_batch(local)
             self.accum = local // self.micro_batch_size
+        # --train.compile stack-cudagraphs: the teacher's and the student's encoder stacks replayed
+        # as CUDA graphs on a GPU (after the micro-batch search, whose trial shapes would each
+        # record graphs); elsewhere the stacks run eager
+        self.stack_graphs: list = []
+        if t.compile == "stack-cudagraphs":
+            if self.distributed:
+                from .errors import UsageError
+
+                raise UsageError("--train.compile stack-cudagraphs: one process only for now (DDP's and FSDP's "
+                                 "per-parameter hooks would have to fire inside the recorded backward); use "
+                                 "--train.compile blocks-cudagraphs or none with several processes")
+            if self.device.type == "cuda":
+                from .graphs import CudaCapture
+
+                self.attach_stack_graphs(CudaCapture())
+
+    def attach_stack_graphs(self, capture) -> None:
+        """Run the teacher's and the student's encoder stacks from graphs recorded by
+        ``capture`` (``d2v_fast.graphs``: ``CudaCapture`` on a GPU; tests pass ``EagerReplay``),
+        one set per shape bucket of ``--train.graph_bucket``, during ``train_step`` only."""
+        from .graphs import StackGraphs, attach
+        from .models.blocks import run_blocks_eager
+
+        self.stack_graphs = []
+        for name, blocks in (("student", list(self.model.student.blocks())), ("teacher", self._teacher_blocks())):
+            graphs = StackGraphs(blocks, run_blocks_eager, granule=self.cfg.train.graph_bucket, capture=capture,
+                                 name=name)
+            attach(blocks, graphs)
+            self.stack_graphs.append(graphs)
 
     # ------------------------------------------------------------------ the teacher's blocks
     def _teacher_blocks(self) -> list[torch.nn.Module]:
@@ -226,12 +258,18 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         layerdrop_rng = self.model.student.layerdrop_generator
         if layerdrop_rng is not None:  # the same on every rank, and again after a resume
             layerdrop_rng.manual_seed(self.cfg.train.seed * 1_000_003 + self.attempts)
-        with self.autocast() if cast_once else contextlib.nullcontext():
-            for i, mb in enumerate(micro_batches):
-                loss, pred, target = self._micro_step(mb, i == len(micro_batches) - 1, denom, cast_once)
-                if stats:
-                    tv, pv = self.model.stats(pred, target)
-                    loss_sum, tvar, pvar = loss_sum + loss.detach(), tvar + tv, pvar + pv
+        for graphs in self.stack_graphs:  # the stacks' graphs replay inside an update only
+            graphs.active = True
+        try:
+            with self.autocast() if cast_once else contextlib.nullcontext():
+                for i, mb in enumerate(micro_batches):
+                    loss, pred, target = self._micro_step(mb, i == len(micro_batches) - 1, denom, cast_once)
+                    if stats:
+                        tv, pv = self.model.stats(pred, target)
+                        loss_sum, tvar, pvar = loss_sum + loss.detach(), tvar + tv, pvar + pv
+        finally:
+            for graphs in self.stack_graphs:
+                graphs.active = False
         return self._finish_step(micro_batches, count, denom, loss_sum, tvar, pvar)
 
     def _micro_step(self, mb: dict, last: bool, denom: torch.Tensor, cast_once: bool):
@@ -360,7 +398,8 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
                 # fused AdamW's found_inf on sharded parameters is untried; the optimizer may
                 # still turn it off (no fused AdamW on this device)
                 "skip_on_device": t.skip_on_device and not fsdp,
-                "cast_once": t.cast_once and use_bf16 and not fsdp,  # FSDP casts the weights itself
+                # FSDP casts the weights itself; stack graphs need autocast without its cast cache
+                "cast_once": t.cast_once and use_bf16 and not fsdp and t.compile != "stack-cudagraphs",
                 "bf16_teacher": t.bf16_teacher and use_bf16 and not fsdp and cfg.modality == "text",
                 "bf16_student": t.bf16_student and use_bf16 and not fsdp and cfg.modality == "text",
                 # bf16 only: in fp32 (the CPU's default) the one GEMM rounds differently from three,

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..graphs import attached
+
 try:  # optional extra: pip install -e ".[flash]"
     from flash_attn import flash_attn_varlen_func  # type: ignore
 except Exception:  # ImportError, or a binary built for another torch
@@ -205,6 +207,21 @@ def run_blocks(blocks, h: torch.Tensor, attn_mask=None, *, collect: str | None =
     gradient for every parameter (not under FSDP2, whose sharded DTensors need no help)."""
     if collect not in (None, "ffn", "block"):
         raise ValueError(f"collect={collect!r}: expected None, 'ffn' or 'block'")
+    if layerdrop <= 0:  # the stack's CUDA graphs, when the trainer attached them (d2v_fast.graphs)
+        graphs = attached(blocks)
+        if graphs is not None:
+            out = graphs.run(h, attn_mask, collect)
+            if out is not None:
+                return out
+    return _run_blocks(blocks, h, attn_mask, collect, layerdrop, generator, keep_dropped_in_graph)
+
+
+def run_blocks_eager(blocks, h: torch.Tensor, attn_mask, collect: str | None):
+    """``run_blocks`` without graphs or layer drop (what a stack's graphs record)."""
+    return _run_blocks(blocks, h, attn_mask, collect, 0.0, None, False)
+
+
+def _run_blocks(blocks, h, attn_mask, collect, layerdrop, generator, keep_dropped_in_graph):
     outputs = []
     shape = None
     if h.dim() == 3:  # the stack runs on [B·T, C]: no reshape around each Linear
