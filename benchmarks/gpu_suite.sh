@@ -9,12 +9,14 @@
 # that no longer fits is skipped and says so, and the files are written whatever happens:
 #   install   the checkout, editable, no downloads (the C++ extension is built here)
 #   tests     GPU correctness: pytest -m gpu (kernels at bf16, run during the install; then
-#             the step switches)
+#             the step switches and the stack graphs against eager)
 #   step      python -m d2v_fast.bench, data2vec base: d2v_fast, hf, reference at batch 32
 #             and 64; data2vec2 base (8 clones): d2v_fast, reference at batch 8 (and 16,
 #             last, if time is left), i.e. 64 and 128 clone rows; hf has no data2vec2
 #   audio     python -m d2v_fast.bench --modality audio, base, 20 s crops: data2vec at batch 8,
 #             data2vec2 at batch 4 (32 clone rows); d2v_fast and reference (into step.jsonl)
+#   stack     data2vec base at batch 32 and data2vec2 at batch 8 with the encoder stacks replayed
+#             as CUDA graphs (--train.compile stack-cudagraphs)
 #   ablation  data2vec base batch 64, one process: hf, then d2v_fast with every switch of
 #             d2v_fast.steptimer.ABLATION on, each off in turn, all at their defaults
 #   images    which SDPA kernel the v1 (BEiT) attention with its relative position bias runs
@@ -90,12 +92,18 @@ if [[ $DRY != 1 ]]; then
   say "tests-kernels: exit status $?"
   cat "$KTESTS" | tee -a "$LOG" >"$OUTDIR/tests.txt"
 fi
-stage tests-switches 120 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider tests/test_step_switches.py 2>&1 | tee -a '$OUTDIR/tests.txt'"
+stage tests-switches 150 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider tests/test_step_switches.py tests/test_stack_graphs.py 2>&1 | tee -a '$OUTDIR/tests.txt'"
 
 BENCH=($PY -m d2v_fast.bench --config base --seq-len 512 --data.num_workers 0)
 TIMED=(--steps 10 --warmup 3)
 stage step-d2v-32 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
 stage step-d2v-64 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
+# the encoder stacks replayed as CUDA graphs (--train.compile stack-cudagraphs) at batch 32, where
+# the host's launches outlasted the GPU's work (2026-11-28), and data2vec2 at batch 8
+stage step-d2v-32-stack 75 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v_fast --train.compile stack-cudagraphs \
+  --json "$OUTDIR/step.jsonl"
+stage step-d2v2-stack 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast \
+  --train.compile stack-cudagraphs --train.graph_bucket 0 --json "$OUTDIR/step.jsonl"
 stage ablation 170 "${BENCH[@]}" --batch-size 64 --ablation --providers hf --steps 6 --warmup 2 --json "$OUTDIR/ablation.json"
 stage step-d2v2 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 # speech, base, 20 s crops (999 frames): data2vec at 8 utterances, data2vec2 at 4 (x 8 clones)

@@ -16,7 +16,8 @@ padded positions are masked out of attention as keys (their query rows are compu
 dropped, and get a zero gradient), so the real positions' outputs are the same function of
 the real input. A batch whose length is already a multiple, with or without padding, runs at
 its own shape. At most ``max_graphs`` buckets are recorded per stack; a shape beyond them
-runs eager (counted in ``eager_calls``).
+runs eager (counted in ``eager_calls``), as does a stack whose recording failed (said once on
+stderr, the reason in ``failed``).
 
 What graphs change: nothing in the arithmetic (the same blocks, kernels and dropout draws
 from CUDA's generator, which graphs advance per replay), but a bucket's padding can move the
@@ -31,6 +32,7 @@ at each "replay", so everything here but the recording itself is exercised witho
 from __future__ import annotations
 
 import dataclasses
+import sys
 import weakref
 from typing import Callable
 
@@ -68,9 +70,22 @@ def pad_attention_mask(attn_mask: torch.Tensor | None, batch: int, length: int, 
 class CudaCapture:
     """Graphs recorded on the GPU (``torch.cuda.CUDAGraph``): a few warm-up runs on a side
     stream (cuBLAS workspaces, autotuning and lazy allocations happen outside the recording),
-    then the forward and, for training, the backward recorded into one memory pool."""
+    then the forward and, for training, the backward. One capture serves one stack, and all
+    that stack's graphs (every bucket, forward and backward) share one memory pool: what one
+    graph keeps between replays (its static outputs and gradients) stays allocated, and the
+    rest, its intermediates, is dead once its backward (or, without one, its forward) has
+    replayed, which is always before the stack's next forward replays; so the buckets share
+    one stack's worth of activation memory rather than holding one each."""
 
     warmup = 3
+
+    def __init__(self):
+        self.pool = None
+
+    def _pool(self):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return self.pool
 
     def forward(self, fn: Callable[[], list[torch.Tensor]]):
         stream = torch.cuda.Stream()
@@ -80,7 +95,7 @@ class CudaCapture:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool()):
             outs = fn()
         return outs, graph.replay
 
@@ -93,7 +108,7 @@ class CudaCapture:
                 torch.autograd.grad(outs, inputs, [torch.zeros_like(o) for o in outs], allow_unused=True)
             del outs
         torch.cuda.current_stream().wait_stream(stream)
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._pool()
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(fwd, pool=pool):
             outs = fn()
@@ -220,7 +235,8 @@ class StackGraphs:
         self.params = [p for b in self.blocks for p in b.parameters() if p.requires_grad]
         self.graphs: dict[tuple, _Graph] = {}
         self.active = False
-        self.eager_calls = 0  # calls run eager: more shapes than max_graphs
+        self.eager_calls = 0  # calls run eager: more shapes than max_graphs, or after a failed recording
+        self.failed: str | None = None  # why recording failed, if it did
 
     def matches(self, blocks) -> bool:
         return len(blocks) == len(self.blocks) and blocks[-1] is self.blocks[-1]
@@ -244,10 +260,19 @@ class StackGraphs:
                torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         graph = self.graphs.get(key)
         if graph is None:
-            if len(self.graphs) >= self.max_graphs:
+            if len(self.graphs) >= self.max_graphs or self.failed:
                 self.eager_calls += 1
                 return None
-            graph = self.graphs[key] = self._record(h, mask, length, collect, train)
+            try:
+                graph = self._record(h, mask, length, collect, train)
+            except Exception as err:  # an op the recording refuses: this stack runs eager from now on
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                self.failed = f"{type(err).__name__}: {first}"
+                print(f"d2v_fast: --train.compile stack-cudagraphs: recording the {self.name}'s stack failed "
+                      f"({self.failed}); it runs eager for the rest of the run", file=sys.stderr)
+                self.eager_calls += 1
+                return None
+            self.graphs[key] = graph
         if mask is not None:
             graph.mask.copy_(mask)
         graph.replays += 1

@@ -66,6 +66,17 @@ def _default_out(rank: int, world: int) -> Path:
     return Path(name[0])
 
 
+def graphs_note(trainer) -> str:
+    """The start-up line's word on ``--train.compile stack-cudagraphs``."""
+    t = trainer.cfg.train
+    if t.compile != "stack-cudagraphs":
+        return ""
+    if not trainer.stack_graphs:
+        return "; encoder stacks eager (--train.compile stack-cudagraphs records CUDA graphs on a GPU only)"
+    size = f"lengths padded to multiples of {t.graph_bucket}" if t.graph_bucket > 1 else "exact lengths"
+    return f"; encoder stacks as CUDA graphs ({size})"
+
+
 def _check_world(cfg, world: int) -> None:
     if cfg.train.batch_size % world:
         raise UsageError(f"--batch-size {cfg.train.batch_size}: not divisible by the world size {world}; "
@@ -74,6 +85,10 @@ def _check_world(cfg, world: int) -> None:
     if cfg.train.micro_batch_size and local % cfg.train.micro_batch_size:
         raise UsageError(f"--train.micro_batch_size {cfg.train.micro_batch_size}: must divide the per-rank "
                          f"batch {local} (--batch-size {cfg.train.batch_size} over {world} rank(s))")
+    if cfg.train.compile == "stack-cudagraphs" and world > 1:
+        raise UsageError(f"--train.compile stack-cudagraphs: one process only for now, not {world} (DDP's and "
+                         f"FSDP's per-parameter hooks would have to fire inside the recorded backward); use "
+                         f"--train.compile blocks-cudagraphs or none with several processes")
 
 
 def _check_probe_task(cfg, modality) -> bool:
@@ -172,7 +187,7 @@ def run(argv=None) -> int:
             f"non-embedding parameters; {world} process(es) on {device.type}; {modality.describe(cfg, corpus)} "
             f"({trainer.accum} micro-batch(es) of {trainer.micro_batch_size} per rank"
             f"{', the largest that fits' if trainer.micro_batch_auto else ''}); step switches on: "
-            f"{', '.join(k for k, v in trainer.switches.items() if v) or 'none'}; run dir {out}",
+            f"{', '.join(k for k, v in trainer.switches.items() if v) or 'none'}{graphs_note(trainer)}; run dir {out}",
             file=sys.stderr)
         if _STOP_REQUESTS:  # a signal came before training: fit stops after its first step, with a checkpoint
             trainer.stop_requested = True

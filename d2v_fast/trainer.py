@@ -186,19 +186,20 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
             if self.device.type == "cuda":
                 from .graphs import CudaCapture
 
-                self.attach_stack_graphs(CudaCapture())
+                self.attach_stack_graphs(CudaCapture)
 
     def attach_stack_graphs(self, capture) -> None:
         """Run the teacher's and the student's encoder stacks from graphs recorded by
-        ``capture`` (``d2v_fast.graphs``: ``CudaCapture`` on a GPU; tests pass ``EagerReplay``),
+        ``capture`` (``d2v_fast.graphs``: a class, instantiated once per stack, as
+        ``CudaCapture`` on a GPU; or one object for both, as tests pass an ``EagerReplay``),
         one set per shape bucket of ``--train.graph_bucket``, during ``train_step`` only."""
         from .graphs import StackGraphs, attach
         from .models.blocks import run_blocks_eager
 
         self.stack_graphs = []
         for name, blocks in (("student", list(self.model.student.blocks())), ("teacher", self._teacher_blocks())):
-            graphs = StackGraphs(blocks, run_blocks_eager, granule=self.cfg.train.graph_bucket, capture=capture,
-                                 name=name)
+            graphs = StackGraphs(blocks, run_blocks_eager, granule=self.cfg.train.graph_bucket,
+                                 capture=capture() if isinstance(capture, type) else capture, name=name)
             attach(blocks, graphs)
             self.stack_graphs.append(graphs)
 

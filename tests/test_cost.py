@@ -85,3 +85,16 @@ def test_a_flag_read_in_its_own_update_counts_as_a_sync():
             cost.STATE.counter = None
     t = counter.totals()
     assert t["syncs"] == 1 and list(t["sync_sites"]) == [f"cuda event wait at trainer.py:{FLAG_LINE}"], t
+
+
+def test_stack_graphs_host_side_replays_three_graphs_an_update():
+    """``--train.compile stack-cudagraphs`` as the counter sees it (``cost.GraphsOnHost``): the
+    two stacks' kernels leave the host's count, three graph launches (the student's forward
+    and backward, the teacher's forward) take their place, and no sync comes in."""
+    cfg = cost.cost_config("text", "data2vec", "tiny")
+    plain = cost.measure_cost("d2v_fast", cfg, time_it=False)
+    cfg.train.compile = "stack-cudagraphs"
+    graphed = cost.measure_cost("d2v_fast", cfg, time_it=False)
+    assert graphed["graph_launches"] == 3 and plain["graph_launches"] == 0
+    assert graphed["syncs"] == 0 and graphed["finite"]
+    assert graphed["ops"] < 0.6 * plain["ops"] and graphed["kernels"] < 0.6 * plain["kernels"]  # tiny: 4 blocks a stack

@@ -135,6 +135,24 @@ def test_beyond_max_graphs_a_shape_runs_eager():
     assert capture.records == 2
 
 
+def test_a_failed_recording_leaves_the_stack_eager(capsys):
+    class Refuses(EagerReplay):
+        def train(self, fn, inputs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    blocks = _stack(layers=1)
+    graphs = StackGraphs(blocks, run_blocks_eager, granule=0, capture=Refuses(), name="student")
+    attach(blocks, graphs)
+    h = torch.randn(2, 6, 32)
+    eo, eg = _grads(blocks, h, None)
+    for _ in range(2):
+        go, gg = _grads(blocks, h, None, graphs=graphs)
+        assert torch.equal(eo, go) and all(torch.equal(a, b) for a, b in zip(eg, gg))
+    assert graphs.eager_calls == 2 and not graphs.graphs and "not permitted" in graphs.failed
+    err = capsys.readouterr().err
+    assert err.count("recording the student's stack failed") == 1 and "runs eager" in err
+
+
 def test_the_teacher_stack_replays_into_its_static_outputs():
     """No gradient: one forward graph whose outputs (the stack's and the collected FFN
     outputs) are the same tensors at every replay, holding that replay's values."""
