@@ -39,9 +39,16 @@ update is the real one, and only the Triton path's own host work is counted and 
 
 **host ms** is the wall time of one update at a narrow width (``narrow``: hidden = heads,
 FFN 4 x hidden, the same layers and heads, fewer tokens; one thread), where the arithmetic is
-small and what is left is mostly Python, the dispatcher and autograd (the CPU's bf16 GEMMs
-still cost ~15 us a call there, about a GPU launch): the minimum over several updates, the
-twins' time taken out. ``--host-only`` times providers in interleaved rounds.
+small and what is left is mostly Python, the dispatcher and autograd (though this CPU's bf16
+GEMMs, without native bf16, still cost 10-85 us a call there, and its SDPA 80-170 us: a third
+of the engine's figure is that arithmetic): the minimum over several updates, the twins' time
+taken out. ``--host-only`` times providers in interleaved rounds.
+
+The row ``d2v_fast[stack-cudagraphs]`` is the update with both encoder stacks as CUDA graphs
+(``d2v_fast.graphs``), as the host sees it (``GraphsOnHost``): each stack recorded once, each
+replay one counted launch that runs nothing here (on a GPU a replay is one call handing the
+recorded kernels to the GPU), the rest of the update real. Its values are those of the
+recording, so it measures the host's side only.
 """
 from __future__ import annotations
 
