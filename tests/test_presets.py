@@ -108,6 +108,7 @@ BASE_V1 = {
     "train.skip_on_device": (True, OURS + " (performance switch, same math)"),
     "train.host_counts": (True, OURS + " (performance switch, same math)"),
     "train.compile": ("none", OURS + " (performance switch, same math)"),
+    "train.graph_bucket": (64, OURS + " (stack-cudagraphs shape buckets, same math up to attention's masked backend)"),
     "train.fused_qkv": (True, OURS + " (performance switch, same math)"),
     "train.bf16_teacher": (True, OURS + " (performance switch, same math)"),
     "train.cast_once": (True, OURS + " (performance switch, same math)"),
