@@ -81,8 +81,8 @@ class TrainConfig:
     compile: str = "none"
     graph_bucket: int = 64  # stack-cudagraphs: sequence lengths padded up to a multiple of this (0 = exact lengths)
     fused_qkv: bool = True  # text, bf16: one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
-    bf16_teacher: bool = True  # text, bf16, DDP: the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
-    bf16_student: bool = True  # text, bf16, DDP: the student's block Linears read a bf16 copy refreshed once per update
+    bf16_teacher: bool = True  # bf16, DDP: the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
+    bf16_student: bool = True  # bf16, DDP: the student's block Linears read a bf16 copy refreshed once per update
     cast_once: bool = True  # bf16, DDP: one autocast region per update, so weights are cast once, not per micro-batch
     attention: str = "auto"  # SDPA backend: auto (PyTorch's pick) | flash | cudnn | efficient | math (flash: no padding mask)
     progress: bool = True

@@ -401,8 +401,8 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
                 "skip_on_device": t.skip_on_device and not fsdp,
                 # FSDP casts the weights itself; stack graphs need autocast without its cast cache
                 "cast_once": t.cast_once and use_bf16 and not fsdp and t.compile != "stack-cudagraphs",
-                "bf16_teacher": t.bf16_teacher and use_bf16 and not fsdp and cfg.modality == "text",
-                "bf16_student": t.bf16_student and use_bf16 and not fsdp and cfg.modality == "text",
+                "bf16_teacher": t.bf16_teacher and use_bf16 and not fsdp,
+                "bf16_student": t.bf16_student and use_bf16 and not fsdp,
                 # bf16 only: in fp32 (the CPU's default) the one GEMM rounds differently from three,
                 # and the CPU's recorded default jobs are kept bit for bit
                 "fused_qkv": t.fused_qkv and use_bf16 and cfg.modality == "text"}

@@ -427,6 +427,40 @@ def test_bf16_student_computes_the_same_update(builtin_cache, tmp_path):
     assert torch.equal(c._student_shadow, c._ema_flat[1].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("modality,recipe", [("audio", "data2vec"), ("audio", "data2vec2"), ("images", "data2vec"),
+                                             ("images", "data2vec2")])
+def test_bf16_copies_compute_the_same_speech_and_image_updates(modality, recipe):
+    """bf16 autocast on the CPU, the tiny speech and image models on synthetic batches, 3
+    updates of 2 micro-batches: with the bf16 copies of the student's and the teacher's block
+    Linears (and the LayerNorms handing over their rounding) every loss, weight, teacher value
+    and optimizer moment is bit for bit autocast's."""
+    from d2v_fast import cost
+    from d2v_fast.models.encoder import ShadowedLinear
+
+    def run(**train):
+        cfg = cost.cost_config(modality, recipe, "tiny", **train)
+        torch.manual_seed(0)
+        step, batch = cost._make("d2v_fast", cfg, torch.device("cpu"), 1024)
+        tr = step.trainer
+        losses = []
+        for _ in range(3):
+            losses.append(float(tr.train_step([batch, batch])["loss"]))
+            tr.settle()
+        return losses, tr
+
+    la, a = run(bf16_teacher=False, bf16_student=False)
+    lb, b = run()
+    assert b.switches["bf16_teacher"] and b.switches["bf16_student"] and not a.switches["bf16_student"]
+    assert all(isinstance(lin, ShadowedLinear) for blk in (b.model.student.blocks()[0], b._teacher_blocks()[0])
+               for lin in blk.qkv_projections())
+    assert not any(lin.sole_reader for lin in b.model.student.blocks()[0].qkv_projections())  # one input, three readers
+    assert la == lb
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+
+
 def test_bf16_teacher_and_cast_once_only_with_bf16_autocast(builtin_cache, tmp_path):
     tr = Trainer(small_cfg(builtin_cache), open_corpus(builtin_cache), tmp_path)
     assert not any(tr.switches[k] for k in ("bf16_teacher", "bf16_student", "cast_once", "fused_qkv"))

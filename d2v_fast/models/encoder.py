@@ -285,7 +285,6 @@ def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = 
                 new = ShadowedLinear(child.in_features, child.out_features, bias=child.bias is not None,
                                      device="meta")
                 new.weight, new.bias = child.weight, child.bias  # the same Parameters: flat views, optimizer, EMA
-                new.sole_reader = name not in ("query", "key", "value")
                 w, b = view_of(child.weight), (view_of(child.bias) if child.bias is not None else None)
                 if buffers:
                     new.register_buffer("weight_shadow", w, persistent=False)
@@ -294,6 +293,10 @@ def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = 
                     new.weight_shadow, new.bias_shadow = w, b
                 new.weight_shadow_t = w.t()  # addmm's right operand, a view: no transpose per call
                 setattr(parent, name, new)
+    for block in layers.modules():  # separate query, key and value Linears read one input together
+        if isinstance(block, Block) and isinstance(proj := block.qkv_projections(), tuple):
+            for lin in proj:
+                lin.sole_reader = False
 
     def refresh(module, incompatible_keys):
         with torch.no_grad():
