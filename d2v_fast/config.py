@@ -79,7 +79,7 @@ class TrainConfig:
     # | stack-cudagraphs (eager blocks; on a GPU the teacher's stack and the student's stack,
     # forward and backward, each replayed as CUDA graphs, one set per shape bucket; d2v_fast.graphs)
     compile: str = "none"
-    graph_bucket: int = 64  # stack-cudagraphs: sequence lengths padded up to a multiple of this (0 = exact lengths)
+    graph_bucket: int = 64  # stack-cudagraphs: lengths that vary padded up to a multiple of this (0 = exact lengths)
     fused_qkv: bool = True  # text, bf16: one Linear(C, 3C) for query/key/value; state dicts keep HF's separate names
     bf16_teacher: bool = True  # bf16, DDP: the EMA also writes a bf16 copy of the teacher's Linears, read by its forward
     bf16_student: bool = True  # bf16, DDP: the student's block Linears read a bf16 copy refreshed once per update

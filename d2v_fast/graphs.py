@@ -3,27 +3,30 @@
 A GPU step that is launch-bound waits on the host's Python, dispatcher and launches for every
 kernel of every block. Here the encoder stack runs as CUDA graphs instead: the teacher's stack
 (no gradient) as one graph, the student's as two (its forward, and its backward to the stack's
-input and every block parameter), each replayed with one call. A graph replays the kernels it
-recorded on the buffers it recorded them with, so every graph has static buffers: its input
-``[B, T, C]`` (and attention mask) are copied in before a replay, its outputs are read from the
-same tensors each time, and the backward reads the output gradient from a static buffer and
-leaves the input and parameter gradients in static buffers, which autograd then accumulates
-into ``.grad`` as it does any gradient.
+input, a differentiable attention bias and every block parameter), each replayed with one
+call. A graph replays the kernels it recorded on the buffers it recorded them with, so every
+graph has static buffers: its input ``[B, T, C]`` and attention mask are copied in before a
+replay, its outputs are read from the same tensors each time, and the backward reads the
+output gradients from static buffers and leaves the input's and the mask's gradients in
+static buffers and the parameters' in one set of buffers the stack's graphs share, which
+autograd then accumulates into ``.grad`` as it does any gradient.
 
-Shapes must repeat for graphs to be reused: one graph set is recorded per **shape bucket**,
-the sequence length padded up to a multiple of ``granule`` (``--train.graph_bucket``); the
-padded positions are masked out of attention as keys (their query rows are computed and
-dropped, and get a zero gradient), so the real positions' outputs are the same function of
-the real input. A batch whose length is already a multiple, with or without padding, runs at
-its own shape. At most ``max_graphs`` buckets are recorded per stack; a shape beyond them
-runs eager (counted in ``eager_calls``), as does a stack whose recording failed (said once on
-stderr, the reason in ``failed``).
+Shapes must repeat for graphs to be reused. A stack records its first length as it is, so a
+stack whose shapes never change (text at a fixed length, images) runs unpadded. Once a second
+length appears, new lengths are padded up to a multiple of ``granule``
+(``--train.graph_bucket``; 0: never) into **shape buckets**: the padded positions are masked
+out of attention as keys (their query rows are computed and dropped, and get a zero
+gradient), so the real positions' outputs are the same function of the real input. A length
+that has a graph of its own, or whose bucket has one, replays it. At most ``max_graphs``
+graphs are recorded per stack; a shape beyond them runs eager (counted in ``eager_calls``),
+as does a stack whose recording failed (said once on stderr, the reason in ``failed``).
 
 What graphs change: nothing in the arithmetic (the same blocks, kernels and dropout draws
 from CUDA's generator, which graphs advance per replay), but a bucket's padding can move the
-attention to a masked SDPA backend. Outputs are the static buffers themselves: they hold
-until the same graph replays again (the trainer reads each before its next micro-batch).
-Layer drop (a host-side draw per block) and ``Varlen`` attention run eager.
+attention to a masked SDPA backend. Outputs are static buffers: they hold until the stack
+replays again (any of its graphs: they share one memory pool), and the trainer reads each
+before the next micro-batch. Layer drop (a host-side draw per block) and ``Varlen``
+attention run eager.
 
 ``Capture`` is how a graph is made: ``CudaCapture`` records on the GPU; ``EagerReplay`` is
 its CPU stand-in for tests, which runs the same function again on the same static buffers
@@ -69,13 +72,15 @@ def pad_attention_mask(attn_mask: torch.Tensor | None, batch: int, length: int, 
 # ------------------------------------------------------------------------------ recording
 class CudaCapture:
     """Graphs recorded on the GPU (``torch.cuda.CUDAGraph``): a few warm-up runs on a side
-    stream (cuBLAS workspaces, autotuning and lazy allocations happen outside the recording),
-    then the forward and, for training, the backward. One capture serves one stack, and all
-    that stack's graphs (every bucket, forward and backward) share one memory pool: what one
-    graph keeps between replays (its static outputs and gradients) stays allocated, and the
-    rest, its intermediates, is dead once its backward (or, without one, its forward) has
-    replayed, which is always before the stack's next forward replays; so the buckets share
-    one stack's worth of activation memory rather than holding one each."""
+    stream (cuBLAS workspaces, autotuning, Triton compiles and lazy allocations happen outside
+    the recording), then the forward and, for training, the backward, recorded with
+    ``capture_error_mode="thread_local"`` (the DataLoader's pin-memory thread goes on
+    allocating while the main thread records). One capture serves one stack, and all that
+    stack's graphs (every shape, forward and backward) share one memory pool: what a graph
+    keeps between replays (its static outputs and gradients) stays allocated, and the rest,
+    its intermediates, is dead once its backward (or, without one, its forward) has replayed,
+    which is always before the stack's next forward replays; so the shapes share one stack's
+    worth of activation memory rather than holding one each."""
 
     warmup = 3
 
@@ -87,35 +92,46 @@ class CudaCapture:
             self.pool = torch.cuda.graph_pool_handle()
         return self.pool
 
-    def forward(self, fn: Callable[[], list[torch.Tensor]]):
+    @staticmethod
+    def _warm(step: Callable[[], None], times: int) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                fn()
+            for _ in range(times):
+                step()
         torch.cuda.current_stream().wait_stream(stream)
+
+    def forward(self, fn: Callable[[], list[torch.Tensor]]):
+        self._warm(fn, self.warmup)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool()):
+        with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode="thread_local"):
             outs = fn()
         return outs, graph.replay
 
-    def train(self, fn: Callable[[], list[torch.Tensor]], inputs: list[torch.Tensor]):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                outs = fn()
-                torch.autograd.grad(outs, inputs, [torch.zeros_like(o) for o in outs], allow_unused=True)
-            del outs
-        torch.cuda.current_stream().wait_stream(stream)
+    def train(self, fn: Callable[[], list[torch.Tensor]], inputs: list[torch.Tensor], into: list[torch.Tensor]):
+        """``into``: buffers for the gradients of the last ``len(into)`` inputs (the parameters),
+        allocated outside the pool; the backward graph copies those gradients into them."""
+        def step():
+            outs = fn()
+            torch.autograd.grad(outs, inputs, [torch.zeros_like(o) for o in outs], allow_unused=True)
+        self._warm(step, self.warmup)
         pool = self._pool()
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(fwd, pool=pool):
+        with torch.cuda.graph(fwd, pool=pool, capture_error_mode="thread_local"):
             outs = fn()
         grads_out = [torch.empty_like(o) for o in outs]
-        with torch.cuda.graph(bwd, pool=pool):
-            grads_in = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
-        return outs, grads_out, list(grads_in), fwd.replay, bwd.replay
+        with torch.cuda.graph(bwd, pool=pool, capture_error_mode="thread_local"):
+            grads_in = _grads_into(torch.autograd.grad(outs, inputs, grads_out, allow_unused=True), into)
+        return outs, grads_out, grads_in, fwd.replay, bwd.replay
+
+
+def _grads_into(grads, into: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients, the last ``len(into)`` of them copied into ``into`` (and given as those)."""
+    n = len(grads) - len(into)
+    pairs = [(b, g) for b, g in zip(into, grads[n:]) if g is not None]
+    if pairs:
+        torch._foreach_copy_([b for b, _ in pairs], [g for _, g in pairs])
+    return list(grads[:n]) + [None if g is None else b for b, g in zip(into, grads[n:])]
 
 
 class EagerReplay:
@@ -135,14 +151,15 @@ class EagerReplay:
                     s.copy_(o)
         return outs, replay
 
-    def train(self, fn, inputs):
+    def train(self, fn, inputs, into):
         self.records += 1
         with torch.enable_grad():
             first = fn()
         outs = [o.detach().clone() for o in first]
         grads_out = [torch.zeros_like(o) for o in outs]
-        grads_in = [None if g is None else g.detach().clone()
-                    for g in torch.autograd.grad(first, inputs, grads_out, allow_unused=True)]
+        got = torch.autograd.grad(first, inputs, grads_out, allow_unused=True)
+        n = len(inputs) - len(into)
+        grads_in = [None if g is None else g.detach().clone() for g in got[:n]] + _grads_into(got, into)[n:]
         live: list[list[torch.Tensor]] = []
 
         def replay_fwd():
@@ -156,35 +173,37 @@ class EagerReplay:
         def replay_bwd():
             got = torch.autograd.grad(live.pop(), inputs, grads_out, allow_unused=True)
             with torch.no_grad():
-                for s, g in zip(grads_in, got):
+                for s, g in zip(grads_in[:n], got[:n]):
                     if s is not None:
                         s.copy_(g)
+                _grads_into(got, into)
         return outs, grads_out, grads_in, replay_fwd, replay_bwd
 
 
 # ------------------------------------------------------------------------------ the stack
 @dataclasses.dataclass
 class _Graph:
-    h: torch.Tensor  # static input [B, T_bucket, C]
-    mask: torch.Tensor | None  # static attention mask
+    h: torch.Tensor  # static input [B, T_graph, C]
+    mask: torch.Tensor | None  # static attention mask (a leaf that requires grad for a trained bias)
     outs: list[torch.Tensor]  # static outputs: the stack's output, then what it collects
     replay: Callable[[], None]
     grads_out: list[torch.Tensor] | None = None  # training: the outputs' gradients, read by the backward graph
-    grads_in: list[torch.Tensor | None] | None = None  # the input's and parameters' gradients, written by it
+    grads_in: list[torch.Tensor | None] | None = None  # [input, mask, *parameters] gradients it leaves (None: none)
     replay_bwd: Callable[[], None] | None = None
     replays: int = 0
 
 
 class _Replay(torch.autograd.Function):
-    """The student's stack as one autograd node: forward copies the input into the static
-    buffer and replays the forward graph; backward copies the outputs' gradients in, replays
-    the backward graph and hands autograd the input's and parameters' gradients."""
+    """The student's stack as one autograd node: forward copies the input (and mask) into the
+    static buffers and replays the forward graph; backward copies the outputs' gradients in,
+    replays the backward graph and hands autograd the input's, the mask's and the parameters'
+    gradients."""
 
     @staticmethod
-    def forward(ctx, graph: _Graph, h, *params):
-        _fill(graph, h)
+    def forward(ctx, graph: _Graph, h, mask, *params):
+        _fill(graph, h, mask)
         graph.replay()
-        ctx.graph, ctx.params, ctx.h_leaf, ctx.length = graph, params, h.grad_fn is None, h.shape[1]
+        ctx.graph, ctx.params, ctx.length = graph, params, h.shape[1]
         return tuple(o.detach() for o in graph.outs)
 
     @staticmethod
@@ -196,35 +215,44 @@ class _Replay(torch.autograd.Function):
             else:
                 static.copy_(g)
         graph.replay_bwd()
-        # The gradients live in static buffers that the next replay overwrites. Autograd passes
-        # one on at once, except into a leaf's .grad: where that is still None it would keep the
-        # tensor itself (and a later micro-batch's replay would change it), so those get copies.
-        gh, *gp = graph.grads_in
-        if gh is not None:
-            gh = gh.detach()[:, :ctx.length]  # the real rows of a padded bucket
-            if ctx.h_leaf:
-                gh = gh.clone()
+        # The gradients live in buffers that the stack's next backward replay overwrites. Autograd
+        # hands the input's and the mask's on at once, but a leaf whose .grad is still None would
+        # keep the tensor itself, so those two leave as copies (one each), and so do the
+        # parameters' gradients that start a .grad (later micro-batches add into it in place).
+        gh, gm, *gp = graph.grads_in
+        gh = None if gh is None else gh[:, :ctx.length].clone()  # the real rows of a padded bucket
+        gm = None if gm is None else gm.clone()
         fresh = [i for i, (p, g) in enumerate(zip(ctx.params, gp)) if g is not None and p.grad is None]
         gp = [None if g is None else g.detach() for g in gp]
         if fresh:
             for i, g in zip(fresh, torch._foreach_mul([gp[i] for i in fresh], 1.0)):  # exact copies
                 gp[i] = g
-        return (None, gh, *gp)
+        return (None, gh, gm, *gp)
 
 
-def _fill(graph: _Graph, h: torch.Tensor) -> None:
-    """Copy ``h`` ``[B, T, C]`` into the static input ``[B, T_bucket, C]``, zeros after it."""
-    T = h.shape[1]
-    if T == graph.h.shape[1]:
-        graph.h.copy_(h)
-    else:
-        graph.h[:, :T].copy_(h)
-        graph.h[:, T:].zero_()
+def _fill(graph: _Graph, h: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Copy ``h`` ``[B, T, C]`` into the static input ``[B, T_graph, C]``, zeros after it, and
+    the mask (already padded to the graph's length) into the static mask."""
+    with torch.no_grad():
+        T = h.shape[1]
+        if T == graph.h.shape[1]:
+            graph.h.copy_(h)
+        else:
+            graph.h[:, :T].copy_(h)
+            graph.h[:, T:].zero_()
+        if mask is not None:
+            graph.mask.copy_(mask)
+
+
+def _mask_kind(mask: torch.Tensor | None):
+    """What a mask contributes to a graph's key besides the length: its dtype, rank, leading
+    dims and whether it is trained."""
+    return None if mask is None else (mask.dtype, mask.dim(), tuple(mask.shape[:2]), mask.requires_grad)
 
 
 class StackGraphs:
     """The CUDA graphs of one encoder stack (a list of blocks run by ``run_blocks``), one set
-    per shape bucket; ``run`` is what ``run_blocks`` calls while ``active``."""
+    per shape; ``run`` is what ``run_blocks`` calls while ``active``."""
 
     def __init__(self, blocks, run_eager: Callable, *, granule: int = 64, max_graphs: int = 8,
                  capture=None, name: str = "stack"):
@@ -233,6 +261,7 @@ class StackGraphs:
         self.granule, self.max_graphs, self.name = granule, max_graphs, name
         self.capture = capture if capture is not None else CudaCapture()
         self.params = [p for b in self.blocks for p in b.parameters() if p.requires_grad]
+        self.param_grads: list[torch.Tensor] | None = None  # the parameters' gradients, shared by every graph
         self.graphs: dict[tuple, _Graph] = {}
         self.active = False
         self.eager_calls = 0  # calls run eager: more shapes than max_graphs, or after a failed recording
@@ -248,52 +277,65 @@ class StackGraphs:
         if not self.active or h.dim() != 3 or not (attn_mask is None or torch.is_tensor(attn_mask)):
             return None
         B, T, C = h.shape
-        length, mask = bucket(T, self.granule), attn_mask
-        if length != T:
-            mask = pad_attention_mask(attn_mask, B, T, length, h.device)
-            if mask is None:  # a bias per query: the exact shape
-                length, mask = T, attn_mask
         train = torch.is_grad_enabled() and (h.requires_grad or bool(self.params))
         kind = h.device.type
-        key = (B, length, C, h.dtype, str(h.device), collect, train, self.blocks[0].training,
-               None if mask is None else (tuple(mask.shape), mask.dtype),
-               torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        family = (B, C, h.dtype, str(h.device), collect, train, train and h.requires_grad, self.blocks[0].training,
+                  torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        length, mask = T, attn_mask
+        key = (family, T, _mask_kind(attn_mask))
         graph = self.graphs.get(key)
+        if graph is None and bucket(T, self.granule) != T:
+            padded = bucket(T, self.granule)
+            padded_mask = pad_attention_mask(attn_mask, B, T, padded, h.device)
+            if padded_mask is not None:
+                padded_key = (family, padded, _mask_kind(padded_mask))
+                graph = self.graphs.get(padded_key)
+                # a stack whose length has changed before pads new lengths into buckets
+                if graph is not None or any(k[0] == family and k[1] != T for k in self.graphs):
+                    key, length, mask = padded_key, padded, padded_mask
         if graph is None:
-            if len(self.graphs) >= self.max_graphs or self.failed:
-                self.eager_calls += 1
+            graph = self._new(key, h, mask, length, collect, train)
+            if graph is None:
                 return None
-            try:
-                graph = self._record(h, mask, length, collect, train)
-            except Exception as err:  # an op the recording refuses: this stack runs eager from now on
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                self.failed = f"{type(err).__name__}: {first}"
-                print(f"d2v_fast: --train.compile stack-cudagraphs: recording the {self.name}'s stack failed "
-                      f"({self.failed}); it runs eager for the rest of the run", file=sys.stderr)
-                self.eager_calls += 1
-                return None
-            self.graphs[key] = graph
-        if mask is not None:
-            graph.mask.copy_(mask)
         graph.replays += 1
         if train:
-            outs = _Replay.apply(graph, h, *self.params)
+            outs = _Replay.apply(graph, h, mask, *self.params)
         else:
-            with torch.no_grad():
-                _fill(graph, h)
-                graph.replay()
+            _fill(graph, h, mask)
+            graph.replay()
             outs = graph.outs
         if length != T:
             outs = [o[:, :T] for o in outs]
         return outs[0], list(outs[1:])
 
+    def _new(self, key, h, mask, length: int, collect, train: bool) -> _Graph | None:
+        if len(self.graphs) >= self.max_graphs or self.failed:
+            self.eager_calls += 1
+            return None
+        try:
+            graph = self._record(h, mask, length, collect, train)
+        except Exception as err:  # an op the recording refuses: this stack runs eager from now on
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.failed = f"{type(err).__name__}: {first}"
+            print(f"d2v_fast: --train.compile stack-cudagraphs: recording the {self.name}'s stack failed "
+                  f"({self.failed}); it runs eager for the rest of the run", file=sys.stderr)
+            self.eager_calls += 1
+            return None
+        self.graphs[key] = graph
+        return graph
+
     def _record(self, h: torch.Tensor, mask, length: int, collect, train: bool) -> _Graph:
         B, T, C = h.shape
         static_h = torch.zeros(B, length, C, dtype=h.dtype, device=h.device)
-        _fill(_Graph(static_h, None, [], lambda: None), h.detach())
-        static_mask = None if mask is None else mask.clone()
+        static_mask = None if mask is None else torch.empty_like(mask, requires_grad=False)
+        graph = _Graph(static_h, static_mask, [], lambda: None)
+        _fill(graph, h.detach(), None if mask is None else mask.detach())
+        heads = []  # the inputs besides the parameters whose gradients the backward graph leaves
         if train:
             static_h.requires_grad_(h.requires_grad)
+            if mask is not None:
+                static_mask.requires_grad_(mask.requires_grad)
+            heads = [t for t in (static_h, static_mask) if t is not None and t.requires_grad]
 
         def fn() -> list[torch.Tensor]:
             out, collected = self.run_eager(self.blocks, static_h, static_mask, collect)
@@ -301,13 +343,17 @@ class StackGraphs:
 
         if not train:
             with torch.no_grad():
-                outs, replay = self.capture.forward(fn)
-            return _Graph(static_h, static_mask, outs, replay)
-        inputs = ([static_h] if static_h.requires_grad else []) + self.params
-        outs, grads_out, grads_in, replay, replay_bwd = self.capture.train(fn, inputs)
-        if not static_h.requires_grad:
-            grads_in = [None, *grads_in]
-        return _Graph(static_h, static_mask, outs, replay, grads_out, grads_in, replay_bwd)
+                graph.outs, graph.replay = self.capture.forward(fn)
+            return graph
+        if self.param_grads is None:
+            self.param_grads = [torch.empty_like(p) for p in self.params]
+        graph.outs, graph.grads_out, got, graph.replay, graph.replay_bwd = \
+            self.capture.train(fn, heads + self.params, self.param_grads)
+        it = iter(got[:len(heads)])
+        gh = next(it) if static_h.requires_grad else None
+        gm = next(it) if static_mask is not None and static_mask.requires_grad else None
+        graph.grads_in = [gh, gm, *got[len(heads):]]
+        return graph
 
 
 # ------------------------------------------------------------------------------ attachment

@@ -73,7 +73,10 @@ def graphs_note(trainer) -> str:
         return ""
     if not trainer.stack_graphs:
         return "; encoder stacks eager (--train.compile stack-cudagraphs records CUDA graphs on a GPU only)"
-    size = f"lengths padded to multiples of {t.graph_bucket}" if t.graph_bucket > 1 else "exact lengths"
+    size = f"lengths that vary padded to multiples of {t.graph_bucket}" if t.graph_bucket > 1 \
+        and t.attention != "flash" else "exact lengths"
+    if getattr(trainer.enc_cfg, "layerdrop", 0.0) > 0:
+        return f"; the teacher's encoder stack as CUDA graphs ({size}), the student's eager (layer drop)"
     return f"; encoder stacks as CUDA graphs ({size})"
 
 

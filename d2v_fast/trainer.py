@@ -197,8 +197,10 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         from .models.blocks import run_blocks_eager
 
         self.stack_graphs = []
+        # flash attention takes no mask: lengths are then recorded as they come, never padded
+        granule = 0 if self.cfg.train.attention == "flash" else self.cfg.train.graph_bucket
         for name, blocks in (("student", list(self.model.student.blocks())), ("teacher", self._teacher_blocks())):
-            graphs = StackGraphs(blocks, run_blocks_eager, granule=self.cfg.train.graph_bucket,
+            graphs = StackGraphs(blocks, run_blocks_eager, granule=granule,
                                  capture=capture() if isinstance(capture, type) else capture, name=name)
             attach(blocks, graphs)
             self.stack_graphs.append(graphs)
