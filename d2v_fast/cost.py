@@ -475,16 +475,9 @@ class GraphsOnHost:
         return outs, _graph_launch
 
     def train(self, fn, inputs, into):
-        from .graphs import _grads_into
+        from .graphs import record_eagerly
 
-        with torch.enable_grad():
-            first = fn()
-        outs = [o.detach().clone() for o in first]
-        grads_out = [torch.zeros_like(o) for o in outs]
-        got = torch.autograd.grad(first, inputs, grads_out, allow_unused=True)
-        n = len(inputs) - len(into)
-        grads_in = [None if g is None else g.detach().clone() for g in got[:n]] + _grads_into(got, into)[n:]
-        return outs, grads_out, grads_in, _graph_launch, _graph_launch
+        return (*record_eagerly(fn, inputs, into), _graph_launch, _graph_launch)
 
 
 def _graph_launch() -> None:

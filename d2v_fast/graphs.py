@@ -134,6 +134,18 @@ def _grads_into(grads, into: list[torch.Tensor]) -> list[torch.Tensor | None]:
     return list(grads[:n]) + [None if g is None else b for b, g in zip(into, grads[n:])]
 
 
+def record_eagerly(fn, inputs: list[torch.Tensor], into: list[torch.Tensor]):
+    """A training "recording" without a GPU: one eager forward and backward, whose results
+    become the static outputs, output-gradient buffers (zeros) and input gradients."""
+    with torch.enable_grad():
+        first = fn()
+    outs = [o.detach().clone() for o in first]
+    grads_out = [torch.zeros_like(o) for o in outs]
+    got = torch.autograd.grad(first, inputs, grads_out, allow_unused=True)
+    n = len(inputs) - len(into)
+    return outs, grads_out, [None if g is None else g.detach().clone() for g in got[:n]] + _grads_into(got, into)[n:]
+
+
 class EagerReplay:
     """The CPU stand-in for ``CudaCapture`` (tests): the same static buffers, each "replay"
     running the function again and writing its results into them."""
@@ -153,13 +165,8 @@ class EagerReplay:
 
     def train(self, fn, inputs, into):
         self.records += 1
-        with torch.enable_grad():
-            first = fn()
-        outs = [o.detach().clone() for o in first]
-        grads_out = [torch.zeros_like(o) for o in outs]
-        got = torch.autograd.grad(first, inputs, grads_out, allow_unused=True)
+        outs, grads_out, grads_in = record_eagerly(fn, inputs, into)
         n = len(inputs) - len(into)
-        grads_in = [None if g is None else g.detach().clone() for g in got[:n]] + _grads_into(got, into)[n:]
         live: list[list[torch.Tensor]] = []
 
         def replay_fwd():
