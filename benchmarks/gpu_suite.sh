@@ -15,8 +15,8 @@
 #             last, if time is left), i.e. 64 and 128 clone rows; hf has no data2vec2
 #   audio     python -m d2v_fast.bench --modality audio, base, 20 s crops: data2vec at batch 8,
 #             data2vec2 at batch 4 (32 clone rows); d2v_fast and reference (into step.jsonl)
-#   stack     data2vec base at batch 32 and data2vec2 at batch 8 with the encoder stacks replayed
-#             as CUDA graphs (--train.compile stack-cudagraphs)
+#   stack     data2vec base at batch 32 with the encoder stacks replayed as CUDA graphs
+#             (--train.compile stack-cudagraphs)
 #   ablation  data2vec base batch 64, one process: hf, then d2v_fast with every switch of
 #             d2v_fast.steptimer.ABLATION on, each off in turn, all at their defaults
 #   images    which SDPA kernel the v1 (BEiT) attention with its relative position bias runs
@@ -26,8 +26,8 @@
 #   kernels   benchmarks/test_kernels.py (not the torch.compile rows)
 #   pretrain  the default job, 100 steps on the GPU
 #   last, if time is left: hf and d2v_fast with every switch on at batch 32, then the same
-#             with CUDA graphs of the compiled blocks (--train.compile blocks-cudagraphs); data2vec2 at
-#             batch 16; d2v_fast at batch 64 with SDPA pinned to flash, cuDNN and
+#             with CUDA graphs of the compiled blocks (--train.compile blocks-cudagraphs); data2vec2
+#             at batch 8 with the stacks as CUDA graphs, and at batch 16; d2v_fast at batch 64 with SDPA pinned to flash, cuDNN and
 #             memory-efficient attention (--train.attention); reference+compile at batch 32 (it compiles for about a minute and was
 #             slower than reference on 2026-11-28)
 #
@@ -99,11 +99,9 @@ TIMED=(--steps 10 --warmup 3)
 stage step-d2v-32 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
 stage step-d2v-64 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 64 --providers d2v_fast,hf,reference --json "$OUTDIR/step.jsonl"
 # the encoder stacks replayed as CUDA graphs (--train.compile stack-cudagraphs) at batch 32, where
-# the host's launches outlasted the GPU's work (2026-11-28), and data2vec2 at batch 8
+# the host's launches outlasted the GPU's work (2026-11-28); data2vec2 at batch 8 comes last
 stage step-d2v-32-stack 75 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v_fast --train.compile stack-cudagraphs \
   --json "$OUTDIR/step.jsonl"
-stage step-d2v2-stack 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast \
-  --train.compile stack-cudagraphs --train.graph_bucket 0 --json "$OUTDIR/step.jsonl"
 stage ablation 170 "${BENCH[@]}" --batch-size 64 --ablation --providers hf --steps 6 --warmup 2 --json "$OUTDIR/ablation.json"
 stage step-d2v2 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 # speech, base, 20 s crops (999 frames): data2vec at 8 utterances, data2vec2 at 4 (x 8 clones)
@@ -134,6 +132,8 @@ stage step-d2v-32-all 60 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers
 stage step-d2v-32-graphs 90 "${BENCH[@]}" "${TIMED[@]}" --batch-size 32 --providers d2v_fast --train.skip_on_device true \
   --train.host_counts true --train.compile blocks-cudagraphs --train.fused_qkv true --train.bf16_teacher true \
   --json "$OUTDIR/step.jsonl"
+stage step-d2v2-stack 60 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 8 --providers d2v_fast \
+  --train.compile stack-cudagraphs --json "$OUTDIR/step.jsonl"
 stage step-d2v2-16 40 "${BENCH[@]}" "${TIMED[@]}" --recipe data2vec2 --batch-size 16 --providers d2v_fast,reference --json "$OUTDIR/step.jsonl"
 
 # The SDPA backend pinned (--train.attention): which of flash and cuDNN attention is faster here.
