@@ -6,8 +6,9 @@
     python -m d2v_fast.bench --cost [--suite] [--modality M] [--recipe R] [--json PATH]   # d2v_fast/cost.py
 
 ``--ablation`` times the ``d2v_fast`` step with every performance switch of ``ABLATION`` on,
-then with each one off in turn, then with all of them at their defaults (one process, so
-compiled graphs are shared between the rows), after the ``--providers`` named explicitly.
+then with each one off in turn, then with all of them at their defaults, and on a GPU the
+defaults with the encoder stacks as CUDA graphs (one process, so compiled graphs are shared
+between the rows), after the ``--providers`` named explicitly.
 
 A step is student forward/backward, teacher forward, targets, loss, optimizer and EMA, on
 synthetic batches (random token ids, real span masks) so no corpus is needed. Providers:

@@ -220,9 +220,11 @@ def measure(provider: str, cfg: Config, *, device: torch.device, batch_size: int
 
 
 def ablation_configs(cfg: Config, device: torch.device) -> list[tuple[str, Config]]:
-    """(row label, config): all switches on, each off in turn, all at the config's values.
-    On the CPU the Triton kernels would run in the interpreter, so ``kernels`` stays as set,
-    and ``bf16_teacher``/``bf16_student`` are left out unless ``--train.dtype bfloat16``."""
+    """(row label, config): all switches on, each off in turn, all at the config's values, and
+    on a GPU those values with the encoder stacks as CUDA graphs (``--train.compile
+    stack-cudagraphs``, not a switch of the ``all`` row: it replaces ``compile blocks``). On the
+    CPU the Triton kernels would run in the interpreter, so ``kernels`` stays as set, and
+    ``bf16_teacher``/``bf16_student`` are left out unless ``--train.dtype bfloat16``."""
     cuda = device.type == "cuda"
     switches = {k: v for k, v in ABLATION.items()
                 if (k != "kernels" or cuda) and (k not in ("bf16_teacher", "bf16_student") or cuda
@@ -235,7 +237,12 @@ def ablation_configs(cfg: Config, device: torch.device) -> list[tuple[str, Confi
         for k, v in values.items():
             setattr(c.train, k, v)
         out.append((label, c))
-    return out + [("d2v_fast[defaults]", cfg)]
+    out.append(("d2v_fast[defaults]", cfg))
+    if cuda:
+        c = copy.deepcopy(cfg)
+        c.train.compile = "stack-cudagraphs"
+        out.append(("d2v_fast[defaults+stack-cudagraphs]", c))
+    return out
 
 
 def environment(device: torch.device) -> dict:

@@ -279,6 +279,17 @@ def test_stack_cudagraphs_flags(builtin_cache, tmp_path):
     assert tr.stack_graphs == []  # no GPU: the stacks run eager
 
 
+def test_the_gpu_ablation_times_the_stack_graphs_beside_the_defaults():
+    from d2v_fast.config import preset
+    from d2v_fast.steptimer import ablation_configs
+
+    cfg = preset("tiny")
+    gpu = dict(ablation_configs(cfg, torch.device("cuda")))
+    assert list(gpu)[-2:] == ["d2v_fast[defaults]", "d2v_fast[defaults+stack-cudagraphs]"]
+    assert gpu["d2v_fast[defaults+stack-cudagraphs]"].train.compile == "stack-cudagraphs" and cfg.train.compile == "none"
+    assert "d2v_fast[defaults+stack-cudagraphs]" not in dict(ablation_configs(cfg, torch.device("cpu")))
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_recorded_stacks_on_gpu_match_eager(builtin_cache, tmp_path):
