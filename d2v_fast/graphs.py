@@ -41,7 +41,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["StackGraphs", "CudaCapture", "EagerReplay", "bucket", "pad_attention_mask", "attach", "attached"]
+__all__ = ["StackGraphs", "CudaCapture", "EagerReplay", "bucket", "pad_attention_mask", "attach", "attached",
+           "record_eagerly", "refuse_several_processes"]
 
 
 def bucket(n: int, granule: int) -> int:
@@ -361,6 +362,17 @@ class StackGraphs:
         gm = next(it) if static_mask is not None and static_mask.requires_grad else None
         graph.grads_in = [gh, gm, *got[len(heads):]]
         return graph
+
+
+def refuse_several_processes(world: int) -> None:
+    """Stack graphs run in one process: DDP's and FSDP's per-parameter hooks would have to
+    fire inside the recorded backward. Refused in one line for ``world`` > 1."""
+    if world > 1:
+        from .errors import UsageError
+
+        raise UsageError(f"--train.compile stack-cudagraphs: one process only for now, not {world} (DDP's and "
+                         f"FSDP's per-parameter hooks would have to fire inside the recorded backward); use "
+                         f"--train.compile blocks-cudagraphs or none with several processes")
 
 
 # ------------------------------------------------------------------------------ attachment

@@ -88,10 +88,10 @@ def _check_world(cfg, world: int) -> None:
     if cfg.train.micro_batch_size and local % cfg.train.micro_batch_size:
         raise UsageError(f"--train.micro_batch_size {cfg.train.micro_batch_size}: must divide the per-rank "
                          f"batch {local} (--batch-size {cfg.train.batch_size} over {world} rank(s))")
-    if cfg.train.compile == "stack-cudagraphs" and world > 1:
-        raise UsageError(f"--train.compile stack-cudagraphs: one process only for now, not {world} (DDP's and "
-                         f"FSDP's per-parameter hooks would have to fire inside the recorded backward); use "
-                         f"--train.compile blocks-cudagraphs or none with several processes")
+    if cfg.train.compile == "stack-cudagraphs":
+        from .graphs import refuse_several_processes
+
+        refuse_several_processes(world)
 
 
 def _check_probe_task(cfg, modality) -> bool:

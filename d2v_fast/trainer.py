@@ -177,15 +177,10 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
         # record graphs); elsewhere the stacks run eager
         self.stack_graphs: list = []
         if t.compile == "stack-cudagraphs":
-            if self.distributed:
-                from .errors import UsageError
+            from .graphs import CudaCapture, refuse_several_processes
 
-                raise UsageError("--train.compile stack-cudagraphs: one process only for now (DDP's and FSDP's "
-                                 "per-parameter hooks would have to fire inside the recorded backward); use "
-                                 "--train.compile blocks-cudagraphs or none with several processes")
+            refuse_several_processes(world_size)
             if self.device.type == "cuda":
-                from .graphs import CudaCapture
-
                 self.attach_stack_graphs(CudaCapture)
 
     def attach_stack_graphs(self, capture) -> None:

@@ -277,6 +277,11 @@ def test_stack_cudagraphs_flags(builtin_cache, tmp_path):
     validate(cfg)
     tr = Trainer(cfg, open_corpus(builtin_cache), tmp_path)
     assert tr.stack_graphs == []  # no GPU: the stacks run eager
+    from d2v_fast.pretrain import _check_world
+
+    _check_world(cfg, 1)
+    with pytest.raises(UsageError, match="stack-cudagraphs: one process only for now, not 2 .*blocks-cudagraphs or none"):
+        _check_world(cfg, 2)  # what a launch with several processes is told before any starts
 
 
 def test_the_gpu_ablation_times_the_stack_graphs_beside_the_defaults():
