@@ -245,6 +245,10 @@ class ShadowedLinear(nn.Linear):
             if low is not None and self.sole_reader:  # its gradient, too, reaches the norm in bf16
                 x, low = low, None
             if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+                c = ops.native()
+                if c is not None and not torch.compiler.is_compiling():  # the same node in C++
+                    return c.shadow_linear(x, self.weight, self.bias, self.weight_shadow, self.weight_shadow_t,
+                                           self.bias_shadow, low, _fp32_grads(x))
                 return _ShadowLinearFn.apply(x, self.weight, self.bias, self.weight_shadow, self.weight_shadow_t,
                                              self.bias_shadow, low)
             x2 = _2d(x.to(shadow.dtype) if low is None else low)  # linear, less its transpose

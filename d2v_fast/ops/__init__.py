@@ -16,7 +16,9 @@ before ``d2v_fast`` is imported; otherwise the call raises and says so.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -48,6 +50,31 @@ _choice = "auto"
 # after, so the set stands until a GPU run re-measures it.
 # tests/test_kernels.py checks this set against that results file.
 EAGER_ON_AUTO = frozenset({"masked_gather", "masked_scatter", "regression_loss"})
+
+
+_NATIVE: list = []  # [module or None] once looked up
+
+
+def native():
+    """``d2v_fast._C`` when it has the step's C++ autograd nodes (``shadow_linear``,
+    ``layer_norm_dual_grad``: the same ops as their Python Functions, without the interpreter
+    in forward's bookkeeping and in backward), else None, and the Python Functions run (same
+    values, more host time per update; one RuntimeWarning when the extension is there but
+    older). ``D2V_FAST_NO_EXT=1`` keeps to Python."""
+    if not _NATIVE:
+        mod = None
+        if os.environ.get("D2V_FAST_NO_EXT", "0") != "1":
+            try:
+                mod = importlib.import_module("d2v_fast._C")
+            except ImportError:  # the data path's loader says so, once (d2v_fast/data/masking.py)
+                mod = None
+            if mod is not None and not hasattr(mod, "layer_norm_dual_grad"):
+                warnings.warn("d2v_fast._C has no autograd nodes (built from an older checkout): the step's Linears "
+                              "and LayerNorms run their Python Functions (same values, more host time). Fix: rebuild "
+                              "with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=2)
+                mod = None
+        _NATIVE.append(mod)
+    return _NATIVE[0]
 
 
 def set_kernels(choice: str) -> None:
@@ -209,7 +236,12 @@ def layer_norm_dual(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     cast, its backward and an add."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return layer_norm_dual_fwd(x, weight, bias, eps, low, stats=False)[:2]  # no backward: no statistics
-    return _LayerNormDual.apply(x, weight, bias, eps, low)
+    c = native()
+    if c is None or torch.compiler.is_compiling():
+        return _LayerNormDual.apply(x, weight, bias, eps, low)
+    with torch.no_grad():  # the values without autograd; one C++ node joins them to x, weight and bias
+        y, y_low, mean, rstd = layer_norm_dual_fwd(x, weight, bias, eps, low)
+    return c.layer_norm_dual_grad(x, weight, bias, y, y_low, mean, rstd)
 
 
 def representation_std(x: torch.Tensor) -> torch.Tensor:

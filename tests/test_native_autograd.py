@@ -1,0 +1,113 @@
+"""The step's C++ autograd nodes (``csrc/autograd.cpp``) against the Python Functions they
+stand in for: the same values and gradients, bit for bit, over awkward shapes and every
+combination of inputs that need a gradient."""
+import pytest
+import torch
+
+from d2v_fast import ops
+from d2v_fast.models import encoder
+
+C = ops.native()
+pytestmark = pytest.mark.skipif(C is None, reason="d2v_fast._C not built (pip install --no-build-isolation -e .)")
+
+
+def _grads(out, inputs, seed):
+    g = torch.Generator().manual_seed(seed)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    grads = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    want = [t for t in inputs if t is not None and t.requires_grad]
+    got = torch.autograd.grad(outs, want, grads, allow_unused=True)
+    return [None if x is None else x.clone() for x in got]
+
+
+def _same(a, b):
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (2, 5, 13), (3, 1, 4, 13)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("low", ["none", "sole", "shared"])
+@pytest.mark.parametrize("fp32_grads", [False, True])
+def test_shadow_linear_matches_the_python_function(shape, bias, low, fp32_grads, monkeypatch):
+    # fp32_grads: the parameter gradients in fp32 from the GEMM (a GPU's arithmetic), forced
+    # on the Python side too (on the CPU both take the bf16 GEMM and a cast, one op here)
+    monkeypatch.setattr(encoder, "_fp32_grads", lambda t: fp32_grads)
+    torch.manual_seed(hash((shape, bias, low, fp32_grads)) % 2**31)
+    out_features = 11
+    for x_grad, w_grad in [(True, True), (True, False), (False, True)]:
+        x = torch.randn(shape)
+        weight = torch.randn(out_features, shape[-1])
+        b32 = torch.randn(out_features) if bias else None
+        w, bb = weight.to(torch.bfloat16), (b32.to(torch.bfloat16) if bias else None)
+        x_low = x.to(torch.bfloat16) if low != "none" else None
+        if low == "sole":  # a LayerNorm's rounded output read by this Linear alone: x is the copy
+            x, x_low = x_low, None
+        x.requires_grad_(x_grad)
+        weight.requires_grad_(w_grad)
+        if b32 is not None:
+            b32.requires_grad_(w_grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = C.shadow_linear(x, weight, b32, w, w.t(), bb, x_low, fp32_grads)
+            theirs = encoder._ShadowLinearFn.apply(x, weight, b32, w, w.t(), bb, x_low)
+        _same(ours, theirs)
+        seed = int(torch.randint(0, 2**31, ()))
+        for a, b_ in zip(_grads(ours, (x, weight, b32), seed), _grads(theirs, (x, weight, b32), seed)):
+            _same(a, b_)
+
+
+@pytest.mark.parametrize("shape", [(5, 24), (2, 3, 24), (1, 1, 7)])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("used", ["y", "low", "both"])
+def test_layer_norm_dual_node_matches_the_python_function(shape, affine, used):
+    torch.manual_seed(hash((shape, affine, used)) % 2**31)
+    c = shape[-1]
+    x = (3 * torch.randn(shape) + 1).requires_grad_()
+    weight = torch.randn(c).requires_grad_() if affine != "none" else None
+    bias = torch.randn(c).requires_grad_() if affine == "both" else None
+    ours = ops.layer_norm_dual(x, weight, bias, 1e-5)
+    saved = ops._NATIVE[:]
+    ops._NATIVE[:] = [None]  # the Python Function
+    try:
+        theirs = ops.layer_norm_dual(x, weight, bias, 1e-5)
+    finally:
+        ops._NATIVE[:] = saved
+    assert type(ours[0].grad_fn).__name__ != type(theirs[0].grad_fn).__name__  # two different nodes compared
+    for a, b in zip(ours, theirs):
+        _same(a.detach(), b.detach())
+    pick = {"y": lambda o: o[:1], "low": lambda o: o[1:], "both": lambda o: o}[used]
+    seed = int(torch.randint(0, 2**31, ()))
+    for a, b in zip(_grads(pick(ours), (x, weight, bias), seed), _grads(pick(theirs), (x, weight, bias), seed)):
+        _same(a, b)
+
+
+def test_fp32_weight_gradient_is_one_counted_op():
+    """On the CPU the weight gradient's GEMM with an fp32 result is the GEMM and a cast inside
+    one dispatcher op, ``d2v_fast::mm_out_dtype`` (one kernel on a GPU): the step-cost
+    counter sees one op."""
+    from d2v_fast.cost import CostCounter
+
+    x = torch.randn(6, 8, dtype=torch.bfloat16)
+    weight = torch.randn(5, 8, requires_grad=True)
+    w = weight.detach().to(torch.bfloat16)
+    out = C.shadow_linear(x, weight, None, w, w.t(), None, None, True)
+    counter = CostCounter()
+    with counter:
+        (gw,) = torch.autograd.grad(out, [weight], torch.ones_like(out))
+    assert counter.ops["d2v_fast::mm_out_dtype"] == 1
+    assert "aten::mm" not in counter.ops  # the bf16 GEMM is inside the one op
+    assert gw.dtype == torch.float32
+    assert torch.equal(gw, torch.ones(6, 5, dtype=torch.bfloat16).t().mm(x).float())
+
+
+def test_an_older_extension_falls_back_with_one_warning(monkeypatch):
+    import types
+
+    stale = types.ModuleType("d2v_fast._C")
+    monkeypatch.setattr(ops, "_NATIVE", [])
+    monkeypatch.setattr(ops.importlib, "import_module", lambda name: stale)
+    with pytest.warns(RuntimeWarning, match="no autograd nodes.*rebuild"):
+        assert ops.native() is None
+    assert ops.native() is None  # looked up once
