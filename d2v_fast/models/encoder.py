@@ -211,10 +211,11 @@ class DualLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
-        if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling() \
-                or torch.get_autocast_dtype(kind) not in (torch.bfloat16, torch.float16):
+        low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        if x.dtype != torch.float32 or low not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
             return super().forward(x)
-        y, y_low = ops.layer_norm_dual(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(kind))
+        params = self._parameters  # (nn.Module's attribute lookup is slow; this runs per block per forward)
+        y, y_low = ops.layer_norm_dual(x, params["weight"], params["bias"], self.eps, low)
         setattr(y, LOW_COPY, y_low)
         return y
 
@@ -236,26 +237,30 @@ class ShadowedLinear(nn.Linear):
     sole_reader = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shadow = getattr(self, "weight_shadow", None)
-        if shadow is not None and torch.is_autocast_enabled(x.device.type) \
-                and torch.get_autocast_dtype(x.device.type) == shadow.dtype:
-            low = getattr(x, LOW_COPY, None)  # a DualLayerNorm's rounded output: no cast here
-            if low is not None and low.dtype != shadow.dtype:
-                low = None
-            if low is not None and self.sole_reader:  # its gradient, too, reaches the norm in bf16
-                x, low = low, None
-            if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
-                c = ops.native()
-                if c is not None and not torch.compiler.is_compiling():  # the same node in C++
-                    return c.shadow_linear(x, self.weight, self.bias, self.weight_shadow, self.weight_shadow_t,
-                                           self.bias_shadow, low, _fp32_grads(x))
-                return _ShadowLinearFn.apply(x, self.weight, self.bias, self.weight_shadow, self.weight_shadow_t,
-                                             self.bias_shadow, low)
-            x2 = _2d(x.to(shadow.dtype) if low is None else low)  # linear, less its transpose
-            b = self.bias_shadow
-            out = torch.addmm(b, x2, self.weight_shadow_t) if b is not None else torch.mm(x2, self.weight_shadow_t)
-            return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
-        return super().forward(x)
+        # the copies are a student's plain attributes or a teacher's buffers; read from their
+        # dicts (this runs once per Linear per forward: nn.Module's attribute lookup is slow)
+        own, buffers = self.__dict__, self._buffers
+        shadow = own["weight_shadow"] if "weight_shadow" in own else buffers.get("weight_shadow")
+        kind = x.device.type
+        if shadow is None or not torch.is_autocast_enabled(kind) or torch.get_autocast_dtype(kind) != shadow.dtype:
+            return super().forward(x)
+        bias_shadow = own["bias_shadow"] if "bias_shadow" in own else buffers.get("bias_shadow")
+        w_t = own["weight_shadow_t"]
+        low = getattr(x, LOW_COPY, None)  # a DualLayerNorm's rounded output: no cast here
+        if low is not None and low.dtype != shadow.dtype:
+            low = None
+        if low is not None and self.sole_reader:  # its gradient, too, reaches the norm in bf16
+            x, low = low, None
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+            c = ops.native()
+            if c is not None and not torch.compiler.is_compiling():  # the same node in C++
+                return c.shadow_linear(x, weight, bias, shadow, w_t, bias_shadow, low, _fp32_grads(x))
+            return _ShadowLinearFn.apply(x, weight, bias, shadow, w_t, bias_shadow, low)
+        x2 = _2d(x.to(shadow.dtype) if low is None else low)  # linear, less its transpose
+        out = torch.addmm(bias_shadow, x2, w_t) if bias_shadow is not None else torch.mm(x2, w_t)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,

@@ -234,13 +234,17 @@ def layer_norm_dual(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     the residual stream and the next Linear's input: forward writes both in one pass (Triton
     side), backward sums the two gradients and runs ATen's LayerNorm backward, instead of a
     cast, its backward and an add."""
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)
+                                           or (bias is not None and bias.requires_grad)):
         return layer_norm_dual_fwd(x, weight, bias, eps, low, stats=False)[:2]  # no backward: no statistics
     c = native()
     if c is None or torch.compiler.is_compiling():
         return _LayerNormDual.apply(x, weight, bias, eps, low)
-    with torch.no_grad():  # the values without autograd; one C++ node joins them to x, weight and bias
+    torch._C._set_grad_enabled(False)  # the values without autograd; one C++ node joins them to x, weight, bias
+    try:
         y, y_low, mean, rstd = layer_norm_dual_fwd(x, weight, bias, eps, low)
+    finally:
+        torch._C._set_grad_enabled(True)
     return c.layer_norm_dual_grad(x, weight, bias, y, y_low, mean, rstd)
 
 
