@@ -9,7 +9,7 @@
 # that no longer fits is skipped and says so, and the files are written whatever happens:
 #   install   the checkout, editable, no downloads (the C++ extension is built here)
 #   tests     GPU correctness: pytest -m gpu (kernels at bf16, run during the install; then
-#             the step switches and the stack graphs against eager)
+#             the step switches, the stack graphs and the C++ autograd nodes against eager)
 #   step      python -m d2v_fast.bench, data2vec base: d2v_fast, hf, reference at batch 32
 #             and 64; data2vec2 base (8 clones): d2v_fast, reference at batch 8 (and 16,
 #             last, if time is left), i.e. 64 and 128 clone rows; hf has no data2vec2
@@ -92,7 +92,7 @@ if [[ $DRY != 1 ]]; then
   say "tests-kernels: exit status $?"
   cat "$KTESTS" | tee -a "$LOG" >"$OUTDIR/tests.txt"
 fi
-stage tests-switches 150 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider tests/test_step_switches.py tests/test_stack_graphs.py 2>&1 | tee -a '$OUTDIR/tests.txt'"
+stage tests-switches 150 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider tests/test_step_switches.py tests/test_stack_graphs.py tests/test_native_autograd.py 2>&1 | tee -a '$OUTDIR/tests.txt'"
 
 BENCH=($PY -m d2v_fast.bench --config base --seq-len 512 --data.num_workers 0)
 TIMED=(--steps 10 --warmup 3)

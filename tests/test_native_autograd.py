@@ -111,3 +111,39 @@ def test_an_older_extension_falls_back_with_one_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no autograd nodes.*rebuild"):
         assert ops.native() is None
     assert ops.native() is None  # looked up once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or C is None, reason="needs CUDA and d2v_fast._C")
+def test_native_nodes_on_gpu_match_the_python_functions(monkeypatch):
+    """On a GPU: the shadowed Linear's parameter gradients in fp32 straight from the GEMM
+    (``aten::mm.dtype`` where torch has it, both sides), and the dual LayerNorm (the Triton
+    kernel when compiled, else its twin) with its C++ backward node."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    monkeypatch.setattr(encoder, "_MM_OUT_DTYPE", [])
+    for shape in [(4, 77, 96), (300, 96)]:
+        x = torch.randn(shape, device=dev, requires_grad=True)
+        weight = torch.randn(160, 96, device=dev, requires_grad=True)
+        b32 = torch.randn(160, device=dev, requires_grad=True)
+        w, bb = weight.detach().to(torch.bfloat16), b32.detach().to(torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ours = C.shadow_linear(x, weight, b32, w, w.t(), bb, None, True)
+            theirs = encoder._ShadowLinearFn.apply(x, weight, b32, w, w.t(), bb, None)
+        _same(ours, theirs)
+        seed = int(torch.randint(0, 2**31, ()))
+        got = _grads(ours, (x, weight, b32), seed)
+        assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+        for a, b_ in zip(got, _grads(theirs, (x, weight, b32), seed)):
+            _same(a, b_)
+    x = torch.randn(8, 129, 768, device=dev, requires_grad=True)
+    weight = torch.randn(768, device=dev, requires_grad=True)
+    bias = torch.randn(768, device=dev, requires_grad=True)
+    ours = ops.layer_norm_dual(x, weight, bias, 1e-5)
+    monkeypatch.setattr(ops, "_NATIVE", [None])
+    theirs = ops.layer_norm_dual(x, weight, bias, 1e-5)
+    for a, b in zip(ours, theirs):
+        _same(a.detach(), b.detach())
+    seed = int(torch.randint(0, 2**31, ()))
+    for a, b in zip(_grads(ours, (x, weight, bias), seed), _grads(theirs, (x, weight, bias), seed)):
+        _same(a, b)
