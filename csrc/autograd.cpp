@@ -9,6 +9,7 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace d2v {
@@ -83,8 +84,10 @@ struct ShadowLinearFn : public torch::autograd::Function<ShadowLinearFn> {
 };
 
 struct LayerNormDualFn : public torch::autograd::Function<LayerNormDualFn> {
+  // ``outs`` (y, y_low) come as one non-tensor argument: outputs that are not inputs take this
+  // node as their history as they are (an input returned would be returned as a view of itself).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, const at::Tensor& y, const at::Tensor& y_low,
+                               const std::optional<at::Tensor>& bias, const std::tuple<at::Tensor, at::Tensor>& outs,
                                const at::Tensor& mean, const at::Tensor& rstd) {
     const bool has_w = weight.has_value() && weight->defined();
     const bool has_b = bias.has_value() && bias->defined();
@@ -92,13 +95,13 @@ struct LayerNormDualFn : public torch::autograd::Function<LayerNormDualFn> {
     ctx->saved_data["has_w"] = has_w;
     ctx->saved_data["has_b"] = has_b;
     ctx->set_materialize_grads(false);  // an unused output gives an undefined gradient, not zeros
-    return {y, y_low};
+    return {std::get<0>(outs), std::get<1>(outs)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];
     const at::Tensor& grad_low = grads[1];
-    variable_list out(7);
+    variable_list out(6);  // one per forward argument
     if (!grad.defined() && !grad_low.defined()) return out;
     auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
@@ -139,7 +142,9 @@ at::Tensor shadow_linear(const at::Tensor& x, const at::Tensor& weight, const st
 std::vector<at::Tensor> layer_norm_dual_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                              const std::optional<at::Tensor>& bias, const at::Tensor& y,
                                              const at::Tensor& y_low, const at::Tensor& mean, const at::Tensor& rstd) {
-  return LayerNormDualFn::apply(x, weight, bias, y, y_low, mean, rstd);
+  TORCH_CHECK(!y.requires_grad() && !y_low.requires_grad(), "layer_norm_dual_grad: y and y_low must be computed "
+              "without autograd (under torch.no_grad())");
+  return LayerNormDualFn::apply(x, weight, bias, std::make_tuple(y, y_low), mean, rstd);
 }
 
 }  // namespace d2v
