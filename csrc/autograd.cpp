@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -64,6 +65,8 @@ struct ShadowLinearFn : public torch::autograd::Function<ShadowLinearFn> {
     const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
     const auto p_dtype = ctx->saved_data["p_dtype"].toScalarType();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // fp32_grads was decided by the caller at forward time (the Python twin decides in backward,
+    // from the gradient's device: the same answer, the device being the same)
     const bool fp32 = ctx->saved_data["fp32"].toBool() && p_dtype != grads[0].scalar_type();
     at::Tensor g2 = rows(grads[0]);
     at::Tensor gx, gw, gb;
@@ -125,9 +128,19 @@ struct LayerNormDualFn : public torch::autograd::Function<LayerNormDualFn> {
 }  // namespace
 
 at::Tensor mm_out_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype) {
-  if (a.is_cuda() && a.scalar_type() != dtype) {
+  // 1: aten::mm.dtype took these dtypes on this device before; -1: it raised (a build or device
+  // without its kernel), and the GEMM and cast run from then on, as where torch lacks the op
+  static std::atomic<int> works{0};
+  if (a.is_cuda() && a.scalar_type() != dtype && works.load() >= 0) {
     if (auto op = mm_dtype_op()) {
-      return op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(a, b, dtype);
+      try {
+        at::Tensor out = op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(a, b, dtype);
+        works.store(1);
+        return out;
+      } catch (const c10::Error&) {
+        if (works.load() == 1) throw;  // it worked before: a real error, not a missing kernel
+        works.store(-1);
+      }
     }
   }
   return a.mm(b).to(dtype);
@@ -139,16 +152,18 @@ at::Tensor shadow_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return ShadowLinearFn::apply(x, weight, bias, w, w_t, b, x_low, fp32_grads);
 }
 
-std::vector<at::Tensor> layer_norm_dual_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+std::tuple<at::Tensor, at::Tensor> layer_norm_dual_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                              const std::optional<at::Tensor>& bias, const at::Tensor& y,
                                              const at::Tensor& y_low, const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK(!y.requires_grad() && !y_low.requires_grad(), "layer_norm_dual_grad: y and y_low must be computed "
               "without autograd (under torch.no_grad())");
-  return LayerNormDualFn::apply(x, weight, bias, std::make_tuple(y, y_low), mean, rstd);
+  auto out = LayerNormDualFn::apply(x, weight, bias, std::make_tuple(y, y_low), mean, rstd);
+  return {out[0], out[1]};
 }
 
 }  // namespace d2v
 
-TORCH_LIBRARY(d2v_fast, m) { m.def("mm_out_dtype(Tensor a, Tensor b, ScalarType dtype) -> Tensor"); }
+// a fragment: the Python custom ops (d2v_fast/kernels) share the namespace
+TORCH_LIBRARY_FRAGMENT(d2v_fast, m) { m.def("mm_out_dtype(Tensor a, Tensor b, ScalarType dtype) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(d2v_fast, CompositeExplicitAutograd, m) { m.impl("mm_out_dtype", &d2v::mm_out_dtype); }

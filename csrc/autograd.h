@@ -1,12 +1,13 @@
 // Autograd nodes of the encoder step written in C++ (forward's bookkeeping and the whole
 // backward): the same ATen ops, value for value, as the Python autograd Functions they stand
 // in for (d2v_fast/models/encoder.py ``_ShadowLinearFn``, d2v_fast/ops ``_LayerNormDual``).
+// Like those, they have no double backward (the step never differentiates a gradient).
 #pragma once
 
 #include <torch/extension.h>
 
 #include <optional>
-#include <vector>
+#include <tuple>
 
 namespace d2v {
 
@@ -25,7 +26,7 @@ at::Tensor shadow_linear(const at::Tensor& x, const at::Tensor& weight, const st
 // A LayerNorm's two outputs ``y`` (fp32) and ``y_low`` (its rounding), computed by the caller
 // without autograd, joined to ``x``, ``weight`` and ``bias`` by one node whose backward sums the
 // two gradients in fp32 and runs ATen's LayerNorm backward with the saved ``mean``/``rstd``.
-std::vector<at::Tensor> layer_norm_dual_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+std::tuple<at::Tensor, at::Tensor> layer_norm_dual_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                              const std::optional<at::Tensor>& bias, const at::Tensor& y,
                                              const at::Tensor& y_low, const at::Tensor& mean, const at::Tensor& rstd);
 

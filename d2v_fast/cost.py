@@ -347,6 +347,9 @@ def cuda_path_on_cpu():
         # a shadowed Linear's parameter gradients: CUDA's fp32-output GEMM and sum (one op each)
         patch(encoder, "_fp32_grads", lambda t: True)
         patch(encoder, "_mm_out", _one_op("aten::mm", lambda a, b, dtype: a.mm(b).to(dtype)))
+        # (the C++ node, d2v_fast._C, reads the same flag and calls ``d2v_fast::mm_out_dtype``:
+        # counted as one op, its CPU GEMM and cast left in the timed host time; a Python kernel
+        # registered over it to time that arithmetic as a twin would cost more than it takes out)
         patch(F, "scaled_dot_product_attention", sdpa)
         patch(F, "dropout", dropout)
         # the finite flag's wait (a CUDA event on a GPU): a sync when the flag was recorded in the

@@ -1,14 +1,32 @@
 """The step's C++ autograd nodes (``csrc/autograd.cpp``) against the Python Functions they
 stand in for: the same values and gradients, bit for bit, over awkward shapes and every
 combination of inputs that need a gradient."""
+import importlib
+import zlib
+
 import pytest
 import torch
 
 from d2v_fast import ops
 from d2v_fast.models import encoder
 
+try:
+    importlib.import_module("d2v_fast._C")
+    BUILT = True
+except ImportError:
+    BUILT = False
 C = ops.native()
-pytestmark = pytest.mark.skipif(C is None, reason="d2v_fast._C not built (pip install --no-build-isolation -e .)")
+pytestmark = pytest.mark.skipif(not BUILT, reason="d2v_fast._C not built (pip install --no-build-isolation -e .)")
+
+
+def _seed(*key) -> None:
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def test_the_built_extension_has_the_nodes():
+    """An extension that imports but lacks the nodes (built from an older checkout) would make
+    every other test here pass without running them: rebuild it."""
+    assert C is not None, "d2v_fast._C has no autograd nodes: rebuild with pip install --no-build-isolation -e ."
 
 
 def _grads(out, inputs, seed):
@@ -35,7 +53,8 @@ def test_shadow_linear_matches_the_python_function(shape, bias, low, fp32_grads,
     # fp32_grads: the parameter gradients in fp32 from the GEMM (a GPU's arithmetic), forced
     # on the Python side too (on the CPU both take the bf16 GEMM and a cast, one op here)
     monkeypatch.setattr(encoder, "_fp32_grads", lambda t: fp32_grads)
-    torch.manual_seed(hash((shape, bias, low, fp32_grads)) % 2**31)
+    monkeypatch.setattr(encoder, "_MM_OUT_DTYPE", [])  # the Python side's probe of torch.mm(out_dtype=)
+    _seed(shape, bias, low, fp32_grads)
     out_features = 11
     for x_grad, w_grad in [(True, True), (True, False), (False, True)]:
         x = torch.randn(shape)
@@ -62,7 +81,7 @@ def test_shadow_linear_matches_the_python_function(shape, bias, low, fp32_grads,
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
 @pytest.mark.parametrize("used", ["y", "low", "both"])
 def test_layer_norm_dual_node_matches_the_python_function(shape, affine, used):
-    torch.manual_seed(hash((shape, affine, used)) % 2**31)
+    _seed(shape, affine, used)
     c = shape[-1]
     x = (3 * torch.randn(shape) + 1).requires_grad_()
     weight = torch.randn(c).requires_grad_() if affine != "none" else None
@@ -74,6 +93,7 @@ def test_layer_norm_dual_node_matches_the_python_function(shape, affine, used):
         theirs = ops.layer_norm_dual(x, weight, bias, 1e-5)
     finally:
         ops._NATIVE[:] = saved
+    assert isinstance(ours, tuple) and isinstance(theirs, tuple)
     assert type(ours[0].grad_fn).__name__ != type(theirs[0].grad_fn).__name__  # two different nodes compared
     for a, b in zip(ours, theirs):
         _same(a.detach(), b.detach())
@@ -81,6 +101,63 @@ def test_layer_norm_dual_node_matches_the_python_function(shape, affine, used):
     seed = int(torch.randint(0, 2**31, ()))
     for a, b in zip(_grads(pick(ours), (x, weight, bias), seed), _grads(pick(theirs), (x, weight, bias), seed)):
         _same(a, b)
+
+
+def _shadowed_layer(dropout=0.0):
+    """One text block with the bf16 copies a student gets (``--train.bf16_student``)."""
+    from d2v_fast.kernels.ema import flatten_params_
+
+    cfg = encoder.EncoderConfig(hidden_size=24, num_heads=4, ffn_size=48, dropout=dropout, attention_dropout=dropout)
+    layer = encoder.Layer(cfg)
+    encoder.fuse_qkv_([layer])
+    encoder.shadow_linears_(layer, flatten_params_(layer), torch.bfloat16, buffers=False)
+    return layer
+
+
+def test_a_shadowed_block_runs_the_cpp_nodes():
+    _seed("block")
+    layer = _shadowed_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, _ = layer(torch.randn(2, 5, 24, requires_grad=True))
+    names, seen, stack = [], set(), [h.grad_fn]
+    while stack:  # every node of the block's graph
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.append(node.name())
+            stack.extend(n for n, _ in node.next_functions)
+    assert names.count("torch::autograd::CppNode<d2v::(anonymous namespace)::ShadowLinearFn>") == 4  # qkv, out, ffn x 2
+    assert names.count("torch::autograd::CppNode<d2v::(anonymous namespace)::LayerNormDualFn>") == 2
+    assert not {"_ShadowLinearFnBackward", "_LayerNormDualBackward"} & set(names)
+    assert not any(n.startswith("ToCopyBackward") for n in names)  # no cast of a weight or a norm output
+
+
+def test_a_compiled_shadowed_block_is_one_graph(monkeypatch):
+    """While compiling, the Python Functions run (dynamo traces them) and the extension is not
+    looked up: no graph break in a block, even when the first lookup would happen there."""
+    monkeypatch.setattr(ops, "_NATIVE", [])  # not looked up yet
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    _seed("compiled")
+    layer = _shadowed_layer()
+    eager = _shadowed_layer()
+    eager.load_state_dict(layer.state_dict())
+    layer.compile(backend=backend, dynamic=False)
+    x = torch.randn(2, 5, 24)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(2):
+                out, _ = layer(x)
+            ref, _ = eager(x)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert torch.equal(out, ref)
 
 
 def test_fp32_weight_gradient_is_one_counted_op():

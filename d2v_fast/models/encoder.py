@@ -254,8 +254,10 @@ class ShadowedLinear(nn.Linear):
         params = self._parameters
         weight, bias = params["weight"], params["bias"]
         if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-            c = ops.native()
-            if c is not None and not torch.compiler.is_compiling():  # the same node in C++
+            # the same node in C++; not while compiling (dynamo traces the Python Function, and
+            # must not meet the extension's first lookup: a graph break in every block)
+            c = None if torch.compiler.is_compiling() else ops.native()
+            if c is not None:
                 return c.shadow_linear(x, weight, bias, shadow, w_t, bias_shadow, low, _fp32_grads(x))
             return _ShadowLinearFn.apply(x, weight, bias, shadow, w_t, bias_shadow, low)
         x2 = _2d(x.to(shadow.dtype) if low is None else low)  # linear, less its transpose

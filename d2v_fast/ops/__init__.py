@@ -237,8 +237,8 @@ def layer_norm_dual(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)
                                            or (bias is not None and bias.requires_grad)):
         return layer_norm_dual_fwd(x, weight, bias, eps, low, stats=False)[:2]  # no backward: no statistics
-    c = native()
-    if c is None or torch.compiler.is_compiling():
+    c = None if torch.compiler.is_compiling() else native()  # (dynamo traces the Python Function)
+    if c is None:
         return _LayerNormDual.apply(x, weight, bias, eps, low)
     torch._C._set_grad_enabled(False)  # the values without autograd; one C++ node joins them to x, weight, bias
     try:
