@@ -67,9 +67,14 @@ def is_interpreted(kernel) -> bool:
     """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on the CPU)."""
     if not AVAILABLE:
         return False
-    from triton.runtime.interpreter import InterpretedFunction
+    if not _INTERPRETED_TYPE:  # imported once: this runs on every op's dispatch
+        from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(kernel, InterpretedFunction)
+        _INTERPRETED_TYPE.append(InterpretedFunction)
+    return isinstance(kernel, _INTERPRETED_TYPE[0])
+
+
+_INTERPRETED_TYPE: list = []
 
 
 def check_device(kernel, *tensors: torch.Tensor) -> None:

@@ -57,11 +57,11 @@ def layer_norm_dual_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
     C = x.shape[-1]
     x2 = x.contiguous()
     rows = x2.numel() // C if C else 0
-    y = torch.empty_like(x2)
-    y_low = torch.empty(x2.shape, dtype=low, device=x.device)
+    y = torch.empty_like(x2)  # (``empty_like``/``new_empty``: less argument parsing than ``torch.empty``)
+    y_low = torch.empty_like(x2, dtype=low)
     mean = rstd = None
     if stats:
-        mean = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+        mean = x2.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
         rstd = torch.empty_like(mean)
     if rows:
         _layer_norm_dual_kernel[(rows,)](x2, x2 if weight is None else weight, x2 if bias is None else bias,

@@ -89,7 +89,10 @@ def set_kernels(choice: str) -> None:
 def _requested() -> str:
     if _choice != "auto":
         return _choice
-    env = os.environ.get("D2V_KERNELS", "auto").strip().lower() or "auto"
+    raw = os.environ.get("D2V_KERNELS")  # read at every call (a test or a user may set it late)
+    if not raw:
+        return "auto"
+    env = raw.strip().lower() or "auto"
     if env not in CHOICES:
         raise ValueError(f"D2V_KERNELS={env!r}: expected one of {CHOICES} (unset means auto)")
     return env
