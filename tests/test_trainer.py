@@ -303,6 +303,7 @@ def test_sigkill_at_a_random_moment_then_resume(builtin_cache, tmp_path):
     (["--recipe.top_k", "9"], "--recipe.top_k 9: must be in [1, 4]"),
     (["--train.dtype", "fp8"], "--train.dtype 'fp8'"),
     (["--resume", "maybe"], "argument --resume: invalid choice: 'maybe'"),
+    (["--train.attention", "flash"], "--train.attention 'flash': text batches carry a padding mask"),
 ])
 def test_bad_flags_stop_with_one_line_and_exit_2(argv, needle, capsys):
     rc, err = run_cli(argv, capsys)

@@ -150,6 +150,16 @@ class TextModality(Modality):
              f"longer than the position table (--model.max_seq_len {m.max_seq_len}); lower --seq-len "
              f"or raise --model.max_seq_len")
         need(d.block_mode in ("pack", "document"), "--data.block_mode", d.block_mode, "expected pack or document")
+        from ..models.blocks import flash_attn_varlen_func
+
+        t = cfg.train
+        # every text batch carries its padding mask (all false where nothing is padded), which
+        # SDPA's flash kernel refuses at the first attention; flash-attn's varlen kernel takes it
+        need(t.attention != "flash" or (flash_attn_varlen_func is not None and t.dtype != "float32"),
+             "--train.attention", t.attention,
+             "text batches carry a padding mask, which PyTorch's flash kernel does not take; use auto "
+             "(PyTorch's pick), cudnn, efficient or math, or install flash-attn (its varlen kernel runs "
+             "padded bf16 batches on a GPU)")
 
     def encoder_config(self, cfg, corpus) -> EncoderConfig:
         return dataclasses.replace(cfg.model, vocab_size=corpus.vocab_size, pad_id=corpus.special_ids["pad"])
