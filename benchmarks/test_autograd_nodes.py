@@ -14,12 +14,7 @@ both rows (on a GPU the Triton kernel), so its rows differ by the node alone.
 """
 from __future__ import annotations
 
-import datetime
-import gc
-import json
 import os
-import platform
-import time
 from pathlib import Path
 
 import pytest
@@ -28,24 +23,19 @@ import torch
 from d2v_fast import ops
 from d2v_fast.models import encoder
 
+from ._results import host_times, write_results
+
 RESULTS: list[dict] = []
 RESULTS_FILE = Path(__file__).parent / "results" / "autograd-nodes-cpu.json"
 C = ops.native()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def write_results():
+def write():
     yield
-    if os.environ.get("D2V_BENCH_WRITE", "0") != "1" or not RESULTS:
-        return
-    doc = {"benchmark": "autograd_nodes", "machine": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "note": "one forward + backward, CPU tensors [16, 8] under bf16 autocast; host_us: 10th percentile of "
-                   "2000 calls, median_us: median (microseconds)", "results": RESULTS}
-    tmp = RESULTS_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(RESULTS_FILE)
+    if os.environ.get("D2V_BENCH_WRITE", "0") == "1" and RESULTS:
+        write_results(RESULTS_FILE, "autograd_nodes", "one forward + backward, CPU tensors [16, 8] under bf16 "
+                      "autocast; host_us: 10th percentile of 2000 calls, median_us: median (microseconds)", RESULTS)
 
 
 def _call(op: str, provider: str):
@@ -94,17 +84,6 @@ def test_autograd_node_host(benchmark, op, provider):
     fn = _call(op, provider)
     benchmark.group = f"node {op}"
     benchmark.pedantic(fn, rounds=200, iterations=1, warmup_rounds=20)
-    times = []
-    gc.disable()
-    try:
-        for _ in range(2000):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    times.sort()
-    row = {"op": op, "provider": provider, "host_us": times[len(times) // 10] * 1e6,
-           "median_us": times[len(times) // 2] * 1e6}
+    row = {"op": op, "provider": provider, **host_times(fn, 2000)}
     benchmark.extra_info.update(row)
     RESULTS.append(row)

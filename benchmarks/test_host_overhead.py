@@ -18,12 +18,7 @@ machine's CPU; on a GPU host the same rows are in benchmarks/test_kernels.py as
 """
 from __future__ import annotations
 
-import datetime
-import gc
-import json
 import os
-import platform
-import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +33,8 @@ from d2v_fast.kernels import ema as kema  # noqa: E402
 from d2v_fast.kernels import gather as kgather  # noqa: E402
 from d2v_fast.kernels import loss as kloss  # noqa: E402
 from d2v_fast.kernels import targets as ktargets  # noqa: E402
+
+from ._results import host_times, write_results  # noqa: E402
 
 RESULTS: list[dict] = []
 RESULTS_FILE = Path(__file__).parent / "results" / "host-overhead-cpu.json"
@@ -64,18 +61,11 @@ def no_launches(monkeypatch):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def write_results():
+def write():
     yield
-    if os.environ.get("D2V_BENCH_WRITE", "0") != "1" or not RESULTS:
-        return
-    doc = {"benchmark": "host_overhead", "machine": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "note": "kernel launches replaced by no-ops; CPU tensors B=4, T=64, C=32, K=3; host_us: 10th percentile of 1000 calls, median_us: median (microseconds)",
-           "results": RESULTS}
-    tmp = RESULTS_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(RESULTS_FILE)
+    if os.environ.get("D2V_BENCH_WRITE", "0") == "1" and RESULTS:
+        write_results(RESULTS_FILE, "host_overhead", "kernel launches replaced by no-ops; CPU tensors B=4, T=64, C=32, "
+                      "K=3; host_us: 10th percentile of 1000 calls, median_us: median (microseconds)", RESULTS)
 
 
 def _inputs():
@@ -114,18 +104,6 @@ def test_host_overhead(benchmark, no_launches, provider, op):
     fn = _calls(provider)[op]
     benchmark.group = f"host {op}"
     benchmark.pedantic(lambda: fn(d), rounds=200, iterations=1, warmup_rounds=20)
-    times = []
-    gc.disable()  # a collection inside a timed call is not the op's cost
-    try:
-        for _ in range(1000):
-            start = time.perf_counter()
-            fn(d)
-            times.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    times.sort()
-    # the shared 2-core machine is noisy: the 10th percentile is the steadiest summary
-    row = {"op": op, "provider": provider, "host_us": times[len(times) // 10] * 1e6,
-           "median_us": times[len(times) // 2] * 1e6}
+    row = {"op": op, "provider": provider, **host_times(lambda: fn(d), 1000)}
     benchmark.extra_info.update(row)
     RESULTS.append(row)
