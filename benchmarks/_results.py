@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ def host_times(fn, calls: int) -> dict:
 
 
 def write_results(path: Path, benchmark: str, note: str, rows: list[dict]) -> None:
-    """The rows with the machine and the date, written atomically to ``path``."""
+    """The rows with the machine and the date, written atomically to ``path``, when asked for
+    (``D2V_BENCH_WRITE=1``) and there are rows."""
+    if os.environ.get("D2V_BENCH_WRITE", "0") != "1" or not rows:
+        return
     doc = {"benchmark": benchmark, "machine": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
