@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from d2v_fast.data import masking as row_stream
+from d2v_fast import extension
 from d2v_fast.data.text import masking
 from d2v_fast.reference import masking as reference
 
@@ -328,7 +328,7 @@ def test_fallback_warns_once_with_reason_and_fix(monkeypatch):
         importlib.import_module("d2v_fast._C")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert row_stream._load_extension() is None
+        assert extension.load() is None
     assert len(caught) == 1
     assert caught[0].category is RuntimeWarning
     message = str(caught[0].message)
@@ -338,5 +338,5 @@ def test_fallback_warns_once_with_reason_and_fix(monkeypatch):
     monkeypatch.setenv("D2V_FAST_NO_EXT", "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert row_stream._load_extension() is None
+        assert extension.load() is None
     assert caught == []

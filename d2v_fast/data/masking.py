@@ -1,5 +1,6 @@
 """The keyed per-row random stream every modality's masks draw from (text, speech, images;
-``csrc/`` has the same in C++), and the loader of the C++ extension ``d2v_fast._C``.
+``csrc/`` has the same in C++); the C++ extension ``d2v_fast._C`` it uses is loaded by
+``d2v_fast.extension``.
 
 All arithmetic is on uint64.
 
@@ -15,46 +16,20 @@ on the batch it is in, its place in that batch or the thread count.
 """
 from __future__ import annotations
 
-import importlib
 import operator
-import os
-import warnings
+
+from .. import extension
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 _GOLDEN = 0x9E3779B97F4A7C15
-_NO_EXT_ENV = "D2V_FAST_NO_EXT"
-
-
-def _load_extension():
-    """Returns the ``d2v_fast._C`` module, or None (with one RuntimeWarning) if it fails."""
-    if os.environ.get(_NO_EXT_ENV, "0") == "1":
-        return None
-    try:
-        return importlib.import_module("d2v_fast._C")
-    except ImportError as exc:
-        warnings.warn(
-            f"d2v_fast._C could not be imported ({exc}); masking falls back to pure Python "
-            "(identical masks, ~300-500x slower). Fix: build the extension with "
-            "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`), "
-            f"or set {_NO_EXT_ENV}=1 to use the fallback without this warning.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
-
-
-_C = _load_extension()
+_C = extension.C
 
 
 def extension_with(function: str, what: str):
     """``d2v_fast._C`` if it has ``function``, else None with one RuntimeWarning: an extension
     built from an older checkout; ``what`` masks then fall back to their Python twin."""
-    if _C is None or hasattr(_C, function):
-        return _C
-    warnings.warn(f"d2v_fast._C has no {what} masks (built from an older checkout); {what} masking falls back to "
-                  "pure Python (identical masks, slower). Fix: rebuild with `pip install --no-build-isolation -e .`",
-                  RuntimeWarning, stacklevel=3)
-    return None
+    return extension.with_function(_C, function, f"{what} masking falls back to pure Python (identical masks, slower)",
+                                   stacklevel=4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,13 +16,12 @@ before ``d2v_fast`` is imported; otherwise the call raises and says so.
 """
 from __future__ import annotations
 
-import importlib
 import os
-import warnings
 from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .. import extension as _extension
 from .. import kernels as _k
 from ..kernels import ema as _ema
 from ..kernels import gather as _gather
@@ -60,20 +59,11 @@ def native():
     ``layer_norm_dual_grad``: the same ops as their Python Functions, without the interpreter
     in forward's bookkeeping and in backward), else None, and the Python Functions run (same
     values, more host time per update; one RuntimeWarning when the extension is there but
-    older). ``D2V_FAST_NO_EXT=1`` keeps to Python."""
+    older; None, said once, where it is missing, or with ``D2V_FAST_NO_EXT=1``:
+    ``d2v_fast.extension``)."""
     if not _NATIVE:
-        mod = None
-        if os.environ.get("D2V_FAST_NO_EXT", "0") != "1":
-            try:
-                mod = importlib.import_module("d2v_fast._C")
-            except ImportError:  # the data path's loader says so, once (d2v_fast/data/masking.py)
-                mod = None
-            if mod is not None and not hasattr(mod, "layer_norm_dual_grad"):
-                warnings.warn("d2v_fast._C has no autograd nodes (built from an older checkout): the step's Linears "
-                              "and LayerNorms run their Python Functions (same values, more host time). Fix: rebuild "
-                              "with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=2)
-                mod = None
-        _NATIVE.append(mod)
+        _NATIVE.append(_extension.with_function(_extension.C, "layer_norm_dual_grad", "the step's Linears and LayerNorms run "
+                                                "their Python Functions (same values, more host time)"))
     return _NATIVE[0]
 
 
