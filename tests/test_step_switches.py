@@ -267,6 +267,34 @@ def test_fused_qkv_layer_computes_the_same_and_keeps_hf_names():
     assert torch.equal(q, sa["encoder.layer.1.attention.self.query.weight"])
 
 
+def test_a_module_swapped_after_a_forward_is_used_by_the_next():
+    """Blocks keep their looked-up layout between calls; a module registered anywhere (here a
+    Linear deep in a block, then the fused QKV swap) must reach the next forward."""
+    from d2v_fast.models import Encoder, EncoderConfig
+    from d2v_fast.models.encoder import fuse_qkv_
+
+    cfg = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_seq_len=16,
+                        dropout=0.0, attention_dropout=0.0)
+    model = Encoder(cfg).eval()
+    x = torch.randint(5, 50, (2, 9))
+    before = model(x)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        new = torch.nn.Linear(64, 32)
+        new.weight.normal_()
+        model.encoder.layer[1].output.dense = new  # a swap two modules below the block
+        reference.encoder.layer[1].output.dense = copy.deepcopy(new)
+    after = model(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, reference(x), rtol=0, atol=0)
+    fuse_qkv_(model.encoder.layer)  # the layout methods' other answer: the fused projection
+    layer = model.encoder.layer[0]
+    with torch.no_grad():
+        layer.attention.self.qkv.weight.mul_(2.0)  # only the fused module's weights change
+    assert layer._layout()[0] is layer.attention.self
+    assert not torch.allclose(model(x), after)
+
+
 def test_fused_qkv_training_step_checkpoint_and_export(builtin_cache, tmp_path):
     from d2v_fast import load_pretrained
 

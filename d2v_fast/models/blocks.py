@@ -34,6 +34,18 @@ except Exception:  # ImportError, or a binary built for another torch
 # (``models.encoder.DualLayerNorm``), read by the Linear that takes that output next.
 LOW_COPY = "_d2v_low"
 
+# Bumped whenever any module registers a submodule (``setattr`` of a Module, ``add_module``):
+# a block's looked-up layout (``Block._layout``) is kept until then, so a fused QKV projection
+# or a shadowed Linear swapped in place is picked up at the next call.
+_LAYOUT_GENERATION = [0]
+
+
+def _new_submodule(module, name, submodule):
+    _LAYOUT_GENERATION[0] += 1  # (returns None: the submodule is registered as it is)
+
+
+nn.modules.module.register_module_module_registration_hook(_new_submodule)
+
 
 class Varlen:
     """Real-token layout of a padded batch for ``flash_attn_varlen_func``: attention runs
@@ -103,8 +115,9 @@ class Dense(nn.Module):
 
 class Block(nn.Module):
     """A transformer block. Subclasses create the parameters under their Hugging Face names
-    and return them from the layout methods below (looked up on every call, so modules
-    swapped in place, e.g. a fused QKV projection or a bf16-shadowed Linear, are used)."""
+    and return them from the layout methods below (looked up again after any module
+    registration, so modules swapped in place, e.g. a fused QKV projection or a bf16-shadowed
+    Linear, are used: ``_layout``)."""
 
     norm_first = False  # pre-LN (BEiT) instead of post-LN (RoBERTa, wav2vec 2.0)
 
@@ -137,22 +150,37 @@ class Block(nn.Module):
     def layer_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None
 
+    def _layout(self) -> tuple:
+        """(qkv projections, attention out, FFN in, FFN out, norm 1, norm 2), looked up through
+        the layout methods once per module registration anywhere (``_LAYOUT_GENERATION``), not
+        at every call (seven nested attribute lookups per block per forward); always looked up
+        while compiling (a guard on the generation would recompile at every registration)."""
+        own = self.__dict__
+        cached = own.get("_layout_cached")
+        if cached is not None and cached[0] == _LAYOUT_GENERATION[0] and not torch.compiler.is_compiling():
+            return cached[1]
+        layout = (self.qkv_projections(), self.attention_out(), self.ffn_in(), self.ffn_out(), *self.norms())
+        if not torch.compiler.is_compiling():
+            own["_layout_cached"] = (_LAYOUT_GENERATION[0], layout)
+        return layout
+
     # ----------------------------------------------------------------- the computation
-    def attend(self, x: torch.Tensor, attn_mask, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, attn_mask, shape: tuple[int, int] | None = None,
+               layout: tuple | None = None) -> torch.Tensor:
         """Self-attention of ``x``: ``[B, T, C]``, or ``[B·T, C]`` with ``shape`` = (B, T)."""
         if x.dim() == 3:
             B, T, C = x.shape
         else:
             (B, T), C = shape, x.shape[-1]
         H = self.num_heads
-        proj = self.qkv_projections()
+        proj, out = (layout or self._layout())[:2]
         p = self.attention_dropout if self.training else 0.0
         if not isinstance(proj, tuple) and not isinstance(attn_mask, Varlen) and not torch.is_grad_enabled():
             # no backward (the teacher): one permute to [3, B, H, T, D] gives the same views as
             # unbinding and transposing q, k and v (under autograd the permute's backward copies)
             q, k, v = proj.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-            return self.attention_out()(a.transpose(1, 2).reshape(x.shape))
+            return out(a.transpose(1, 2).reshape(x.shape))
         if isinstance(proj, tuple):
             q, k, v = (lin(x).view(B, T, H, C // H) for lin in proj)
         else:
@@ -163,7 +191,7 @@ class Block(nn.Module):
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=attn_mask, dropout_p=p)
             a = a.transpose(1, 2).reshape(x.shape)
-        return self.attention_out()(a)
+        return out(a)
 
     def forward(self, h: torch.Tensor, attn_mask=None, shape: tuple[int, int] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,17 +199,18 @@ class Block(nn.Module):
         the Linears then take their input as it is, no reshape in and out). ``attn_mask``:
         None, an SDPA boolean mask ``[B, 1, 1, T]`` (True = attend) or float bias, or a
         ``Varlen``. Returns (the block's output, its FFN output), shaped as ``h``."""
-        norm1, norm2 = self.norms()
+        layout = self._layout()
+        _, _, ffn_in, ffn_out, norm1, norm2 = layout
         scale1, scale2 = self.layer_scales()
         x = norm1(h) if self.norm_first else h
-        a = _dropout(self.attend(x, attn_mask, shape), self.dropout, self.training)
+        a = _dropout(self.attend(x, attn_mask, shape, layout), self.dropout, self.training)
         if scale1 is not None:
             a = scale1 * a
         h = h + self._drop_path(a, shape)
         if not self.norm_first:
             h = norm1(h)
         x = norm2(h) if self.norm_first else h
-        ffn = self.ffn_out()(_dropout(F.gelu(self.ffn_in()(x)), self.activation_dropout, self.training))
+        ffn = ffn_out(_dropout(F.gelu(ffn_in(x)), self.activation_dropout, self.training))
         f = _dropout(ffn, self.dropout, self.training)
         if scale2 is not None:
             f = scale2 * f
