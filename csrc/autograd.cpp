@@ -72,9 +72,11 @@ struct ShadowLinearFn : public torch::autograd::Function<ShadowLinearFn> {
     at::Tensor gx, gw, gb;
     // edges are the tensor inputs in order: x, weight, [bias], ...
     if (ctx->needs_input_grad(0)) {
-      gx = g2.mm(w);
+      // an input wider than the copy (fp32, cast here) takes its gradient from the GEMM too
+      const bool wide = ctx->saved_data["fp32"].toBool() && x_dtype != grads[0].scalar_type();
+      gx = wide ? call_mm_out_dtype(g2, w, x_dtype) : g2.mm(w);
       if (shape.size() != 2) gx = gx.view(shape);
-      gx = gx.to(x_dtype);
+      if (!wide) gx = gx.to(x_dtype);
     }
     if (ctx->needs_input_grad(1)) {
       gw = fp32 ? call_mm_out_dtype(g2.t(), x2, p_dtype) : g2.t().mm(x2).to(p_dtype);

@@ -123,7 +123,7 @@ class Trainer(MicroBatchSearch, Sharding, WarmStart, Metrics, ProbeHook):
                 from .models.encoder import shadow_linears_
 
                 self._student_shadow = shadow_linears_(self.model.student.ema_source(), self._ema_flat[1],
-                                                       torch.bfloat16, buffers=False)
+                                                       torch.bfloat16, buffers=False, dual_norms=False)
             if self.distributed:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.student = DDP(self.model.student, device_ids=ids)

@@ -993,6 +993,40 @@ def test_layer_norm_dual_gradients(side, use, poisoned):
         ops.set_kernels("auto")
 
 
+@pytest.mark.parametrize("side", ["torch", pytest.param("triton", marks=cpu_triton)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 100), (4, 1023)])
+@pytest.mark.parametrize("residual_dtype", [torch.bfloat16, torch.float32])
+def test_layer_norm_dual_with_the_residual_add(side, shape, residual_dtype):
+    """Without autograd the block's residual add comes into the norm's pass: the same values
+    as the add first (on the Triton side the sum is the same fp32 add, so the outputs equal
+    the kernel's on ``x + residual`` bit for bit); the bf16 output is the fp32 one's rounding."""
+    ops.set_kernels(side)
+    try:
+        C = shape[-1]
+        x, w, b = torch.randn(*shape) * 2 + 0.5, torch.randn(C), torch.randn(C)
+        r = torch.randn(*shape).to(residual_dtype)
+        with torch.no_grad():
+            y, y_low = ops.layer_norm_dual(x, w, b, 1e-5, torch.bfloat16, r)
+            e, e_low = ops.layer_norm_dual(x + r, w, b, 1e-5, torch.bfloat16)
+        assert torch.equal(y, e) and torch.equal(y_low, e_low)
+        assert torch.equal(y_low, y.to(torch.bfloat16))
+        close(y, F.layer_norm((x + r).double(), (C,), w.double(), b.double(), 1e-5).float(), atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="only without statistics"):
+            ops.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16, stats=True, residual=r)
+        # with autograd the sum is autograd's add, and gradients reach x, the residual and the affine
+        xs, rs, ws = x.clone().requires_grad_(), r.float().clone().requires_grad_(), w.clone().requires_grad_()
+        y2, _ = ops.layer_norm_dual(xs, ws, b, 1e-5, torch.bfloat16, rs)
+        g = torch.randn_like(y2)
+        y2.backward(g)
+        xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
+        F.layer_norm(xe + r.float(), (C,), we, b, 1e-5).backward(g)
+        close(xs.grad, xe.grad, atol=1e-4, rtol=1e-4)
+        assert torch.equal(xs.grad, rs.grad)
+        close(ws.grad, we.grad, atol=1e-4, rtol=1e-4)
+    finally:
+        ops.set_kernels("auto")
+
+
 def test_layer_norm_dual_without_grad_keeps_no_statistics():
     x = torch.randn(4, 16)
     with torch.no_grad():

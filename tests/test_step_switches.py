@@ -440,9 +440,10 @@ def test_bf16_student_computes_the_same_update(builtin_cache, tmp_path):
     lb, b = run(tmp_path / "copy", bf16_student=True)
     layer = b.model.student.encoder.encoder.layer[0]
     assert b.switches["bf16_student"] and isinstance(layer.intermediate.dense, ShadowedLinear)
-    # the LayerNorms hand their bf16 rounding to the next Linear (no cast there, none in backward)
-    assert isinstance(layer.output.LayerNorm, DualLayerNorm) and isinstance(layer.attention.output.LayerNorm,
-                                                                            DualLayerNorm)
+    # the student's LayerNorms stay ATen's (the teacher's hand their bf16 rounding on): the Linear
+    # after each casts its input, one op less of host work per norm than the dual norm's launch
+    norms = (layer.output.LayerNorm, layer.attention.output.LayerNorm)
+    assert all(type(n) is torch.nn.LayerNorm for n in norms) and not any(isinstance(n, DualLayerNorm) for n in norms)
     assert la == lb
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -187,8 +187,11 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
 
 
 def layer_norm_dual_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
-                        low: torch.dtype, stats: bool = True):
-    """``(y, y.to(low), mean, rstd)`` of a LayerNorm over the last dimension of ``x``
-    (``torch.native_layer_norm``, then the cast); ``mean``/``rstd`` None without ``stats``."""
+                        low: torch.dtype, stats: bool = True, residual: Optional[torch.Tensor] = None):
+    """``(y, y.to(low), mean, rstd)`` of a LayerNorm over the last dimension of ``x``, or of
+    ``x + residual`` (``torch.native_layer_norm``, then the cast); ``mean``/``rstd`` None
+    without ``stats``."""
+    if residual is not None:
+        x = x + residual
     y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return (y, y.to(low), mean, rstd) if stats else (y, y.to(low), None, None)

@@ -359,6 +359,8 @@ def run_case(case: Case, rec: _Recorder) -> dict:
         step("layer_norm_dual", lambda: norm.layer_norm_dual_fwd(x, torch.empty(C), torch.empty(C), 1e-5, bf16))
         step("layer_norm_dual no statistics", lambda: norm.layer_norm_dual_fwd(
             x, torch.empty(C), torch.empty(C), 1e-5, bf16, stats=False))
+        step("layer_norm_dual + residual (the teacher's)", lambda: norm.layer_norm_dual_fwd(
+            x, torch.empty(C), torch.empty(C), 1e-5, bf16, stats=False, residual=torch.empty(B, T, C, dtype=bf16)))
 
     N = int(mask.sum())
     if r.name == "data2vec":  # the student's hidden states at the masked rows

@@ -151,7 +151,8 @@ class Block(nn.Module):
         return None, None
 
     def _layout(self) -> tuple:
-        """(qkv projections, attention out, FFN in, FFN out, norm 1, norm 2), looked up through
+        """(qkv projections, attention out, FFN in, FFN out, norm 1, norm 2, whether the norms
+        take the residual), looked up through
         the layout methods once per module registration anywhere (``_LAYOUT_GENERATION``), not
         at every call (seven nested attribute lookups per block per forward); always looked up
         while compiling (a guard on the generation would recompile at every registration)."""
@@ -159,7 +160,10 @@ class Block(nn.Module):
         cached = own.get("_layout_cached")
         if cached is not None and cached[0] == _LAYOUT_GENERATION[0] and not torch.compiler.is_compiling():
             return cached[1]
-        layout = (self.qkv_projections(), self.attention_out(), self.ffn_in(), self.ffn_out(), *self.norms())
+        norms = self.norms()
+        # post-LN norms that add the residual in their own pass (models.encoder.DualLayerNorm)
+        fold = not self.norm_first and all(getattr(type(n), "takes_residual", False) for n in norms)
+        layout = (self.qkv_projections(), self.attention_out(), self.ffn_in(), self.ffn_out(), *norms, fold)
         if not torch.compiler.is_compiling():
             own["_layout_cached"] = (_LAYOUT_GENERATION[0], layout)
         return layout
@@ -200,23 +204,29 @@ class Block(nn.Module):
         None, an SDPA boolean mask ``[B, 1, 1, T]`` (True = attend) or float bias, or a
         ``Varlen``. Returns (the block's output, its FFN output), shaped as ``h``."""
         layout = self._layout()
-        _, _, ffn_in, ffn_out, norm1, norm2 = layout
+        _, _, ffn_in, ffn_out, norm1, norm2, fold = layout
         scale1, scale2 = self.layer_scales()
         x = norm1(h) if self.norm_first else h
         a = _dropout(self.attend(x, attn_mask, shape, layout), self.dropout, self.training)
         if scale1 is not None:
             a = scale1 * a
-        h = h + self._drop_path(a, shape)
-        if not self.norm_first:
-            h = norm1(h)
+        if fold:  # post-LN: LN1(h + a), the add in the norm's pass
+            h = norm1(h, self._drop_path(a, shape))
+        else:
+            h = h + self._drop_path(a, shape)
+            if not self.norm_first:
+                h = norm1(h)
         x = norm2(h) if self.norm_first else h
         ffn = ffn_out(_dropout(F.gelu(ffn_in(x)), self.activation_dropout, self.training))
         f = _dropout(ffn, self.dropout, self.training)
         if scale2 is not None:
             f = scale2 * f
-        h = h + self._drop_path(f, shape)
-        if not self.norm_first:
-            h = norm2(h)
+        if fold:
+            h = norm2(h, self._drop_path(f, shape))
+        else:
+            h = h + self._drop_path(f, shape)
+            if not self.norm_first:
+                h = norm2(h)
         return h, ffn
 
     def _drop_path(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:

@@ -153,8 +153,8 @@ class _ShadowLinearFn(torch.autograd.Function):
         g2 = _2d(grad)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = g2.mm(w)
-            gx = (gx if len(shape) == 2 else gx.view(shape)).to(x_dtype)
+            gx = _input_grad(g2, w, x_dtype)
+            gx = gx if len(shape) == 2 else gx.view(shape)
         if ctx.needs_input_grad[1]:
             gw = _weight_grad(g2, x2, p_dtype)
         if has_bias and ctx.needs_input_grad[2]:
@@ -164,7 +164,8 @@ class _ShadowLinearFn(torch.autograd.Function):
 
 # On a GPU the parameter gradients of a shadowed Linear leave their GEMM and their sum in the
 # parameter's dtype (fp32), unrounded: one kernel each instead of a bf16 result and a cast
-# (``mm(..., out_dtype=)``, CUDA's bf16 GEMM with fp32 output; a sum with ``dtype=``). That is
+# (``mm(..., out_dtype=)``, CUDA's bf16 GEMM with fp32 output; a sum with ``dtype=``); so does
+# the input gradient of an fp32 input (a LayerNorm's output, which the Linear casts). That is
 # autocast's arithmetic less one rounding to bf16, so it is at least as accurate. The CPU keeps
 # autocast's arithmetic bit for bit (its ``mm`` has no ``out_dtype``).
 _MM_OUT_DTYPE: list[bool] = []  # [] until the first CUDA call says whether this torch has it
@@ -195,6 +196,14 @@ def _weight_grad(g2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torc
     return g2.t().mm(x2).to(dtype)
 
 
+def _input_grad(g2: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype != g2.dtype and _fp32_grads(g2):
+        out = _mm_out(g2, w, dtype)
+        if out is not None:
+            return out
+    return g2.mm(w).to(dtype)
+
+
 def _bias_grad(g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype != g2.dtype and _fp32_grads(g2):
         return g2.sum(0, dtype=dtype)
@@ -207,15 +216,19 @@ class DualLayerNorm(nn.LayerNorm):
     that reads it next: in a post-LN block the output is both the residual stream (fp32) and
     the next Linear's input, which autocast would cast (a kernel, and in backward the cast's
     gradient and an add). Same parameters and state-dict names as ``nn.LayerNorm``; outside
-    autocast, or while compiling, it is ``nn.LayerNorm``."""
+    autocast, or while compiling, it is ``nn.LayerNorm``. ``forward(x, residual)`` normalizes
+    ``x + residual``: a block's residual add, in the norm's own pass where no backward follows
+    (``Block.forward`` passes it to norms that say ``takes_residual``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_residual = True
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         kind = x.device.type
         low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         if x.dtype != torch.float32 or low not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
-            return super().forward(x)
+            return super().forward(x if residual is None else x + residual)
         params = self._parameters  # (nn.Module's attribute lookup is slow; this runs per block per forward)
-        y, y_low = ops.layer_norm_dual(x, params["weight"], params["bias"], self.eps, low)
+        y, y_low = ops.layer_norm_dual(x, params["weight"], params["bias"], self.eps, low, residual)
         setattr(y, LOW_COPY, y_low)
         return y
 
@@ -266,7 +279,7 @@ class ShadowedLinear(nn.Linear):
 
 
 def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
-                    buffers: bool = True) -> torch.Tensor:
+                    buffers: bool = True, dual_norms: bool = True) -> torch.Tensor:
     """Give every ``nn.Linear`` in ``layers`` (whose parameters ``flatten_params_`` laid out
     in ``flat``) a ``dtype`` copy of its weight and bias, as views of one new buffer with
     ``flat``'s layout, so that ``ema_update_(..., shadow=buffer)`` writes it in its own pass
@@ -288,7 +301,7 @@ def shadow_linears_(layers: nn.Module, flat: torch.Tensor, dtype: torch.dtype = 
 
     for parent in list(layers.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.LayerNorm and child.elementwise_affine:
+            if dual_norms and type(child) is nn.LayerNorm and child.elementwise_affine:
                 norm = DualLayerNorm(child.normalized_shape, eps=child.eps, device="meta")
                 norm.weight, norm.bias = child.weight, child.bias  # the same Parameters
                 setattr(parent, name, norm)

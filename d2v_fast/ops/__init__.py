@@ -199,13 +199,17 @@ def ema_update_(teacher: torch.Tensor | Iterable[torch.Tensor], student: torch.T
 
 
 def layer_norm_dual_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
-                        low: torch.dtype, stats: bool = True):
+                        low: torch.dtype, stats: bool = True, residual: Optional[torch.Tensor] = None):
     """``(y, y.to(low), mean, rstd)`` of a LayerNorm over the last dimension of fp32 ``x``: on
     the Triton side one kernel writes both outputs; the twin is ``native_layer_norm`` and a cast.
-    ``stats=False``: no backward will follow, ``mean``/``rstd`` are None."""
+    ``stats=False``: no backward will follow, ``mean``/``rstd`` are None; then ``residual``
+    (shaped as ``x``) may be added to ``x`` in the same pass."""
+    if residual is not None and (stats or residual.shape != x.shape):
+        raise ValueError(f"layer_norm_dual_fwd: a residual {tuple(residual.shape)} for x {tuple(x.shape)} "
+                         f"with stats={stats}: it must be shaped as x, and only without statistics")
     if kernels_backend(x, "layer_norm_dual") == "triton":
-        return _norm.layer_norm_dual_fwd(x, weight, bias, eps, low, stats)
-    return _twin.layer_norm_dual_fwd(x, weight, bias, eps, low, stats)
+        return _norm.layer_norm_dual_fwd(x, weight, bias, eps, low, stats, residual)
+    return _twin.layer_norm_dual_fwd(x, weight, bias, eps, low, stats, residual)
 
 
 class _LayerNormDual(torch.autograd.Function):
@@ -229,15 +233,23 @@ class _LayerNormDual(torch.autograd.Function):
 
 
 def layer_norm_dual(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
-                    low: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm over the last dimension of fp32 ``x``, returned in fp32 and as its rounding to
-    ``low`` (bit for bit ``y.to(low)``), for a post-LN block under autocast whose output is both
-    the residual stream and the next Linear's input: forward writes both in one pass (Triton
-    side), backward sums the two gradients and runs ATen's LayerNorm backward, instead of a
-    cast, its backward and an add."""
+                    low: torch.dtype = torch.bfloat16, residual: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dimension of fp32 ``x`` (of ``x + residual`` when given),
+    returned in fp32 and as its rounding to ``low`` (bit for bit ``y.to(low)``), for a post-LN
+    block under autocast whose output is both the residual stream and the next Linear's input:
+    forward writes both in one pass (Triton side; without autograd, the residual add too),
+    backward sums the two gradients and runs ATen's LayerNorm backward, instead of a cast, its
+    backward and an add."""
     if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)
-                                           or (bias is not None and bias.requires_grad)):
-        return layer_norm_dual_fwd(x, weight, bias, eps, low, stats=False)[:2]  # no backward: no statistics
+                                           or (bias is not None and bias.requires_grad)
+                                           or (residual is not None and residual.requires_grad)):
+        # no backward: no statistics, and the residual added as the row is read
+        if residual is not None and residual.shape != x.shape:  # (a broadcast: added first)
+            x, residual = x + residual, None
+        return layer_norm_dual_fwd(x, weight, bias, eps, low, stats=False, residual=residual)[:2]
+    if residual is not None:  # the sum is what LayerNorm's backward reads: autograd's add
+        x = x + residual
     c = None if torch.compiler.is_compiling() else native()  # (dynamo traces the Python Function)
     if c is None:
         return _LayerNormDual.apply(x, weight, bias, eps, low)
