@@ -295,6 +295,32 @@ def test_a_module_swapped_after_a_forward_is_used_by_the_next():
     assert not torch.allclose(model(x), after)
 
 
+def test_hooks_on_a_blocks_modules_still_run():
+    """Blocks call their Linears' and norms' ``forward`` directly only while nothing hooks them:
+    a hook registered after a forward (on one module, or on every module) runs at the next."""
+    from d2v_fast.models import Encoder, EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_seq_len=16,
+                        dropout=0.0, attention_dropout=0.0)
+    model = Encoder(cfg).eval()
+    x = torch.randint(5, 50, (2, 9))
+    plain = model(x)
+    seen = []
+    handle = model.encoder.layer[1].output.dense.register_forward_hook(lambda m, i, o: seen.append(o) or o * 2)
+    doubled = model(x)
+    assert len(seen) == 1 and not torch.allclose(doubled, plain)
+    handle.remove()
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+    norms = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: norms.append(m) if isinstance(m, torch.nn.LayerNorm) else None)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    assert len(norms) == 1 + 2 * cfg.num_layers  # the embeddings' and each block's two
+
+
 def test_fused_qkv_training_step_checkpoint_and_export(builtin_cache, tmp_path):
     from d2v_fast import load_pretrained
 

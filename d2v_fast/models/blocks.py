@@ -47,6 +47,21 @@ def _new_submodule(module, name, submodule):
 nn.modules.module.register_module_module_registration_hook(_new_submodule)
 
 
+def _unhooked(modules) -> bool:
+    """True when calling these modules' ``forward`` is what calling them does (``nn.Module``'s
+    own fast path: no forward or backward hook on them or on every module, no compiled call, no
+    JIT trace), so a block may skip ``__call__``'s two Python frames per Linear and norm."""
+    g = nn.modules.module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks or torch._C._get_tracing_state()):
+        return False
+    for m in modules:
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or m._compiled_call_impl is not None):
+            return False
+    return True
+
+
 class Varlen:
     """Real-token layout of a padded batch for ``flash_attn_varlen_func``: attention runs
     on the packed real tokens only, padded rows of the output are zero."""
@@ -170,7 +185,7 @@ class Block(nn.Module):
 
     # ----------------------------------------------------------------- the computation
     def attend(self, x: torch.Tensor, attn_mask, shape: tuple[int, int] | None = None,
-               layout: tuple | None = None) -> torch.Tensor:
+               layout: tuple | None = None, direct: bool = False) -> torch.Tensor:
         """Self-attention of ``x``: ``[B, T, C]``, or ``[B·T, C]`` with ``shape`` = (B, T)."""
         if x.dim() == 3:
             B, T, C = x.shape
@@ -178,6 +193,8 @@ class Block(nn.Module):
             (B, T), C = shape, x.shape[-1]
         H = self.num_heads
         proj, out = (layout or self._layout())[:2]
+        if direct:  # (``_unhooked``)
+            out = out.forward
         p = self.attention_dropout if self.training else 0.0
         if not isinstance(proj, tuple) and not isinstance(attn_mask, Varlen) and not torch.is_grad_enabled():
             # no backward (the teacher): one permute to [3, B, H, T, D] gives the same views as
@@ -205,9 +222,12 @@ class Block(nn.Module):
         ``Varlen``. Returns (the block's output, its FFN output), shaped as ``h``."""
         layout = self._layout()
         _, _, ffn_in, ffn_out, norm1, norm2, fold = layout
+        direct = not torch.compiler.is_compiling() and _unhooked(layout[1:6])
+        if direct:  # their forwards, as their __call__ would run them (``_unhooked``)
+            ffn_in, ffn_out, norm1, norm2 = ffn_in.forward, ffn_out.forward, norm1.forward, norm2.forward
         scale1, scale2 = self.layer_scales()
         x = norm1(h) if self.norm_first else h
-        a = _dropout(self.attend(x, attn_mask, shape, layout), self.dropout, self.training)
+        a = _dropout(self.attend(x, attn_mask, shape, layout, direct), self.dropout, self.training)
         if scale1 is not None:
             a = scale1 * a
         if fold:  # post-LN: LN1(h + a), the add in the norm's pass
