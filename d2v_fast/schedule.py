@@ -58,7 +58,10 @@ class ListAdamW(torch.optim.AdamW):
     here the parameter and state lists are built once, after the first step has made the state,
     and each later step reads the gradients into a list and issues the ops that torch's fused
     path does (``_foreach_add_`` of the step counts, ``_fused_adamw_``, and with ``found_inf``
-    the ``_foreach_sub_`` that takes a skipped step back): the same update bit for bit. Anything
+    the ``_foreach_sub_`` that takes a skipped step back): the same update bit for bit. A
+    group's step counts (one 0-d tensor per parameter) are made views of one vector when the
+    lists are built, so that counting a step is one ``add_`` on it, not one per parameter (each
+    count keeps its own value: a parameter that missed a step stays behind). Anything
     else (a missing gradient, a closure, a tensor lr, another device or dtype in a group, state
     loaded or groups added since) goes through torch's own ``step``."""
 
@@ -68,7 +71,7 @@ class ListAdamW(torch.optim.AdamW):
         plan = self._lists if closure is None and self._lists_valid() else None
         grads = None
         if plan is not None:
-            grads = [[p.grad for p in params] for params, _, _, _ in plan]
+            grads = [[p.grad for p in params] for params, *_ in plan]
             if any(g is None for gs in grads for g in gs) or any(not isinstance(g["lr"], float)
                                                                 for g in self.param_groups):
                 plan = None
@@ -79,16 +82,22 @@ class ListAdamW(torch.optim.AdamW):
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         if any(t is not None and t.device != self._device for t in (found_inf, grad_scale)):
             return super().step(closure)
-        for group, (params, exp_avgs, exp_avg_sqs, steps), gs in zip(self.param_groups, plan, grads):
+        for group, (params, exp_avgs, exp_avg_sqs, steps, counts), gs in zip(self.param_groups, plan, grads):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            torch._foreach_add_(steps, 1)
+            if counts is not None:
+                counts.add_(1)
+            else:
+                torch._foreach_add_(steps, 1)
             torch._fused_adamw_(params, gs, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
                                 beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                                 maximize=False, grad_scale=grad_scale, found_inf=found_inf)
             if found_inf is not None:
-                torch._foreach_sub_(steps, [found_inf] * len(steps))
+                if counts is not None:
+                    counts.sub_(found_inf)
+                else:
+                    torch._foreach_sub_(steps, [found_inf] * len(steps))
         return None
 
     def _lists_valid(self) -> bool:
@@ -107,8 +116,14 @@ class ListAdamW(torch.optim.AdamW):
             states = [self.state.get(p, {}) for p in params]
             if any(not {"exp_avg", "exp_avg_sq", "step"} <= st.keys() for st in states):
                 return None
+            steps = [st["step"] for st in states]
+            counts = _counts_vector(steps)
+            if counts is not None:  # each state's step now a view of the vector, its value kept
+                steps = list(counts.unbind(0))
+                for st, view in zip(states, steps):
+                    st["step"] = view
             plan.append((list(params), [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                         [st["step"] for st in states]))
+                         steps, counts))
         if len(devices) > 1:
             return None
         self._device = devices.pop() if devices else None
@@ -122,6 +137,20 @@ class ListAdamW(torch.optim.AdamW):
     def add_param_group(self, param_group):
         self._lists = None
         return super().add_param_group(param_group)
+
+
+def _counts_vector(steps: list) -> torch.Tensor | None:
+    """One vector holding these step counts (0-d float32 tensors on one device, plain tensors),
+    or None where they are not such (torch's step path then counts them one by one)."""
+    if not steps or any(type(t) is not torch.Tensor or t.dim() != 0 or t.dtype != torch.float32 for t in steps):
+        return None
+    if len({t.device for t in steps}) != 1:
+        return None
+    base = steps[0]._base
+    if base is not None and base.dim() == 1 and base.numel() == len(steps) and all(
+            t._base is base and t.storage_offset() == i for i, t in enumerate(steps)):
+        return base  # views of one vector already, in this order
+    return torch.stack(steps)
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:

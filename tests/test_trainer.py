@@ -130,6 +130,12 @@ def test_list_adamw_is_torchs_fused_adamw_bit_for_bit():
                 del opt.found_inf
         if i in (1, 2, 4, 7):
             assert b._lists is not None  # the cached lists took the step
+            # each group's step counts are views of one vector, counted with one add
+            for (params, _, _, steps, counts), group in zip(b._lists, b.param_groups):
+                assert counts is not None and counts.shape == (len(group["params"]),)
+                assert all(b.state[q]["step"]._base is counts for q in group["params"])
+        if i == 7:  # 8 steps, one skipped (found_inf); the parameter that missed step 5 is one behind
+            assert float(b.state[qs[1]]["step"]) == float(b.state[qs[0]]["step"]) - 1 == 6
         for p, q in zip(ps, qs):
             assert torch.equal(p, q), i
             assert all(torch.equal(a.state[p][k], b.state[q][k]) for k in a.state[p]), i
