@@ -435,3 +435,18 @@ def test_layer_norm_dual(benchmark, provider):
                      lambda: twin.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16))
     n = x.numel()
     run(benchmark, "layer_norm_dual", provider, fn, nbytes=n * (4 + 4 + 2), shape=s, capturable=True)
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager"])
+def test_layer_norm_dual_residual(benchmark, provider):
+    """The teacher's post-LN LayerNorm with the block's residual add (no backward, no
+    statistics): `triton` one kernel reading the fp32 stream and the bf16 branch and writing
+    both outputs, `eager` the add, ``native_layer_norm`` and autocast's cast (three kernels)."""
+    s = shape_for(provider)
+    x = torch.randn(s["B"], s["T"], s["C"], device=DEVICE)
+    r = torch.randn(s["B"], s["T"], s["C"], device=DEVICE).to(torch.bfloat16)
+    w, b = torch.randn(s["C"], device=DEVICE), torch.randn(s["C"], device=DEVICE)
+    fn = provider_fn(provider, lambda: knorm.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16, False, r),
+                     lambda: twin.layer_norm_dual_fwd(x, w, b, 1e-5, torch.bfloat16, False, r))
+    n = x.numel()
+    run(benchmark, "layer_norm_dual_residual", provider, fn, nbytes=n * (4 + 2 + 4 + 2), shape=s, capturable=True)

@@ -552,7 +552,8 @@ def measure_cost(provider: str, cfg, *, repeats: int = 5, time_it: bool = True) 
 def paired_host_ms(labelled: list[tuple[str, str, object]], *, rounds: int = 20) -> dict[str, dict]:
     """Host ms of one update for each (label, provider, config) at ``narrow(config)``, timed in
     interleaved rounds (one update of each per round, the minimum and median over the rounds):
-    a load that comes and goes on a shared machine then hits every row alike."""
+    a load that comes and goes on a shared machine then hits every row alike. The order turns
+    by one row each round, so that no row's place in the round biases it."""
     device = torch.device("cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -568,8 +569,8 @@ def paired_host_ms(labelled: list[tuple[str, str, object]], *, rounds: int = 20)
             gc.collect()
             gc.disable()
             try:
-                for _ in range(rounds):
-                    for label, step, batch in steps:
+                for r in range(rounds):  # each round starts one row later: no row is always first
+                    for label, step, batch in steps[r % len(steps):] + steps[:r % len(steps)]:
                         STATE.twin_seconds = 0.0
                         t0 = time.perf_counter()
                         step(batch)

@@ -195,9 +195,10 @@ def test_an_older_extension_falls_back_with_one_warning(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or C is None, reason="needs CUDA and d2v_fast._C")
 def test_native_nodes_on_gpu_match_the_python_functions(monkeypatch):
-    """On a GPU: the shadowed Linear's parameter gradients in fp32 straight from the GEMM
-    (``aten::mm.dtype`` where torch has it, both sides), and the dual LayerNorm (the Triton
-    kernel when compiled, else its twin) with its C++ backward node."""
+    """On a GPU: the shadowed Linear's parameter gradients, and its fp32 input's, in fp32
+    straight from the GEMM (``aten::mm.dtype`` where torch has it, both sides), and the dual
+    LayerNorm (the Triton kernel when compiled, else its twin) with its C++ backward node, and
+    with the residual added in its pass."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     monkeypatch.setattr(encoder, "_MM_OUT_DTYPE", [])
@@ -212,7 +213,7 @@ def test_native_nodes_on_gpu_match_the_python_functions(monkeypatch):
         _same(ours, theirs)
         seed = int(torch.randint(0, 2**31, ()))
         got = _grads(ours, (x, weight, b32), seed)
-        assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+        assert got[0].dtype == got[1].dtype == got[2].dtype == torch.float32  # x's too, from the GEMM
         for a, b_ in zip(got, _grads(theirs, (x, weight, b32), seed)):
             _same(a, b_)
     x = torch.randn(8, 129, 768, device=dev, requires_grad=True)
@@ -226,3 +227,8 @@ def test_native_nodes_on_gpu_match_the_python_functions(monkeypatch):
     seed = int(torch.randint(0, 2**31, ()))
     for a, b in zip(_grads(ours, (x, weight, bias), seed), _grads(theirs, (x, weight, bias), seed)):
         _same(a, b)
+    with torch.no_grad():  # the teacher's: the residual added in the kernel's pass, the same sum
+        r = torch.randn_like(x).to(torch.bfloat16)
+        for a, b in zip(ops.layer_norm_dual(x, weight, bias, 1e-5, torch.bfloat16, r),
+                        ops.layer_norm_dual(x + r, weight, bias, 1e-5, torch.bfloat16)):
+            _same(a, b)

@@ -167,10 +167,10 @@ class Block(nn.Module):
 
     def _layout(self) -> tuple:
         """(qkv projections, attention out, FFN in, FFN out, norm 1, norm 2, whether the norms
-        take the residual), looked up through
-        the layout methods once per module registration anywhere (``_LAYOUT_GENERATION``), not
-        at every call (seven nested attribute lookups per block per forward); always looked up
-        while compiling (a guard on the generation would recompile at every registration)."""
+        take the residual), looked up through the layout methods once per module registration
+        anywhere (``_LAYOUT_GENERATION``), not at every call (seven nested attribute lookups per
+        block per forward); always looked up while compiling (a guard on the generation would
+        recompile at every registration)."""
         own = self.__dict__
         cached = own.get("_layout_cached")
         if cached is not None and cached[0] == _LAYOUT_GENERATION[0] and not torch.compiler.is_compiling():
