@@ -72,8 +72,9 @@ struct ShadowLinearFn : public torch::autograd::Function<ShadowLinearFn> {
     at::Tensor gx, gw, gb;
     // edges are the tensor inputs in order: x, weight, [bias], ...
     if (ctx->needs_input_grad(0)) {
-      // an input wider than the copy (fp32, cast here) takes its gradient from the GEMM too
-      const bool wide = ctx->saved_data["fp32"].toBool() && x_dtype != grads[0].scalar_type();
+      // an fp32 input (cast here to the copy's dtype) takes its gradient from the GEMM too
+      const bool wide = ctx->saved_data["fp32"].toBool() && x_dtype == at::kFloat &&
+                        x_dtype != grads[0].scalar_type();
       gx = wide ? call_mm_out_dtype(g2, w, x_dtype) : g2.mm(w);
       if (shape.size() != 2) gx = gx.view(shape);
       if (!wide) gx = gx.to(x_dtype);

@@ -570,7 +570,7 @@ def paired_host_ms(labelled: list[tuple[str, str, object]], *, rounds: int = 20)
             gc.disable()
             try:
                 for r in range(rounds):  # each round starts one row later: no row is always first
-                    for label, step, batch in steps[r % len(steps):] + steps[:r % len(steps)]:
+                    for label, step, batch in steps[r % max(len(steps), 1):] + steps[:r % max(len(steps), 1)]:
                         STATE.twin_seconds = 0.0
                         t0 = time.perf_counter()
                         step(batch)

@@ -32,7 +32,7 @@ def test_the_built_extension_has_the_nodes():
 def _grads(out, inputs, seed):
     g = torch.Generator().manual_seed(seed)
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    grads = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    grads = [torch.randn(o.shape, generator=g).to(device=o.device, dtype=o.dtype) for o in outs]
     want = [t for t in inputs if t is not None and t.requires_grad]
     got = torch.autograd.grad(outs, want, grads, allow_unused=True)
     return [None if x is None else x.clone() for x in got]
@@ -214,6 +214,9 @@ def test_native_nodes_on_gpu_match_the_python_functions(monkeypatch):
         seed = int(torch.randint(0, 2**31, ()))
         got = _grads(ours, (x, weight, b32), seed)
         assert got[0].dtype == got[1].dtype == got[2].dtype == torch.float32  # x's too, from the GEMM
+        if encoder._MM_OUT_DTYPE == [True]:  # x's gradient is the GEMM's fp32 result itself, not a bf16 one cast
+            g = torch.randn(ours.shape, generator=torch.Generator().manual_seed(seed)).to(dev, ours.dtype)
+            _same(got[0], torch.mm(g.reshape(-1, 160), w, out_dtype=torch.float32).view(shape))
         for a, b_ in zip(got, _grads(theirs, (x, weight, b32), seed)):
             _same(a, b_)
     x = torch.randn(8, 129, 768, device=dev, requires_grad=True)

@@ -295,6 +295,32 @@ def test_a_module_swapped_after_a_forward_is_used_by_the_next():
     assert not torch.allclose(model(x), after)
 
 
+def test_a_compiled_block_is_not_recompiled_when_modules_are_registered():
+    """The layout cache's generation counter moves with every module registration in the
+    process; a compiled block must not guard on it (it would recompile at each, and after
+    dynamo's limit run eager), even when an eager call has filled the cache first."""
+    from torch._dynamo.testing import CompileCounter
+
+    from d2v_fast.models import Encoder, EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, ffn_size=64, max_seq_len=16,
+                        dropout=0.0, attention_dropout=0.0)
+    block = Encoder(cfg).eval().encoder.layer[0]
+    h = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        want = block(h)[0]  # eager: the layout is cached
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(block, backend=counter)
+        torch.testing.assert_close(compiled(h)[0], want, rtol=0, atol=0)
+        frames = counter.frame_count
+        for _ in range(3):
+            torch.nn.Sequential(torch.nn.Linear(2, 2))  # registrations elsewhere in the process
+            torch.testing.assert_close(compiled(h)[0], want, rtol=0, atol=0)
+    torch._dynamo.reset()
+    assert frames >= 1 and counter.frame_count == frames
+
+
 def test_hooks_on_a_blocks_modules_still_run():
     """Blocks call their Linears' and norms' ``forward`` directly only while nothing hooks them:
     a hook registered after a forward (on one module, or on every module) runs at the next."""

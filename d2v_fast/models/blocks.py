@@ -47,17 +47,21 @@ def _new_submodule(module, name, submodule):
 nn.modules.module.register_module_module_registration_hook(_new_submodule)
 
 
+_MODULE_CALL = nn.Module.__call__
+
+
 def _unhooked(modules) -> bool:
     """True when calling these modules' ``forward`` is what calling them does (``nn.Module``'s
     own fast path: no forward or backward hook on them or on every module, no compiled call, no
-    JIT trace), so a block may skip ``__call__``'s two Python frames per Linear and norm."""
+    JIT trace, ``__call__`` neither overridden nor patched, as FX's tracer patches it), so a
+    block may skip ``__call__``'s two Python frames per Linear and norm."""
     g = nn.modules.module
     if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
             or g._global_backward_pre_hooks or torch._C._get_tracing_state()):
         return False
     for m in modules:
         if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or m._compiled_call_impl is not None):
+                or m._compiled_call_impl is not None or type(m).__call__ is not _MODULE_CALL):
             return False
     return True
 
@@ -171,15 +175,16 @@ class Block(nn.Module):
         anywhere (``_LAYOUT_GENERATION``), not at every call (seven nested attribute lookups per
         block per forward); always looked up while compiling (a guard on the generation would
         recompile at every registration)."""
+        compiling = torch.compiler.is_compiling()  # first: dynamo must not guard on the generation
         own = self.__dict__
-        cached = own.get("_layout_cached")
-        if cached is not None and cached[0] == _LAYOUT_GENERATION[0] and not torch.compiler.is_compiling():
+        cached = None if compiling else own.get("_layout_cached")
+        if cached is not None and cached[0] == _LAYOUT_GENERATION[0]:
             return cached[1]
         norms = self.norms()
         # post-LN norms that add the residual in their own pass (models.encoder.DualLayerNorm)
         fold = not self.norm_first and all(getattr(type(n), "takes_residual", False) for n in norms)
         layout = (self.qkv_projections(), self.attention_out(), self.ffn_in(), self.ffn_out(), *norms, fold)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             own["_layout_cached"] = (_LAYOUT_GENERATION[0], layout)
         return layout
 

@@ -197,7 +197,7 @@ def _weight_grad(g2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 def _input_grad(g2: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype != g2.dtype and _fp32_grads(g2):
+    if dtype == torch.float32 and dtype != g2.dtype and _fp32_grads(g2):
         out = _mm_out(g2, w, dtype)
         if out is not None:
             return out
@@ -218,7 +218,8 @@ class DualLayerNorm(nn.LayerNorm):
     gradient and an add). Same parameters and state-dict names as ``nn.LayerNorm``; outside
     autocast, or while compiling, it is ``nn.LayerNorm``. ``forward(x, residual)`` normalizes
     ``x + residual``: a block's residual add, in the norm's own pass where no backward follows
-    (``Block.forward`` passes it to norms that say ``takes_residual``)."""
+    (``Block.forward`` passes it to norms that say ``takes_residual``; a forward hook on the
+    norm then sees the stream and the branch as its two inputs)."""
 
     takes_residual = True
 
