@@ -554,6 +554,8 @@ def paired_host_ms(labelled: list[tuple[str, str, object]], *, rounds: int = 20)
     interleaved rounds (one update of each per round, the minimum and median over the rounds):
     a load that comes and goes on a shared machine then hits every row alike. The order turns
     by one row each round, so that no row's place in the round biases it."""
+    if not labelled:
+        return {}
     device = torch.device("cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -570,7 +572,7 @@ def paired_host_ms(labelled: list[tuple[str, str, object]], *, rounds: int = 20)
             gc.disable()
             try:
                 for r in range(rounds):  # each round starts one row later: no row is always first
-                    for label, step, batch in steps[r % max(len(steps), 1):] + steps[:r % max(len(steps), 1)]:
+                    for label, step, batch in steps[r % len(steps):] + steps[:r % len(steps)]:
                         STATE.twin_seconds = 0.0
                         t0 = time.perf_counter()
                         step(batch)

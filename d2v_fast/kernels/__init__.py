@@ -130,6 +130,13 @@ def num_warps_for(elements: int) -> int:
     return max(1, min(16, next_pow2(max(elements // 1024, 1))))
 
 
+def check_residual(x: torch.Tensor, residual: torch.Tensor | None, stats: bool) -> None:
+    """``layer_norm_dual_fwd``'s residual (both sides): shaped as ``x``, and only without statistics."""
+    if residual is not None and (stats or residual.shape != x.shape):
+        raise ValueError(f"layer_norm_dual_fwd: a residual {tuple(residual.shape)} for x {tuple(x.shape)} "
+                         f"with stats={stats}: it must be shaped as x, and only without statistics")
+
+
 def next_pow2(n: int) -> int:
     """``triton.next_power_of_2`` in plain Python (the launchers call it on the host every call)."""
     return 1 << max(int(n) - 1, 0).bit_length()

@@ -13,6 +13,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import check_residual
+
 NORMS = (None, "instance", "layer")
 
 
@@ -192,6 +194,7 @@ def layer_norm_dual_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
     ``x + residual`` (``torch.native_layer_norm``, then the cast); ``mean``/``rstd`` None
     without ``stats``."""
     if residual is not None:
+        check_residual(x, residual, stats)
         x = x + residual
     y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return (y, y.to(low), mean, rstd) if stats else (y, y.to(low), None, None)

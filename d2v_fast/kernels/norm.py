@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_device, next_pow2, tl, triton
+from . import check_device, check_residual, next_pow2, tl, triton
 from .ema import _round_to
 
 _LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -63,9 +63,7 @@ def layer_norm_dual_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
     check_device(_layer_norm_dual_kernel, x)
     if low not in _LOW:
         raise ValueError(f"layer_norm_dual_fwd: low dtype {low}, expected bfloat16 or float16")
-    if residual is not None and (stats or residual.shape != x.shape):
-        raise ValueError(f"layer_norm_dual_fwd: a residual {tuple(residual.shape)} for x {tuple(x.shape)} "
-                         f"with stats={stats}: it must be shaped as x, and only without statistics")
+    check_residual(x, residual, stats)
     C = x.shape[-1]
     x2 = x.contiguous()
     r2 = x2 if residual is None else residual.contiguous()

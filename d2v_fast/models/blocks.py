@@ -235,24 +235,21 @@ class Block(nn.Module):
         a = _dropout(self.attend(x, attn_mask, shape, layout, direct), self.dropout, self.training)
         if scale1 is not None:
             a = scale1 * a
-        if fold:  # post-LN: LN1(h + a), the add in the norm's pass
-            h = norm1(h, self._drop_path(a, shape))
-        else:
-            h = h + self._drop_path(a, shape)
-            if not self.norm_first:
-                h = norm1(h)
+        h = self._residual(h, self._drop_path(a, shape), norm1, fold)
         x = norm2(h) if self.norm_first else h
         ffn = ffn_out(_dropout(F.gelu(ffn_in(x)), self.activation_dropout, self.training))
         f = _dropout(ffn, self.dropout, self.training)
         if scale2 is not None:
             f = scale2 * f
+        return self._residual(h, self._drop_path(f, shape), norm2, fold), ffn
+
+    def _residual(self, h: torch.Tensor, branch: torch.Tensor, norm, fold: bool) -> torch.Tensor:
+        """``h + branch``, then (post-LN) ``norm``; with ``fold``, ``norm(h, branch)``: the add in
+        the norm's own pass (``DualLayerNorm``)."""
         if fold:
-            h = norm2(h, self._drop_path(f, shape))
-        else:
-            h = h + self._drop_path(f, shape)
-            if not self.norm_first:
-                h = norm2(h)
-        return h, ffn
+            return norm(h, branch)
+        h = h + branch
+        return h if self.norm_first else norm(h)
 
     def _drop_path(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
         if x.dim() == 2 and self.drop_path > 0.0 and self.training:  # per sample: on its [B, T, C] view

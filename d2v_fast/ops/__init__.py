@@ -204,9 +204,6 @@ def layer_norm_dual_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
     the Triton side one kernel writes both outputs; the twin is ``native_layer_norm`` and a cast.
     ``stats=False``: no backward will follow, ``mean``/``rstd`` are None; then ``residual``
     (shaped as ``x``) may be added to ``x`` in the same pass."""
-    if residual is not None and (stats or residual.shape != x.shape):
-        raise ValueError(f"layer_norm_dual_fwd: a residual {tuple(residual.shape)} for x {tuple(x.shape)} "
-                         f"with stats={stats}: it must be shaped as x, and only without statistics")
     if kernels_backend(x, "layer_norm_dual") == "triton":
         return _norm.layer_norm_dual_fwd(x, weight, bias, eps, low, stats, residual)
     return _twin.layer_norm_dual_fwd(x, weight, bias, eps, low, stats, residual)
